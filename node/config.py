@@ -1,0 +1,321 @@
+"""Shoal's configuration: one frozen dataclass, every option documented in place.
+
+Precedence, lowest first: the defaults below < a TOML file (``--config FILE`` or
+``SHOAL_CONFIG``; flat top-level keys named like the fields) < ``SHOAL_<FIELD>``
+environment variables < command-line flags.  :func:`load_config` applies it and
+validates the result; :func:`options_markdown` renders the README's option table
+from the same metadata that the CLI uses for its ``--help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import socket
+import sys
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "ENV_PREFIX",
+    "env_var",
+    "flag",
+    "load_config",
+    "options_markdown",
+    "parse_value",
+]
+
+ENV_PREFIX = "SHOAL_"
+CONFIG_FILE_ENV = ENV_PREFIX + "CONFIG"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or out of range; the message says what to do."""
+
+
+# --- validators: each returns None when the value is fine, else what a valid value is ---
+
+def _int_range(low: int, high: int | None = None) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        if value < low or (high is not None and value > high):
+            return f"use an integer from {low} to {high}" if high is not None else f"use an integer >= {low}"
+        return None
+    return check
+
+
+def _non_negative_number(value: Any) -> str | None:
+    if not math.isfinite(value) or value < 0:
+        return "use a number of seconds >= 0"
+    return None
+
+
+def _one_of(*choices: str) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        return None if value in choices else "use one of " + ", ".join(choices)
+    return check
+
+
+def _node_id(value: Any) -> str | None:
+    if len(value) > 128 or any(c.isspace() or c == "=" for c in value):
+        return "use at most 128 characters without spaces or '='"
+    return None
+
+
+def _opt(default: Any, help: str, check: Callable[[Any], str | None] | None = None,
+         shown_default: str | None = None) -> Any:
+    """A Config field: its default, its one-line meaning, and its validator."""
+    return field(default=default,
+                 metadata={"help": help, "check": check, "shown_default": shown_default})
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Everything a Shoal node can be told. Build it with :func:`load_config`."""
+
+    node_id: str = _opt(
+        "", "This node's name in logs and in the cluster; empty means `<hostname>-<mqtt_port>`.",
+        _node_id, shown_default="`<hostname>-<mqtt_port>`")
+    host: str = _opt("127.0.0.1", "Address the MQTT listener binds to (`0.0.0.0` for all interfaces).")
+    mqtt_port: int = _opt(1883, "MQTT TCP port (0 picks a free one).", _int_range(0, 65535))
+    admin_host: str = _opt("127.0.0.1", "Address the admin HTTP API binds to.")
+    admin_port: int = _opt(8080, "Admin HTTP API port; 0 disables the admin server.",
+                           _int_range(0, 65535))
+    data_dir: str = _opt("./data", "Directory for the durable session store.")
+    log_level: str = _opt("info", "Log level: debug, info, warning or error.", _one_of(*LOG_LEVELS))
+    session_expiry_311: int = _opt(
+        7200, "Seconds an MQTT 3.1.1 Clean Session 0 session outlives its connection.",
+        _int_range(0))
+    max_session_expiry: int = _opt(
+        4294967295, "Cap, in seconds, on an MQTT 5.0 client's Session Expiry Interval "
+        "(4294967295 = never expire).", _int_range(0, 4294967295))
+    max_inflight: int = _opt(32, "Outgoing QoS 1/2 messages awaiting acknowledgement per session.",
+                             _int_range(1, 65535))
+    max_queue: int = _opt(1000, "Messages queued per session beyond the inflight window "
+                          "(see Sessions and queues for what happens past it).", _int_range(1))
+    queue_qos0_offline: bool = _opt(False, "Also queue QoS 0 messages for offline sessions.")
+    max_packet_size: int = _opt(1048576, "Largest MQTT packet accepted, in bytes.",
+                                _int_range(16, 268435460))
+    receive_maximum: int = _opt(65535, "Inbound QoS 1/2 window granted to each client "
+                                "(MQTT 5.0 Receive Maximum).", _int_range(1, 65535))
+    topic_alias_maximum: int = _opt(64, "Topic aliases a MQTT 5.0 client may use towards us "
+                                    "(0 disables them).", _int_range(0, 65535))
+    max_keep_alive: int = _opt(0, "Keep-alive cap in seconds sent to MQTT 5.0 clients as "
+                               "Server Keep Alive; 0 accepts any client keep-alive.",
+                               _int_range(0, 65535))
+    retain_available: bool = _opt(True, "Accept and store retained messages.")
+    max_qos: int = _opt(2, "Highest QoS granted to subscriptions and accepted on PUBLISH.",
+                        _int_range(0, 2))
+    write_buffer_high: int = _opt(262144, "Per-connection transport high-water mark in bytes; "
+                                  "past it deliveries to that client pause.", _int_range(1))
+    shutdown_grace: float = _opt(5.0, "Seconds a stopping node waits for connections to close "
+                                 "and the store to flush.", _non_negative_number)
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            _check(f, getattr(self, f.name), source=None)
+
+
+FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def flag(name: str) -> str:
+    """The command-line flag for a field: ``mqtt_port`` -> ``--mqtt-port``."""
+    return "--" + name.replace("_", "-")
+
+
+def env_var(name: str) -> str:
+    """The environment variable for a field: ``mqtt_port`` -> ``SHOAL_MQTT_PORT``."""
+    return ENV_PREFIX + name.upper()
+
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+
+def parse_value(name: str, text: str) -> Any:
+    """Convert the string form of field ``name`` (from the environment or a flag) to its type."""
+    kind = FIELDS[name].type
+    text = text.strip()
+    if kind == "bool":
+        if text.lower() in _TRUE:
+            return True
+        if text.lower() in _FALSE:
+            return False
+        raise ConfigError(f"{text!r} is not a boolean: use one of 1/0, true/false, yes/no, on/off")
+    if kind == "int":
+        try:
+            return int(text)
+        except ValueError:
+            raise ConfigError(f"{text!r} is not an integer: use digits only, e.g. 1883") from None
+    if kind == "float":
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(f"{text!r} is not a number: use e.g. 5 or 2.5") from None
+    return text
+
+
+def _typed(f: dataclasses.Field, value: Any, source: str) -> Any:
+    """Check a value that arrived already typed (TOML, overrides); strings are converted."""
+    if isinstance(value, str) and f.type != "str":
+        try:
+            return parse_value(f.name, value)
+        except ConfigError as e:
+            raise ConfigError(f"{f.name} {_where(source)}: {e}") from None
+    ok = {
+        "bool": lambda v: isinstance(v, bool),
+        "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+        "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        "str": lambda v: isinstance(v, str),
+    }[f.type](value)
+    if not ok:
+        raise ConfigError(f"{f.name} {_where(source)} must be {_a(f.type)}, got {value!r}")
+    return float(value) if f.type == "float" else value
+
+
+def _a(kind: str) -> str:
+    return {"bool": "a boolean", "int": "an integer", "float": "a number", "str": "a string"}[kind]
+
+
+def _where(source: str | None) -> str:
+    return f"(from {source})" if source else ""
+
+
+def _check(f: dataclasses.Field, value: Any, source: str | None) -> None:
+    check = f.metadata.get("check")
+    problem = check(value) if check else None
+    if problem:
+        where = f" {_where(source)}" if source else ""
+        raise ConfigError(f"{f.name} = {value!r}{where} is invalid: {problem}")
+
+
+def _read_toml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist: check the --config path") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    for key, value in data.items():
+        if key not in FIELDS:
+            raise ConfigError(
+                f"unknown key {key!r} in config file {path}: valid keys are "
+                + ", ".join(FIELDS) + " (flat, at the top level)")
+    return data
+
+
+def load_config(overrides: Mapping[str, Any] | argparse.Namespace | None = None,
+                env: Mapping[str, str] = os.environ) -> Config:
+    """Build the Config: defaults < TOML file < ``SHOAL_*`` env vars < ``overrides``.
+
+    ``overrides`` holds values from the command line, keyed by field name; ``None``
+    means "not given".  Its ``config`` key, else ``SHOAL_CONFIG``, names a TOML file.
+    An argparse Namespace is accepted too; attributes that are not fields are ignored.
+    Raises ConfigError, whose message names the option, where it came from and what to do.
+    """
+    if overrides is None:
+        given: dict[str, Any] = {}
+    elif isinstance(overrides, argparse.Namespace):
+        given = {k: v for k, v in vars(overrides).items() if k in FIELDS or k == "config"}
+    else:
+        given = dict(overrides)
+        unknown = [k for k in given if k not in FIELDS and k != "config"]
+        if unknown:
+            raise ConfigError(f"unknown option {unknown[0]!r}: valid options are "
+                              + ", ".join(FIELDS))
+
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+
+    config_file = given.pop("config", None) or env.get(CONFIG_FILE_ENV) or None
+    if config_file:
+        for key, value in _read_toml(config_file).items():
+            values[key] = _typed(FIELDS[key], value, f"{config_file}")
+            sources[key] = config_file
+
+    for name in FIELDS:
+        text = env.get(env_var(name))
+        if text is None:
+            continue
+        try:
+            values[name] = parse_value(name, text)
+        except ConfigError as e:
+            raise ConfigError(f"{env_var(name)}: {e}") from None
+        sources[name] = env_var(name)
+
+    for name, value in given.items():
+        if value is None:
+            continue
+        values[name] = _typed(FIELDS[name], value, flag(name))
+        sources[name] = flag(name)
+
+    for name, value in values.items():
+        _check(FIELDS[name], value, sources[name])
+
+    if not values.get("node_id"):
+        port = values.get("mqtt_port", FIELDS["mqtt_port"].default)
+        values["node_id"] = f"{socket.gethostname()}-{port}"
+        sources["node_id"] = "hostname"
+        _check(FIELDS["node_id"], values["node_id"], "the host name; set --node-id")
+    return Config(**values)
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def _shown_default(f: dataclasses.Field) -> str:
+    if f.metadata.get("shown_default"):
+        return f.metadata["shown_default"]
+    value = f.default
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
+    if isinstance(value, str):
+        return f"`{value}`" if value else '`""`'
+    return f"`{value}`"
+
+
+def options_markdown() -> str:
+    """The README's option table, generated from Config's field metadata."""
+    lines = [
+        "| Flag | Environment variable | TOML key | Default | Meaning |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for f in dataclasses.fields(Config):
+        fl = f"`{flag(f.name)}` / `--no-{flag(f.name)[2:]}`" if f.type == "bool" else f"`{flag(f.name)}`"
+        lines.append(f"| {fl} | `{env_var(f.name)}` | `{f.name}` | {_shown_default(f)} "
+                     f"| {_cell(f.metadata['help'])} |")
+    return "\n".join(lines) + "\n"
+
+
+README_BEGIN = "<!-- BEGIN OPTIONS: generated by `python -m node.config README.md`; do not edit -->"
+README_END = "<!-- END OPTIONS -->"
+
+
+def _splice_readme(path: str) -> None:
+    with open(path, encoding="utf-8") as fh:
+        text = fh.read()
+    head, sep, rest = text.partition(README_BEGIN)
+    _, sep2, tail = rest.partition(README_END)
+    if not (sep and sep2):
+        raise SystemExit(f"{path}: markers {README_BEGIN!r} ... {README_END!r} not found")
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(head + README_BEGIN + "\n" + options_markdown() + README_END + tail)
+
+
+if __name__ == "__main__":
+    # `python -m node.config` prints the table; with a path it rewrites that README's block.
+    if len(sys.argv) > 1:
+        _splice_readme(sys.argv[1])
+    else:
+        sys.stdout.write(options_markdown())
