@@ -1,0 +1,302 @@
+"""The broker: owner of the sessions, the subscription tree and the retained store.
+
+It is the single place delivery decisions live: ``route()`` picks the sessions a message
+reaches (plain subscriptions, overlapping ones combined, one member per shared group),
+and each session's ``deliver()`` decides send / queue / drop. Time-based rules (session
+expiry, delayed wills, queued message expiry) are deadline-ordered data checked from one
+housekeeping task, not a timer per client (Mosquitto's session_expiry.c, will_delay.c).
+
+``Broker`` knows nothing about sockets: connections are ``client`` objects with a small
+interface (``write``, ``writable``, ``publish_frame``, ``kick``), see node/server.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+import time
+
+from .mqtt.codes import EXPIRY_NEVER, ReasonCode
+from .ownership import LocalOwnership, Ownership
+from .session.message import Message
+from .session.session import Counters, Session, SessionLimits, SessionState
+from .topics import RetainedStore, SubEntry, SubscriptionTree
+
+log = logging.getLogger("shoal.broker")
+
+HOUSEKEEPING_PERIOD = 0.2  # seconds between checks of expiry and will deadlines
+
+_EXPIRE, _WILL = 0, 1
+
+
+class Broker:
+    def __init__(self, config, ownership: Ownership | None = None) -> None:
+        self.config = config
+        self.node_id = config.node_id
+        self.ownership = ownership or LocalOwnership(config.node_id)
+        self.sessions: dict[str, Session] = {}
+        self.clients: set = set()  # live connections (server.MqttProtocol), CONNECTed or not
+        self.tree = SubscriptionTree()
+        self.retained = RetainedStore()
+        self.counters = Counters()
+        self.limits = SessionLimits(config.max_inflight, config.max_queue,
+                                    config.queue_qos0_offline)
+        self.started_at = time.time()
+        self._timers: list = []  # heap of (deadline, seq, kind, client_id, timer_gen)
+        self._seq = itertools.count()
+        self._housekeeping: asyncio.Task | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._housekeeping = asyncio.get_running_loop().create_task(self._housekeeping_loop())
+
+    async def stop(self) -> None:
+        if self._housekeeping is not None:
+            self._housekeeping.cancel()
+            try:
+                await self._housekeeping
+            except asyncio.CancelledError:
+                pass  # we cancelled it just above: that is how it ends
+
+    async def _housekeeping_loop(self) -> None:
+        while True:
+            await asyncio.sleep(HOUSEKEEPING_PERIOD)
+            try:
+                self.run_timers(time.time())
+            except Exception:  # a bug in one timer must not stop expiry for everyone
+                log.exception("housekeeping failed node=%s", self.node_id)
+
+    def run_timers(self, now: float) -> None:
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            _, _, kind, client_id, gen = heapq.heappop(timers)
+            session = self.sessions.get(client_id)
+            if session is None or session.timer_gen != gen:
+                continue  # the session attached, detached again or ended since
+            if kind == _WILL:
+                if session.will_at is not None and session.will_at <= now:
+                    self._publish_will(session)
+            elif kind == _EXPIRE:
+                if session.state is SessionState.OFFLINE and session.expires_at is not None \
+                        and session.expires_at <= now:
+                    self.end_session(session, "expired")
+
+    def _add_timer(self, deadline: float, kind: int, session: Session) -> None:
+        heapq.heappush(self._timers, (deadline, next(self._seq), kind, session.client_id,
+                                      session.timer_gen))
+
+    # -- sessions --------------------------------------------------------------------------
+
+    def open_session(self, client, client_id: str, clean_start: bool, expiry_interval: int,
+                     receive_maximum: int, version: int) -> tuple[Session, bool]:
+        """Attach ``client`` to the session of ``client_id``; returns (session, present)."""
+        session = self.sessions.get(client_id)
+        if session is not None and session.client is not None:
+            # Takeover [MQTT-3.1.4-3]: the old connection goes, as if it had dropped
+            # (its will follows the normal rules), then the new one attaches below.
+            old = session.client
+            self.connection_lost(old, session, send_will=True)
+            old.kick(ReasonCode.SESSION_TAKEN_OVER)
+            session = self.sessions.get(client_id)  # may have ended (expiry 0)
+        if session is not None and clean_start:
+            self.end_session(session, "clean start")
+            session = None
+        present = session is not None
+        if session is None:
+            session = Session(client_id, self.limits, self.counters)
+            self.sessions[client_id] = session
+        else:
+            # a reconnect cancels a will still waiting for its delay [MQTT-3.1.3-9]
+            session.will = None
+            session.will_at = None
+        session.epoch = self.ownership.claim_local(client_id)
+        session.expiry_interval = expiry_interval
+        session.version = version
+        session.attach(client, receive_maximum)
+        return session, present
+
+    def connection_lost(self, client, session: Session | None, send_will: bool) -> None:
+        """A connection ended (DISCONNECT, error, keep-alive, close, takeover)."""
+        self.clients.discard(client)
+        if session is None or session.client is not client:
+            return
+        now = time.time()
+        session.detach("connection closed")
+        if send_will and session.will is not None:
+            delay = min(session.will_delay, session.expiry_interval)
+            if delay <= 0:
+                self._publish_will(session)
+            else:
+                session.will_at = now + delay
+                self._add_timer(session.will_at, _WILL, session)
+        else:
+            session.will = None
+        if session.expiry_interval == 0:
+            self.end_session(session, "session expiry 0")
+        elif session.expiry_interval != EXPIRY_NEVER:
+            session.expires_at = now + session.expiry_interval
+            self._add_timer(session.expires_at, _EXPIRE, session)
+
+    def end_session(self, session: Session, why: str) -> None:
+        if session.will_at is not None:
+            self._publish_will(session)  # at the latest when the session ends [MQTT-3.1.3-9]
+        for entry in session.subscriptions.values():
+            self.tree.remove(_filter_levels(entry), session.client_id, entry.share_group)
+        session.subscriptions.clear()
+        session.end(why)
+        if self.sessions.get(session.client_id) is session:
+            del self.sessions[session.client_id]
+        self.ownership.release_local(session.client_id)
+        log.debug("session ended client_id=%s node=%s why=%s", session.client_id,
+                  self.node_id, why)
+
+    def _publish_will(self, session: Session) -> None:
+        will = session.will
+        session.will = None
+        session.will_at = None
+        if will is None:
+            return
+        msg = Message.from_publish(will, session.client_id)
+        self.publish(msg)
+
+    # -- subscriptions -------------------------------------------------------------------
+
+    def subscribe(self, session: Session, entry: SubEntry, filter_levels: str) -> bool:
+        """Add or replace one subscription; True when the filter was not subscribed."""
+        old = session.subscriptions.get(entry.topic_filter)
+        session.subscriptions[entry.topic_filter] = entry
+        new = self.tree.add(filter_levels, entry)
+        return new and old is None
+
+    def unsubscribe(self, session: Session, topic_filter: str) -> bool:
+        entry = session.subscriptions.pop(topic_filter, None)
+        if entry is None:
+            return False
+        self.tree.remove(_filter_levels(entry), session.client_id, entry.share_group)
+        return True
+
+    def send_retained(self, session: Session, entry: SubEntry, filter_levels: str) -> None:
+        now = time.time()
+        sub_ids = (entry.sub_id,) if entry.sub_id else None
+        for msg in list(self.retained.matching(filter_levels)):
+            if msg.expires_at is not None and now >= msg.expires_at:
+                self.retained.delete(msg.topic)
+                continue
+            qos = msg.qos if msg.qos < entry.qos else entry.qos
+            session.deliver(msg, qos, True, sub_ids)  # retained: RETAIN=1 [MQTT-3.3.1-8]
+
+    # -- publishing ----------------------------------------------------------------------
+
+    def publish(self, msg: Message) -> int:
+        """Store a retained message and route; returns how many sessions it reached."""
+        if msg.retain:
+            if msg.payload:
+                self.retained.set(msg.topic, msg)
+            else:
+                self.retained.delete(msg.topic)  # an empty retained payload clears it
+        return self.route(msg)
+
+    def route(self, msg: Message) -> int:
+        match = self.tree.match(msg.topic)
+        entries = match.entries
+        sessions = self.sessions
+        if match.groups or len(entries) != 1:
+            return self._route_general(msg, match)
+        e = entries[0]
+        if e.no_local and e.client_id == msg.origin:
+            return 0
+        session = sessions.get(e.client_id)
+        if session is None:
+            return 0
+        qos = e.qos if e.qos < msg.qos else msg.qos
+        session.deliver(msg, qos, msg.retain and e.retain_as_published,
+                        (e.sub_id,) if e.sub_id else None)
+        return 1
+
+    def _route_general(self, msg: Message, match) -> int:
+        # Overlapping subscriptions of one client become one delivery with the highest
+        # QoS and every subscription identifier [MQTT-3.3.4-2..5].
+        per_client: dict[str, list] = {}
+        origin = msg.origin
+        for e in match.entries:
+            if e.no_local and e.client_id == origin:
+                continue
+            acc = per_client.get(e.client_id)
+            if acc is None:
+                per_client[e.client_id] = [e.qos, e.retain_as_published,
+                                           [e.sub_id] if e.sub_id else None]
+            else:
+                if e.qos > acc[0]:
+                    acc[0] = e.qos
+                acc[1] = acc[1] or e.retain_as_published
+                if e.sub_id:
+                    if acc[2] is None:
+                        acc[2] = [e.sub_id]
+                    else:
+                        acc[2].append(e.sub_id)
+        sessions = self.sessions
+        n = 0
+        for client_id, (sub_qos, rap, sub_ids) in per_client.items():
+            session = sessions.get(client_id)
+            if session is None:
+                continue
+            session.deliver(msg, sub_qos if sub_qos < msg.qos else msg.qos,
+                            msg.retain and rap, tuple(sub_ids) if sub_ids else None)
+            n += 1
+        for group in match.groups:
+            e = self._pick_member(group)
+            if e is None:
+                continue
+            session = sessions[e.client_id]
+            session.deliver(msg, e.qos if e.qos < msg.qos else msg.qos,
+                            msg.retain and e.retain_as_published,
+                            (e.sub_id,) if e.sub_id else None)
+            n += 1
+        return n
+
+    def _pick_member(self, group) -> SubEntry | None:
+        """Round robin over the group, preferring members that can take a message now."""
+        members = list(group.members.values())
+        count = len(members)
+        if not count:
+            return None
+        start = group.next % count
+        group.next = start + 1
+        sessions = self.sessions
+        for i in range(count):
+            e = members[(start + i) % count]
+            s = sessions.get(e.client_id)
+            if s is not None and s.client is not None and s.client.writable \
+                    and len(s.inflight_out) < s.window:
+                group.next = (start + i) % count + 1
+                return e
+        return members[start]
+
+    # -- views -----------------------------------------------------------------------------
+
+    def stats(self) -> dict:
+        connected = sum(1 for s in self.sessions.values() if s.client is not None)
+        d = {
+            "node_id": self.node_id,
+            "started_at": self.started_at,
+            "uptime_s": round(time.time() - self.started_at, 3),
+            "connections": len(self.clients),
+            "sessions": len(self.sessions),
+            "sessions_connected": connected,
+            "subscriptions": self.tree.count,
+            "retained": len(self.retained),
+            "queued_messages": sum(len(s.queue) for s in self.sessions.values()),
+            "inflight_messages": sum(len(s.inflight_out) for s in self.sessions.values()),
+        }
+        d.update(self.counters.as_dict())
+        return d
+
+
+def _filter_levels(entry: SubEntry) -> str:
+    """The filter as the tree stores it: without the ``$share/<group>/`` prefix."""
+    if entry.share_group is None:
+        return entry.topic_filter
+    return entry.topic_filter.split("/", 2)[2]

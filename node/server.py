@@ -1,0 +1,349 @@
+"""Listeners and the per-connection protocol object; ``run_node`` is ``shoal run``.
+
+``MqttProtocol`` (an ``asyncio.Protocol`` with ``__slots__``, uvicorn's shape) feeds the
+sans-IO ``MqttConnection`` one read at a time, hands each packet to the handler of the
+dispatch table, and writes what they produce once per event-loop iteration
+(``write`` buffers, a ``call_soon`` flush joins the buffer into one ``transport.write``).
+An idle connection is an object, not a task. When the transport's buffer passes its
+high-water mark, ``writable`` turns False and the session queues (bounded) instead of
+writing; ``resume_writing`` pumps the queue again. No publisher ever awaits a subscriber.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+
+from .admin import make_admin_app, start_admin
+from .broker import Broker
+from .mqtt.codec import publish_parts
+from .mqtt.codes import MQTT_5, ReasonCode
+from .mqtt.connection import NEED_DATA, MqttConnection
+from .mqtt.errors import RemoteMqttError
+from .mqtt.packets import Connack, Disconnect
+from .session.dispatch import HANDLERS
+from .session.on_connect import ConnectRefused
+
+log = logging.getLogger("shoal.server")
+
+CONNECT_TIMEOUT = 10.0  # seconds a new connection may take to send CONNECT
+
+_PINGRESP = b"\xd0\x00"
+
+
+def _ack(first_byte: int):
+    prefix = bytes((first_byte, 2))
+
+    def frame(pid: int, reason: int, v5: bool) -> bytes:
+        if reason and v5:
+            return bytes((first_byte, 3)) + pid.to_bytes(2, "big") + bytes((reason,))
+        return prefix + pid.to_bytes(2, "big")
+    return frame
+
+
+_puback = _ack(0x40)
+_pubrec = _ack(0x50)
+_pubrel = _ack(0x62)
+_pubcomp = _ack(0x70)
+
+
+class MqttProtocol(asyncio.Protocol):
+    """One client connection. The ``client`` interface the broker and handlers use:
+    ``write``, ``send``, ``send_first``, ``writable``, ``publish_frame``, ``write_puback``
+    and friends, ``accept``, ``kick``, ``close_by_client``."""
+
+    __slots__ = ("broker", "loop", "transport", "conn", "session", "client_id", "version",
+                 "v5", "writable", "out", "flush_pending", "keep_alive_timeout", "last_rx",
+                 "timer", "closing", "finished", "peer")
+
+    def __init__(self, broker: Broker) -> None:
+        config = broker.config
+        self.broker = broker
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.conn = MqttConnection(max_packet_size=config.max_packet_size,
+                                   topic_alias_maximum=config.topic_alias_maximum)
+        self.session = None
+        self.client_id = ""
+        self.version = 4
+        self.v5 = False
+        self.writable = True
+        self.out: list[bytes] = []
+        self.flush_pending = False
+        self.keep_alive_timeout = 0.0
+        self.last_rx = 0.0
+        self.timer: asyncio.TimerHandle | None = None
+        self.closing = False
+        self.finished = False
+        self.peer = ""
+
+    # -- asyncio.Protocol ------------------------------------------------------------------
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        transport.set_write_buffer_limits(high=self.broker.config.write_buffer_high)
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        self.broker.clients.add(self)
+        self.timer = self.loop.call_later(CONNECT_TIMEOUT, self._connect_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return
+        self.last_rx = self.loop.time()
+        conn = self.conn
+        conn.receive_data(data)
+        handlers = HANDLERS
+        broker = self.broker
+        try:
+            while True:
+                pkt = conn.next_packet()
+                if pkt is NEED_DATA:
+                    return
+                handlers[pkt.__class__](broker, self, pkt)
+                if self.closing:
+                    return
+        except RemoteMqttError as err:
+            self._protocol_error(err)
+        except ConnectRefused as err:
+            self._refuse(err)
+        except Exception:
+            # A bug of ours: it ends this connection only, never the node.
+            log.exception("internal error client_id=%s peer=%s node=%s", self.client_id,
+                          self.peer, broker.node_id)
+            self._close(ReasonCode.IMPLEMENTATION_SPECIFIC_ERROR, send_will=True)
+
+    def eof_received(self) -> bool:
+        return False  # close the transport
+
+    def connection_lost(self, exc) -> None:
+        self.closing = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self._finish(send_will=True)
+        self.transport = None
+        self.out.clear()
+
+    def pause_writing(self) -> None:
+        self.writable = False
+
+    def resume_writing(self) -> None:
+        self.writable = True
+        session = self.session
+        if session is not None and not self.closing:
+            session.pump()
+
+    # -- output ------------------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        self.out.append(data)
+        if not self.flush_pending:
+            self.flush_pending = True
+            self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self.flush_pending = False
+        out = self.out
+        if not out or self.transport is None:
+            return
+        self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+        out.clear()
+
+    def send(self, packet) -> None:
+        self.write(self.conn.send(packet))
+
+    def send_first(self, packet) -> None:
+        """Write ``packet`` before anything already buffered (CONNACK before re-sends)."""
+        self.out.insert(0, self.conn.send(packet))
+        if not self.flush_pending:
+            self.flush_pending = True
+            self.loop.call_soon(self._flush)
+
+    def write_puback(self, pid: int, reason: int) -> None:
+        self.write(_puback(pid, reason, self.v5))
+
+    def write_pubrec(self, pid: int, reason: int) -> None:
+        self.write(_pubrec(pid, reason, self.v5))
+
+    def write_pubrel(self, pid: int, reason: int = 0) -> None:
+        self.write(_pubrel(pid, reason, self.v5))
+
+    def write_pubcomp(self, pid: int, reason: int) -> None:
+        self.write(_pubcomp(pid, reason, self.v5))
+
+    def write_pingresp(self) -> None:
+        self.write(_PINGRESP)
+
+    def publish_frame(self, msg, qos: int, retain: bool, dup: bool, pid: int, sub_ids,
+                      now: float | None) -> bytes | None:
+        """The PUBLISH frame of one delivery, or None when it is larger than the client's
+        Maximum Packet Size (then it is discarded [MQTT-3.1.2-25])."""
+        v5 = self.v5
+        conn = self.conn
+        if v5 and (sub_ids or msg.expires_at is not None):
+            props = msg.delivery_properties(sub_ids, now if now is not None else time.time())
+            cacheable = False
+        else:
+            props = msg.properties if v5 else None
+            cacheable = True
+        if v5 and conn.peer_topic_alias_maximum:
+            frame = conn.encode_publish(msg.topic, msg.payload, qos, retain, dup, pid, props)
+        else:
+            if cacheable:
+                # the same message to many subscribers: encode once per flag combination
+                key = (v5 << 4) | (qos << 2) | (retain << 1) | dup
+                parts = msg.parts
+                if parts is None:
+                    parts = msg.parts = {}
+                head_tail = parts.get(key)
+                if head_tail is None:
+                    head_tail = parts[key] = publish_parts(self.version, msg.topic, msg.payload,
+                                                           qos, retain, dup, props)
+            else:
+                head_tail = publish_parts(self.version, msg.topic, msg.payload, qos, retain,
+                                          dup, props)
+            head, tail = head_tail
+            frame = head + pid.to_bytes(2, "big") + tail if qos else head + tail
+        if len(frame) > conn.peer_max_packet_size:
+            return None
+        return frame
+
+    # -- connection life -------------------------------------------------------------------
+
+    def accept(self, client_id: str, keep_alive: int) -> None:
+        """The CONNECT is accepted: protocol version, ClientID, keep-alive (which replaces
+        the CONNECT timeout)."""
+        self.client_id = client_id
+        self.version = self.conn.version
+        self.v5 = self.version == MQTT_5
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if keep_alive:
+            self.keep_alive_timeout = keep_alive * 1.5  # [MQTT-3.1.2-24]
+            self.timer = self.loop.call_later(self.keep_alive_timeout, self._check_keep_alive)
+
+    def _check_keep_alive(self) -> None:
+        self.timer = None
+        if self.closing:
+            return
+        idle = self.loop.time() - self.last_rx
+        if idle >= self.keep_alive_timeout:
+            log.info("keep-alive timeout client_id=%s peer=%s node=%s", self.client_id,
+                     self.peer, self.broker.node_id)
+            self._close(ReasonCode.KEEP_ALIVE_TIMEOUT, send_will=True)
+        else:
+            self.timer = self.loop.call_later(self.keep_alive_timeout - idle,
+                                              self._check_keep_alive)
+
+    def _connect_timeout(self) -> None:
+        self.timer = None
+        if self.session is None and not self.closing:
+            log.info("no CONNECT in time peer=%s node=%s", self.peer, self.broker.node_id)
+            self._close(None, send_will=False)
+
+    def kick(self, reason: int) -> None:
+        """Server-initiated end of a connection whose session was already dealt with
+        (takeover, shutdown): v5 DISCONNECT with ``reason``, then close."""
+        self.session = None
+        self._close(reason, send_will=False)
+
+    def close_by_client(self, send_will: bool) -> None:
+        """The client sent DISCONNECT."""
+        self._close(None, send_will)
+
+    def _protocol_error(self, err: RemoteMqttError) -> None:
+        log.info("protocol error client_id=%s peer=%s node=%s reason=%s: %s", self.client_id,
+                 self.peer, self.broker.node_id, err.reason.name, err.msg)
+        reply = self.conn.error_reply(err)
+        if reply:
+            self.write(reply)
+        self._close(None, send_will=True)
+
+    def _refuse(self, err: ConnectRefused) -> None:
+        log.info("connect refused peer=%s node=%s reason=%s: %s", self.peer,
+                 self.broker.node_id, ReasonCode(err.reason).name, err)
+        self.write(self.conn.send(Connack(False, err.reason)))
+        self._close(None, send_will=False)
+
+    def _close(self, reason: int | None, send_will: bool) -> None:
+        if self.closing:
+            return
+        self.closing = True
+        if reason is not None and self.v5:  # v5 is set once the CONNECT was accepted
+            self.write(self.conn.send(Disconnect(reason)))
+        self._finish(send_will)
+        if self.transport is not None:
+            self._flush()
+            self.transport.close()
+
+    def _finish(self, send_will: bool) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.broker.connection_lost(self, self.session, send_will)
+        self.session = None
+
+
+async def serve(config, stop: asyncio.Event) -> None:
+    """Run one node until ``stop`` is set: MQTT listener, admin API, housekeeping."""
+    loop = asyncio.get_running_loop()
+    broker = Broker(config)
+    server = await loop.create_server(lambda: MqttProtocol(broker), config.host,
+                                      config.mqtt_port, backlog=2048, reuse_address=True)
+    broker.start()
+    admin = None
+    try:
+        if config.admin_port:
+            admin = await start_admin(make_admin_app(broker), config.admin_host,
+                                      config.admin_port)
+        mqtt_addr = ",".join(f"{s.getsockname()[0]}:{s.getsockname()[1]}"
+                             for s in server.sockets)
+        log.info("listening node=%s mqtt=%s admin=%s", config.node_id, mqtt_addr,
+                 f"{config.admin_host}:{config.admin_port}" if admin else "off")
+        await stop.wait()
+    finally:
+        log.info("shutting down node=%s connections=%d", config.node_id, len(broker.clients))
+        server.close()
+        for client in list(broker.clients):
+            if client.session is not None:
+                broker.connection_lost(client, client.session, send_will=False)
+            client.kick(ReasonCode.SERVER_SHUTTING_DOWN)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(server.wait_closed(), config.shutdown_grace)
+        await broker.stop()
+        if admin is not None:
+            await admin.cleanup()
+
+
+async def _main(config) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await serve(config, stop)
+
+
+def run_node(config) -> int:
+    """``shoal run``: serve until SIGINT/SIGTERM; returns the process exit code."""
+    loop_factory = None
+    try:
+        import uvloop
+        loop_factory = uvloop.new_event_loop
+    except ImportError:
+        log.info("uvloop not installed, using the default asyncio loop")
+    try:
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.run(_main(config))
+    except OSError as err:
+        log.error("cannot start node=%s: %s (is the port in use? pick another with "
+                  "--mqtt-port / --admin-port)", config.node_id, err)
+        return 1
+    return 0

@@ -1,0 +1,75 @@
+"""PUBLISH from the client and the acknowledgement flows of QoS 1 and 2, both ways."""
+
+from __future__ import annotations
+
+import logging
+
+from ..mqtt.codes import MQTT_5, PropertyId, ReasonCode
+from ..mqtt.errors import ProtocolViolation
+from .message import Message
+
+log = logging.getLogger("shoal.session")
+
+_SUB_ID = PropertyId.SUBSCRIPTION_IDENTIFIER
+
+
+def on_publish(broker, client, pkt) -> None:
+    qos = pkt.qos
+    config = broker.config
+    if qos > config.max_qos:
+        raise ProtocolViolation("QoS not supported", ReasonCode.QOS_NOT_SUPPORTED)
+    if pkt.retain and not config.retain_available:
+        raise ProtocolViolation("retain not supported", ReasonCode.RETAIN_NOT_SUPPORTED)
+    props = pkt.properties
+    if props and _SUB_ID in props:
+        raise ProtocolViolation("Subscription Identifier in a client PUBLISH")  # [MQTT-3.3.4-6]
+    session = client.session
+    broker.counters.messages_in += 1
+    if qos == 2:
+        pid = pkt.packet_id
+        inflight_in = session.inflight_in
+        if pid in inflight_in:
+            client.write_pubrec(pid, 0)  # a re-sent PUBLISH: delivered once already
+            return
+        if len(inflight_in) >= config.receive_maximum:
+            raise ProtocolViolation("more QoS 2 messages unacknowledged than Receive Maximum",
+                                    ReasonCode.RECEIVE_MAXIMUM_EXCEEDED)
+        inflight_in.add(pid)
+        n = broker.publish(Message.from_publish(pkt, session.client_id))
+        client.write_pubrec(pid, 0x10 if n == 0 and client.version == MQTT_5 else 0)
+        return
+    n = broker.publish(Message.from_publish(pkt, session.client_id))
+    if qos == 1:
+        client.write_puback(pkt.packet_id, 0x10 if n == 0 and client.version == MQTT_5 else 0)
+
+
+def on_puback(broker, client, pkt) -> None:
+    if not client.session.on_puback(pkt.packet_id):
+        log.debug("PUBACK for unknown packet id client_id=%s pid=%d", client.client_id,
+                  pkt.packet_id)
+
+
+def on_pubrec(broker, client, pkt) -> None:
+    result = client.session.on_pubrec(pkt.packet_id, pkt.reason_code)
+    if result:
+        client.write_pubrel(pkt.packet_id, 0)
+    elif result is False:
+        client.write_pubrel(pkt.packet_id, ReasonCode.PACKET_IDENTIFIER_NOT_FOUND
+                            if client.version == MQTT_5 else 0)
+
+
+def on_pubrel(broker, client, pkt) -> None:
+    inflight_in = client.session.inflight_in
+    pid = pkt.packet_id
+    if pid in inflight_in:
+        inflight_in.discard(pid)
+        client.write_pubcomp(pid, 0)
+    else:
+        client.write_pubcomp(pid, ReasonCode.PACKET_IDENTIFIER_NOT_FOUND
+                             if client.version == MQTT_5 else 0)
+
+
+def on_pubcomp(broker, client, pkt) -> None:
+    if not client.session.on_pubcomp(pkt.packet_id):
+        log.debug("PUBCOMP for unknown packet id client_id=%s pid=%d", client.client_id,
+                  pkt.packet_id)

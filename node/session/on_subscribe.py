@@ -1,0 +1,48 @@
+"""SUBSCRIBE and UNSUBSCRIBE."""
+
+from __future__ import annotations
+
+from ..mqtt.codes import MQTT_5, PropertyId, ReasonCode
+from ..mqtt.errors import ProtocolViolation
+from ..mqtt.packets import Suback, Unsuback
+from ..mqtt.topic_rules import parse_shared, valid_topic_filter
+from ..topics import SubEntry
+
+
+def on_subscribe(broker, client, pkt) -> None:
+    session = client.session
+    v5 = client.version == MQTT_5
+    max_qos = broker.config.max_qos
+    sub_id = None
+    if v5:
+        ids = pkt.properties.get(PropertyId.SUBSCRIPTION_IDENTIFIER)
+        if ids:
+            sub_id = ids[0]
+    codes = []
+    retained = []
+    for s in pkt.subscriptions:
+        if not valid_topic_filter(s.topic_filter):
+            codes.append(ReasonCode.TOPIC_FILTER_INVALID if v5 else ReasonCode.UNSPECIFIED_ERROR)
+            continue
+        group, levels = parse_shared(s.topic_filter)
+        if group is not None and s.no_local:
+            raise ProtocolViolation("No Local on a shared subscription")  # [MQTT-3.8.3-4]
+        qos = s.qos if s.qos < max_qos else max_qos
+        entry = SubEntry(session.client_id, s.topic_filter, qos, s.no_local,
+                         s.retain_as_published, s.retain_handling, sub_id, group)
+        new = broker.subscribe(session, entry, levels)
+        codes.append(qos)
+        # retained messages: never for shared subscriptions; Retain Handling 0 always,
+        # 1 only for a new subscription, 2 never [MQTT-3.3.1-9..11]
+        if group is None and (s.retain_handling == 0 or (s.retain_handling == 1 and new)):
+            retained.append((entry, levels))
+    client.send(Suback(pkt.packet_id, tuple(codes)))
+    for entry, levels in retained:
+        broker.send_retained(session, entry, levels)
+
+
+def on_unsubscribe(broker, client, pkt) -> None:
+    session = client.session
+    codes = tuple(ReasonCode.SUCCESS if broker.unsubscribe(session, f)
+                  else ReasonCode.NO_SUBSCRIPTION_EXISTED for f in pkt.topic_filters)
+    client.send(Unsuback(pkt.packet_id, codes))

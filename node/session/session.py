@@ -1,0 +1,320 @@
+"""Session state and its delivery rules.
+
+A ``Session`` is not a connection (STYLE.md, Mosquitto's lesson): it lives from the
+first CONNECT with its ClientID until it ends (clean start, expiry), and a connection
+attaches to it and detaches from it. It owns, for one ClientID:
+
+* ``subscriptions``: filter -> ``SubEntry`` (the tree holds the same entries for matching);
+* ``inflight_out``: packet id -> ``OutFlight`` (QoS 1/2 sent, not yet acknowledged), in
+  send order, at most ``window`` of them;
+* ``queue``: messages waiting for a window slot, a writable socket or a connection,
+  bounded by ``max_queue`` with the drop policy of ``_enqueue``;
+* ``inflight_in``: packet ids of QoS 2 messages received and PUBREC'd, awaiting PUBREL;
+* will, expiry.
+
+``deliver()`` (our ``db__message_insert``) alone decides send now / queue / drop.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import logging
+import time
+
+log = logging.getLogger("shoal.session")
+
+
+class SessionState(enum.Enum):
+    ONLINE = "online"      # a connection is attached
+    OFFLINE = "offline"    # kept for its expiry interval, queuing
+    FROZEN = "frozen"      # claimed by another node: no delivery, appends continue (cluster)
+    HANDING_OVER = "handing_over"  # snapshot streaming to the new owner (cluster)
+    ENDED = "ended"        # discarded; must not be used again
+
+
+class Trigger(enum.Enum):
+    ATTACHED = "attached"
+    DETACHED = "detached"
+    CLAIMED = "claimed"
+    SNAPSHOT_ASKED = "snapshot_asked"
+    ENDED = "ended"
+
+
+S, T = SessionState, Trigger
+#: The only transitions a session can make; anything else is a bug and raises.
+TRANSITIONS: dict[tuple[SessionState, Trigger], SessionState] = {
+    (S.OFFLINE, T.ATTACHED): S.ONLINE,
+    (S.ONLINE, T.ATTACHED): S.ONLINE,  # takeover by a new connection of the same client
+    (S.ONLINE, T.DETACHED): S.OFFLINE,
+    (S.ONLINE, T.CLAIMED): S.FROZEN,
+    (S.OFFLINE, T.CLAIMED): S.FROZEN,
+    (S.FROZEN, T.SNAPSHOT_ASKED): S.HANDING_OVER,
+    (S.ONLINE, T.ENDED): S.ENDED,
+    (S.OFFLINE, T.ENDED): S.ENDED,
+    (S.FROZEN, T.ENDED): S.ENDED,
+    (S.HANDING_OVER, T.ENDED): S.ENDED,
+}
+del S, T
+
+
+class OutFlight:
+    """A QoS 1/2 message sent to the client and not yet fully acknowledged."""
+
+    __slots__ = ("msg", "qos", "retain", "sub_ids", "stage")
+
+    def __init__(self, msg, qos: int, retain: bool, sub_ids) -> None:
+        self.msg = msg
+        self.qos = qos
+        self.retain = retain
+        self.sub_ids = sub_ids
+        self.stage = 0  # 0: PUBLISH sent (await PUBACK/PUBREC); 1: PUBREL sent (await PUBCOMP)
+
+
+class Counters:
+    """Node-wide message counters, shared by the broker and its sessions."""
+
+    __slots__ = ("messages_in", "messages_out", "dropped_messages", "expired_messages",
+                 "qos0_offline_discarded")
+
+    def __init__(self) -> None:
+        self.messages_in = 0
+        self.messages_out = 0
+        self.dropped_messages = 0
+        self.expired_messages = 0
+        self.qos0_offline_discarded = 0
+
+    def as_dict(self) -> dict:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+class SessionLimits:
+    __slots__ = ("max_inflight", "max_queue", "queue_qos0_offline")
+
+    def __init__(self, max_inflight: int, max_queue: int, queue_qos0_offline: bool) -> None:
+        self.max_inflight = max_inflight
+        self.max_queue = max_queue
+        self.queue_qos0_offline = queue_qos0_offline
+
+
+class Session:
+    __slots__ = (
+        "client_id", "state", "client", "subscriptions", "inflight_out", "queue", "queued_qos0",
+        "inflight_in", "window", "limits", "counters", "next_pid", "expiry_interval",
+        "expires_at", "will", "will_delay", "will_at", "version", "dropping", "created_at",
+        "timer_gen", "epoch", "__weakref__",
+    )
+
+    def __init__(self, client_id: str, limits: SessionLimits, counters: Counters) -> None:
+        self.client_id = client_id
+        self.state = SessionState.OFFLINE
+        self.client = None  # the attached connection (node.server.MqttProtocol) or None
+        self.subscriptions: dict = {}
+        self.inflight_out: dict[int, OutFlight] = {}
+        self.queue: collections.deque = collections.deque()  # (msg, qos, retain, sub_ids)
+        self.queued_qos0 = 0
+        self.inflight_in: set[int] = set()
+        self.limits = limits
+        self.window = limits.max_inflight
+        self.counters = counters
+        self.next_pid = 1
+        self.expiry_interval = 0  # seconds the session outlives its connection
+        self.expires_at: float | None = None
+        self.will = None  # packets.Will of the current connection
+        self.will_delay = 0
+        self.will_at: float | None = None  # a will waiting for its delay to pass
+        self.version = 4
+        self.dropping = False
+        self.created_at = time.time()
+        self.timer_gen = 0  # bumps on every attach/detach: stale timer entries are ignored
+        self.epoch = 0  # ownership epoch (cluster fencing token)
+
+    # -- state ---------------------------------------------------------------------------
+
+    def _transition(self, trigger: Trigger, why: str = "") -> None:
+        new = TRANSITIONS.get((self.state, trigger))
+        if new is None:
+            raise RuntimeError(f"session {self.client_id!r}: {trigger.value} not allowed in "
+                               f"state {self.state.value}")
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("session transition client_id=%s %s -> %s trigger=%s %s", self.client_id,
+                      self.state.value, new.value, trigger.value, why)
+        self.state = new
+
+    def attach(self, client, receive_maximum: int) -> None:
+        """A connection takes this session: re-send what is inflight, then the queue."""
+        self._transition(Trigger.ATTACHED)
+        self.client = client
+        self.timer_gen += 1
+        self.expires_at = None
+        self.window = min(self.limits.max_inflight, receive_maximum)
+        # [MQTT-4.4.0-1]: re-send unacknowledged PUBLISH (DUP) and PUBREL, original ids.
+        now = time.time()
+        for pid, e in self.inflight_out.items():
+            if e.stage == 0:
+                frame = client.publish_frame(e.msg, e.qos, e.retain, True, pid, e.sub_ids, now)
+                if frame is not None:
+                    client.write(frame)
+            else:
+                client.write_pubrel(pid)
+        self.pump()
+
+    def detach(self, why: str) -> None:
+        self._transition(Trigger.DETACHED, why)
+        self.client = None
+        self.timer_gen += 1
+
+    def end(self, why: str) -> None:
+        self._transition(Trigger.ENDED, why)
+        self.client = None
+        self.timer_gen += 1
+        self.queue.clear()
+        self.inflight_out.clear()
+
+    # -- outgoing messages -----------------------------------------------------------------
+
+    def deliver(self, msg, qos: int, retain: bool, sub_ids) -> None:
+        client = self.client
+        if client is not None and client.writable and not self.queue:
+            if qos == 0:
+                frame = client.publish_frame(msg, 0, retain, False, 0, sub_ids, None)
+                if frame is not None:
+                    client.write(frame)
+                    self.counters.messages_out += 1
+                return
+            if len(self.inflight_out) < self.window:
+                self._send_new(client, msg, qos, retain, sub_ids, None)
+                return
+        self._enqueue(msg, qos, retain, sub_ids)
+
+    def _send_new(self, client, msg, qos, retain, sub_ids, now) -> None:
+        pid = self._allocate_pid()
+        frame = client.publish_frame(msg, qos, retain, False, pid, sub_ids, now)
+        if frame is None:
+            return  # larger than the client's Maximum Packet Size: discarded [MQTT-3.1.2-25]
+        self.inflight_out[pid] = OutFlight(msg, qos, retain, sub_ids)
+        client.write(frame)
+        self.counters.messages_out += 1
+
+    def _allocate_pid(self) -> int:
+        pid = self.next_pid
+        inflight = self.inflight_out
+        # the window is at most 65535, so a free id always exists
+        while pid in inflight:
+            pid = pid + 1 if pid < 65535 else 1
+        self.next_pid = pid + 1 if pid < 65535 else 1
+        return pid
+
+    def _enqueue(self, msg, qos: int, retain: bool, sub_ids) -> None:
+        if qos == 0 and self.client is None and not self.limits.queue_qos0_offline:
+            self.counters.qos0_offline_discarded += 1
+            return
+        queue = self.queue
+        if len(queue) >= self.limits.max_queue:
+            # Drop policy: the oldest QoS 0 message (the new one counts as the newest),
+            # else the oldest message. A new QoS 0 message with no older QoS 0 queued is
+            # itself the oldest QoS 0, so it is the one dropped.
+            if self.queued_qos0:
+                if queue[0][1] == 0:
+                    del queue[0]
+                else:
+                    for i, item in enumerate(queue):
+                        if item[1] == 0:
+                            del queue[i]
+                            break
+                self.queued_qos0 -= 1
+            elif qos == 0:
+                self._dropped(1)
+                return
+            else:
+                queue.popleft()
+            self._dropped(1)
+        elif self.dropping:
+            self.dropping = False
+        queue.append((msg, qos, retain, sub_ids))
+        if qos == 0:
+            self.queued_qos0 += 1
+
+    def _dropped(self, n: int) -> None:
+        self.counters.dropped_messages += n
+        if not self.dropping:
+            self.dropping = True  # log once per episode (Mosquitto's is_dropping)
+            log.warning("queue full, dropping messages client_id=%s max_queue=%d",
+                        self.client_id, self.limits.max_queue)
+
+    def pump(self) -> None:
+        """Move queued messages to the client while it is writable and the window allows."""
+        client = self.client
+        queue = self.queue
+        if client is None or not queue:
+            return
+        now = time.time()
+        inflight = self.inflight_out
+        counters = self.counters
+        while queue and client.writable:
+            msg, qos, retain, sub_ids = queue[0]
+            if qos and len(inflight) >= self.window:
+                break
+            queue.popleft()
+            if qos == 0:
+                self.queued_qos0 -= 1
+            if msg.expires_at is not None and now >= msg.expires_at:
+                counters.expired_messages += 1
+                continue
+            if qos == 0:
+                frame = client.publish_frame(msg, 0, retain, False, 0, sub_ids, now)
+                if frame is not None:
+                    client.write(frame)
+                    counters.messages_out += 1
+            else:
+                self._send_new(client, msg, qos, retain, sub_ids, now)
+
+    def drop_expired(self, now: float) -> int:
+        """Remove queued messages whose Message Expiry passed."""
+        before = len(self.queue)
+        if not before:
+            return 0
+        kept = [item for item in self.queue
+                if item[0].expires_at is None or now < item[0].expires_at]
+        removed = before - len(kept)
+        if removed:
+            self.queue = collections.deque(kept)
+            self.queued_qos0 = sum(1 for item in kept if item[1] == 0)
+            self.counters.expired_messages += removed
+        return removed
+
+    # -- acknowledgements from the client ------------------------------------------------
+
+    def on_puback(self, pid: int) -> bool:
+        e = self.inflight_out.get(pid)
+        if e is None or e.qos != 1:
+            return False
+        del self.inflight_out[pid]
+        if self.queue:
+            self.pump()
+        return True
+
+    def on_pubrec(self, pid: int, reason: int) -> bool | None:
+        """True: send PUBREL; None: the flow ended (error reason); False: unknown id."""
+        e = self.inflight_out.get(pid)
+        if e is None or e.qos != 2:
+            return False
+        if reason >= 0x80:
+            del self.inflight_out[pid]
+            self.pump()
+            return None
+        e.stage = 1
+        return True
+
+    def on_pubcomp(self, pid: int) -> bool:
+        e = self.inflight_out.get(pid)
+        if e is None or e.stage != 1:
+            return False
+        del self.inflight_out[pid]
+        if self.queue:
+            self.pump()
+        return True
+
+    def __repr__(self) -> str:
+        return (f"Session({self.client_id!r}, {self.state.value}, subs={len(self.subscriptions)},"
+                f" inflight={len(self.inflight_out)}, queued={len(self.queue)})")

@@ -1,0 +1,88 @@
+"""Session.deliver: window, queue bound and the drop policy (oldest QoS 0 first, then
+oldest), re-send on attach. A recording client stands in for the socket side."""
+
+from node.session.message import Message
+from node.session.session import Counters, Session, SessionLimits
+
+
+class RecordingClient:
+    writable = True
+
+    def __init__(self):
+        self.frames = []
+
+    def publish_frame(self, msg, qos, retain, dup, pid, sub_ids, now):
+        return (msg.payload, qos, dup, pid)
+
+    def write(self, frame):
+        self.frames.append(frame)
+
+    def write_pubrel(self, pid, reason=0):
+        self.frames.append(("PUBREL", pid))
+
+
+def msg(n, qos=1):
+    return Message("t", str(n).encode(), qos, False, None, None, "pub")
+
+
+def offline_session(max_queue=5, qos0=True):
+    return Session("c", SessionLimits(32, max_queue, qos0), Counters())
+
+
+def test_full_queue_drops_oldest_qos0_first_then_oldest():
+    s = offline_session()
+    for n, q in [(1, 1), (2, 0), (3, 1), (4, 0), (5, 1)]:
+        s.deliver(msg(n, q), q, False, None)
+    s.deliver(msg(6, 1), 1, False, None)  # drops 2 (oldest QoS 0)
+    s.deliver(msg(7, 1), 1, False, None)  # drops 4
+    s.deliver(msg(8, 1), 1, False, None)  # no QoS 0 left: drops 1 (oldest)
+    assert [m.payload for m, *_ in s.queue] == [b"3", b"5", b"6", b"7", b"8"]
+    assert s.counters.dropped_messages == 3
+    s.deliver(msg(9, 0), 0, False, None)  # new QoS 0, none older queued: it is dropped
+    assert [m.payload for m, *_ in s.queue] == [b"3", b"5", b"6", b"7", b"8"]
+    assert s.counters.dropped_messages == 4
+
+
+def test_qos0_not_queued_offline_unless_enabled():
+    s = offline_session(qos0=False)
+    s.deliver(msg(1, 0), 0, False, None)
+    assert not s.queue and s.counters.qos0_offline_discarded == 1
+
+
+def test_window_limits_inflight_and_acks_pull_from_the_queue():
+    s = offline_session(max_queue=100)
+    client = RecordingClient()
+    s.attach(client, receive_maximum=3)
+    for n in range(10):
+        s.deliver(msg(n), 1, False, None)
+    assert len(s.inflight_out) == 3 and len(s.queue) == 7
+    first_pid = client.frames[0][3]
+    assert s.on_puback(first_pid)
+    assert len(s.inflight_out) == 3 and len(s.queue) == 6
+    assert not s.on_puback(first_pid)  # unknown now
+
+
+def test_attach_resends_inflight_with_dup_and_pubrel():
+    s = offline_session(max_queue=100)
+    c1 = RecordingClient()
+    s.attach(c1, 65535)
+    s.deliver(msg(1, 1), 1, False, None)
+    s.deliver(msg(2, 2), 2, False, None)
+    pid1, pid2 = c1.frames[0][3], c1.frames[1][3]
+    assert s.on_pubrec(pid2, 0) is True
+    s.detach("test")
+    c2 = RecordingClient()
+    s.attach(c2, 65535)
+    assert c2.frames == [(b"1", 1, True, pid1), ("PUBREL", pid2)]
+    assert s.on_pubcomp(pid2) and s.on_puback(pid1)
+    assert not s.inflight_out
+
+
+def test_packet_ids_skip_ids_in_use():
+    s = offline_session(max_queue=100)
+    c = RecordingClient()
+    s.attach(c, 65535)
+    s.next_pid = 65535
+    s.deliver(msg(1), 1, False, None)
+    s.deliver(msg(2), 1, False, None)
+    assert [f[3] for f in c.frames] == [65535, 1]
