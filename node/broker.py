@@ -90,9 +90,10 @@ class Broker:
 
     # -- sessions --------------------------------------------------------------------------
 
-    def open_session(self, client, client_id: str, clean_start: bool, expiry_interval: int,
-                     receive_maximum: int, version: int) -> tuple[Session, bool]:
-        """Attach ``client`` to the session of ``client_id``; returns (session, present)."""
+    def open_session(self, client_id: str, clean_start: bool, expiry_interval: int,
+                     version: int) -> tuple[Session, bool]:
+        """The session a new connection of ``client_id`` gets: resumed or new (returned
+        with ``present``). The caller answers CONNACK, then ``session.attach()``es."""
         session = self.sessions.get(client_id)
         if session is not None and session.client is not None:
             # Takeover [MQTT-3.1.4-3]: the old connection goes, as if it had dropped
@@ -115,7 +116,6 @@ class Broker:
         session.epoch = self.ownership.claim_local(client_id)
         session.expiry_interval = expiry_interval
         session.version = version
-        session.attach(client, receive_maximum)
         return session, present
 
     def connection_lost(self, client, session: Session | None, send_will: bool) -> None:

@@ -30,6 +30,7 @@ from .session.on_connect import ConnectRefused
 log = logging.getLogger("shoal.server")
 
 CONNECT_TIMEOUT = 10.0  # seconds a new connection may take to send CONNECT
+FLUSH_BYTES = 65536  # write at once when this much output is pending (else once per iteration)
 
 _PINGRESP = b"\xd0\x00"
 
@@ -52,11 +53,11 @@ _pubcomp = _ack(0x70)
 
 class MqttProtocol(asyncio.Protocol):
     """One client connection. The ``client`` interface the broker and handlers use:
-    ``write``, ``send``, ``send_first``, ``writable``, ``publish_frame``, ``write_puback``
+    ``write``, ``send``, ``writable``, ``publish_frame``, ``write_puback``
     and friends, ``accept``, ``kick``, ``close_by_client``."""
 
     __slots__ = ("broker", "loop", "transport", "conn", "session", "client_id", "version",
-                 "v5", "writable", "out", "flush_pending", "keep_alive_timeout", "last_rx",
+                 "v5", "writable", "out", "out_bytes", "flush_pending", "keep_alive_timeout", "last_rx",
                  "timer", "closing", "finished", "peer")
 
     def __init__(self, broker: Broker) -> None:
@@ -70,8 +71,9 @@ class MqttProtocol(asyncio.Protocol):
         self.client_id = ""
         self.version = 4
         self.v5 = False
-        self.writable = True
-        self.out: list[bytes] = []
+        self.writable = True  # False while the transport is paused (its buffer is full)
+        self.out: list[bytes] = []  # written at the next flush, once per loop iteration
+        self.out_bytes = 0
         self.flush_pending = False
         self.keep_alive_timeout = 0.0
         self.last_rx = 0.0
@@ -141,7 +143,13 @@ class MqttProtocol(asyncio.Protocol):
 
     def write(self, data: bytes) -> None:
         self.out.append(data)
-        if not self.flush_pending:
+        self.out_bytes += len(data)
+        if self.out_bytes >= FLUSH_BYTES:
+            # One loop iteration can read megabytes from publishers (libuv reads a socket
+            # until it is empty): hand full batches to the transport right away, so that
+            # its buffer limit (pause_writing) bounds what a slow subscriber holds.
+            self._flush()
+        elif not self.flush_pending:
             self.flush_pending = True
             self.loop.call_soon(self._flush)
 
@@ -152,16 +160,10 @@ class MqttProtocol(asyncio.Protocol):
             return
         self.transport.write(out[0] if len(out) == 1 else b"".join(out))
         out.clear()
+        self.out_bytes = 0
 
     def send(self, packet) -> None:
         self.write(self.conn.send(packet))
-
-    def send_first(self, packet) -> None:
-        """Write ``packet`` before anything already buffered (CONNACK before re-sends)."""
-        self.out.insert(0, self.conn.send(packet))
-        if not self.flush_pending:
-            self.flush_pending = True
-            self.loop.call_soon(self._flush)
 
     def write_puback(self, pid: int, reason: int) -> None:
         self.write(_puback(pid, reason, self.v5))

@@ -62,8 +62,8 @@ def on_connect(broker, client, pkt: Connect) -> None:
             connack_props[P.SERVER_KEEP_ALIVE] = keep_alive
 
     client.accept(client_id, keep_alive)  # before attach: re-sends use the client's version
-    session, present = broker.open_session(client, client_id, pkt.clean_start, expiry,
-                                           receive_maximum, pkt.protocol_level)
+    session, present = broker.open_session(client_id, pkt.clean_start, expiry,
+                                           pkt.protocol_level)
     session.will = will
     session.will_delay = will.properties.get(P.WILL_DELAY_INTERVAL, 0) if (will and v5) else 0
     client.session = session
@@ -80,9 +80,9 @@ def on_connect(broker, client, pkt: Connect) -> None:
             connack_props[P.MAXIMUM_QOS] = config.max_qos
         if not config.retain_available:
             connack_props[P.RETAIN_AVAILABLE] = 0
-    # CONNACK goes before the re-sent inflight messages that attach() queued: it is
-    # written at the front of the connection's output buffer.
-    client.send_first(Connack(present, ReasonCode.SUCCESS, connack_props))
+    client.send(Connack(present, ReasonCode.SUCCESS, connack_props))
+    # after CONNACK: re-send what is inflight, then the queue
+    session.attach(client, receive_maximum)
     if log.isEnabledFor(logging.DEBUG):
         log.debug("connected client_id=%s node=%s version=%d clean_start=%s present=%s "
                   "expiry=%s", client_id, broker.node_id, pkt.protocol_level, pkt.clean_start,

@@ -229,8 +229,6 @@ class Session:
             else:
                 queue.popleft()
             self._dropped(1)
-        elif self.dropping:
-            self.dropping = False
         queue.append((msg, qos, retain, sub_ids))
         if qos == 0:
             self.queued_qos0 += 1
@@ -251,6 +249,8 @@ class Session:
         now = time.time()
         inflight = self.inflight_out
         counters = self.counters
+        if self.dropping and len(queue) < self.limits.max_queue // 2:
+            self.dropping = False  # the episode is over: the next drop logs again
         while queue and client.writable:
             msg, qos, retain, sub_ids = queue[0]
             if qos and len(inflight) >= self.window:
