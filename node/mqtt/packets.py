@@ -16,7 +16,7 @@ Conventions
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Union
 
 from .codes import PacketType, ReasonCode
 
@@ -176,4 +176,4 @@ PACKET_CLASSES: dict[int, type] = {
                 Suback, Unsubscribe, Unsuback, Pingreq, Pingresp, Disconnect, Auth)
 }
 
-__all__ = [name for name in dir() if not name.startswith("_") and name not in ("Any", "Union")]
+__all__ = [name for name in dir() if not name.startswith("_") and name != "Union"]

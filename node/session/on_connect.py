@@ -8,6 +8,7 @@ import uuid
 from ..mqtt.codes import EXPIRY_NEVER, MQTT_5, PropertyId, ReasonCode
 from ..mqtt.errors import ProtocolViolation
 from ..mqtt.packets import Connack, Connect
+from ..mqtt.topic_rules import valid_topic_name
 
 log = logging.getLogger("shoal.session")
 
@@ -39,6 +40,8 @@ def on_connect(broker, client, pkt: Connect) -> None:
                              "enhanced authentication is not supported")
     will = pkt.will
     if will is not None:
+        if not valid_topic_name(will.topic):
+            raise ConnectRefused(ReasonCode.TOPIC_NAME_INVALID, "invalid will topic")
         if will.qos > config.max_qos:
             raise ConnectRefused(ReasonCode.QOS_NOT_SUPPORTED, "will QoS above maximum")
         if will.retain and not config.retain_available:
