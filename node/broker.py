@@ -159,8 +159,7 @@ class Broker:
         session.will_at = None
         if will is None:
             return
-        msg = Message.from_publish(will, session.client_id)
-        self.publish(msg)
+        self.publish(Message.from_will(will, session.client_id))
 
     # -- subscriptions -------------------------------------------------------------------
 

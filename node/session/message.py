@@ -9,6 +9,7 @@ from ..mqtt.codes import PropertyId
 
 _MEI = PropertyId.MESSAGE_EXPIRY_INTERVAL
 _SUB_ID = PropertyId.SUBSCRIPTION_IDENTIFIER
+_WILL_DELAY = PropertyId.WILL_DELAY_INTERVAL
 
 
 class Message:
@@ -39,6 +40,19 @@ class Message:
                 del props[_MEI]
                 expires_at = (now if now is not None else time.time()) + mei
         return cls(pkt.topic, pkt.payload, pkt.qos, pkt.retain, props or None, expires_at, origin)
+
+    @classmethod
+    def from_will(cls, will, origin: str) -> "Message":
+        """The PUBLISH a Will becomes; Will Delay Interval is for the broker only."""
+        props = will.properties
+        if props and _WILL_DELAY in props:
+            props = {k: v for k, v in props.items() if k != _WILL_DELAY}
+        expires_at = None
+        if props and _MEI in props:
+            props = dict(props)
+            expires_at = time.time() + props.pop(_MEI)
+        return cls(will.topic, will.payload, will.qos, will.retain, props or None, expires_at,
+                   origin)
 
     def expired(self, now: float) -> bool:
         return self.expires_at is not None and now >= self.expires_at
