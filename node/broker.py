@@ -19,8 +19,9 @@ import logging
 import time
 
 from .mqtt.codes import EXPIRY_NEVER, ReasonCode
-from .ownership import LocalOwnership, Ownership
+from .ownership import Claim, ClusterHooks, LocalCluster
 from .session.message import Message
+from .session.record import session_from_record, session_to_record
 from .session.session import Counters, Session, SessionLimits, SessionState
 from .topics import RetainedStore, SubEntry, SubscriptionTree
 
@@ -32,10 +33,11 @@ _EXPIRE, _WILL = 0, 1
 
 
 class Broker:
-    def __init__(self, config, ownership: Ownership | None = None) -> None:
+    def __init__(self, config) -> None:
         self.config = config
         self.node_id = config.node_id
-        self.ownership = ownership or LocalOwnership(config.node_id)
+        self.cluster: ClusterHooks = LocalCluster(config.node_id)
+        self.clustered = False
         self.sessions: dict[str, Session] = {}
         self.clients: set = set()  # live connections (server.MqttProtocol), CONNECTed or not
         self.tree = SubscriptionTree()
@@ -43,12 +45,18 @@ class Broker:
         self.counters = Counters()
         self.limits = SessionLimits(config.max_inflight, config.max_queue,
                                     config.queue_qos0_offline)
+        self.filter_refs: dict[str, int] = {}  # filter -> local subscriptions (cluster routes)
         self.started_at = time.time()
         self._timers: list = []  # heap of (deadline, seq, kind, client_id, timer_gen)
         self._seq = itertools.count()
         self._housekeeping: asyncio.Task | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
+
+    def attach_cluster(self, cluster: ClusterHooks) -> None:
+        """Replace the single-node hooks (before the listeners open)."""
+        self.cluster = cluster
+        self.clustered = True
 
     def start(self) -> None:
         self._housekeeping = asyncio.get_running_loop().create_task(self._housekeeping_loop())
@@ -77,7 +85,8 @@ class Broker:
             if session is None or session.timer_gen != gen:
                 continue  # the session attached, detached again or ended since
             if kind == _WILL:
-                if session.will_at is not None and session.will_at <= now:
+                if session.state is SessionState.OFFLINE and session.will_at is not None \
+                        and session.will_at <= now:
                     self._publish_will(session)
             elif kind == _EXPIRE:
                 if session.state is SessionState.OFFLINE and session.expires_at is not None \
@@ -91,9 +100,10 @@ class Broker:
     # -- sessions --------------------------------------------------------------------------
 
     def open_session(self, client_id: str, clean_start: bool, expiry_interval: int,
-                     version: int) -> tuple[Session, bool]:
-        """The session a new connection of ``client_id`` gets: resumed or new (returned
-        with ``present``). The caller answers CONNACK, then ``session.attach()``es."""
+                     version: int, claim: Claim) -> tuple[Session, bool]:
+        """The session a new connection of ``client_id`` gets: resumed, handed over from
+        another node (``claim.record``) or new; returned with ``present``. The caller
+        answers CONNACK, then ``session.attach()``es."""
         session = self.sessions.get(client_id)
         if session is not None and session.client is not None:
             # Takeover [MQTT-3.1.4-3]: the old connection goes, as if it had dropped
@@ -102,9 +112,14 @@ class Broker:
             self.connection_lost(old, session, send_will=True)
             old.kick(ReasonCode.SESSION_TAKEN_OVER)
             session = self.sessions.get(client_id)  # may have ended (expiry 0)
-        if session is not None and clean_start:
-            self.end_session(session, "clean start")
+        if session is not None and (clean_start or claim.record is not None):
+            self.end_session(session, "clean start" if clean_start else "replaced by handover",
+                             release=False)
             session = None
+        if claim.record is not None and not clean_start:
+            session = self.install_session(claim.record)
+            if claim.installed is not None:
+                claim.installed(session)
         present = session is not None
         if session is None:
             session = Session(client_id, self.limits, self.counters)
@@ -113,18 +128,56 @@ class Broker:
             # a reconnect cancels a will still waiting for its delay [MQTT-3.1.3-9]
             session.will = None
             session.will_at = None
-        session.epoch = self.ownership.claim_local(client_id)
+        session.epoch = claim.epoch
         session.expiry_interval = expiry_interval
         session.version = version
         return session, present
+
+    def install_session(self, record: dict) -> Session:
+        """Add a session from its record (a takeover snapshot or the store): OFFLINE,
+        its subscriptions in the tree."""
+        session, subs = session_from_record(record, self.limits, self.counters)
+        old = self.sessions.get(session.client_id)
+        if old is not None:
+            self.end_session(old, "replaced by an installed record", release=False)
+        self.sessions[session.client_id] = session
+        for sub in subs:
+            entry = SubEntry(session.client_id, *sub)
+            self.subscribe(session, entry, _filter_levels(entry))
+        return session
+
+    def snapshot(self, session: Session) -> dict:
+        return session_to_record(session)
+
+    def freeze_session(self, client_id: str, why: str) -> Session | None:
+        """Another node claimed ``client_id``: close its connection here (v5 DISCONNECT
+        0x8E; the will follows the normal rules, so a resume elsewhere cancels a delayed
+        one), then keep the session FROZEN: no delivery, messages still append."""
+        session = self.sessions.get(client_id)
+        if session is None:
+            return None
+        if session.client is not None:
+            old = session.client
+            self.connection_lost(old, session, send_will=True)
+            old.kick(ReasonCode.SESSION_TAKEN_OVER)
+            session = self.sessions.get(client_id)
+            if session is None:
+                return None  # it ended with its connection (expiry 0)
+        if session.state is SessionState.OFFLINE:
+            session.freeze(why)
+        return session
 
     def connection_lost(self, client, session: Session | None, send_will: bool) -> None:
         """A connection ended (DISCONNECT, error, keep-alive, close, takeover)."""
         self.clients.discard(client)
         if session is None or session.client is not client:
             return
-        now = time.time()
         session.detach("connection closed")
+        self._disconnected(session, send_will)
+
+    def _disconnected(self, session: Session, send_will: bool) -> None:
+        """Will and expiry rules once a session has no connection."""
+        now = time.time()
         if send_will and session.will is not None:
             delay = min(session.will_delay, session.expiry_interval)
             if delay <= 0:
@@ -140,16 +193,31 @@ class Broker:
             session.expires_at = now + session.expiry_interval
             self._add_timer(session.expires_at, _EXPIRE, session)
 
-    def end_session(self, session: Session, why: str) -> None:
-        if session.will_at is not None:
+    def kick_all(self, reason: int, send_will: bool) -> None:
+        """Close every connection (shutdown, leaving the cluster)."""
+        for client in list(self.clients):
+            if client.session is not None:
+                self.connection_lost(client, client.session, send_will)
+            client.kick(reason)
+
+    def orphaned(self, session: Session) -> None:
+        """A session opened for a connection that was already gone: as if it dropped."""
+        self._disconnected(session, send_will=True)
+
+    def end_session(self, session: Session, why: str, release: bool = True,
+                    will: bool = True) -> None:
+        """Discard a session. ``release``: tell the cluster the ClientID is free (not when
+        a new session of the same ClientID replaces it, or it moved to another node);
+        ``will``: publish a will still waiting for its delay (not when it moved)."""
+        if will and session.will_at is not None:
             self._publish_will(session)  # at the latest when the session ends [MQTT-3.1.3-9]
-        for entry in session.subscriptions.values():
-            self.tree.remove(_filter_levels(entry), session.client_id, entry.share_group)
-        session.subscriptions.clear()
+        for entry in list(session.subscriptions.values()):
+            self.unsubscribe(session, entry.topic_filter)
         session.end(why)
         if self.sessions.get(session.client_id) is session:
             del self.sessions[session.client_id]
-        self.ownership.release_local(session.client_id)
+        if release:
+            self.cluster.session_ended(session.client_id, session.epoch)
         log.debug("session ended client_id=%s node=%s why=%s", session.client_id,
                   self.node_id, why)
 
@@ -168,6 +236,8 @@ class Broker:
         old = session.subscriptions.get(entry.topic_filter)
         session.subscriptions[entry.topic_filter] = entry
         new = self.tree.add(filter_levels, entry)
+        if old is None:
+            self._ref(entry.topic_filter, 1)
         return new and old is None
 
     def unsubscribe(self, session: Session, topic_filter: str) -> bool:
@@ -175,7 +245,20 @@ class Broker:
         if entry is None:
             return False
         self.tree.remove(_filter_levels(entry), session.client_id, entry.share_group)
+        self._ref(topic_filter, -1)
         return True
+
+    def _ref(self, topic_filter: str, delta: int) -> None:
+        """Count local subscriptions per filter; the cluster hears only of 0 <-> 1."""
+        refs = self.filter_refs
+        n = refs.get(topic_filter, 0) + delta
+        if n > 0:
+            refs[topic_filter] = n
+            if n == 1 and delta > 0:
+                self.cluster.routes_changed([topic_filter], [])
+        else:
+            refs.pop(topic_filter, None)
+            self.cluster.routes_changed([], [topic_filter])
 
     def send_retained(self, session: Session, entry: SubEntry, filter_levels: str) -> None:
         now = time.time()
@@ -190,24 +273,37 @@ class Broker:
     # -- publishing ----------------------------------------------------------------------
 
     def publish(self, msg: Message) -> int:
-        """Store a retained message and route; returns how many sessions it reached."""
+        """A message from a local client (or a will): store a retained one, route it here
+        and to the other nodes; returns how many sessions and nodes it reached."""
         if msg.retain:
             if msg.payload:
                 self.retained.set(msg.topic, msg)
             else:
                 self.retained.delete(msg.topic)  # an empty retained payload clears it
+            if self.clustered:
+                self.cluster.retained_changed(msg.topic, msg if msg.payload else None)
         return self.route(msg)
 
     def route(self, msg: Message) -> int:
         match = self.tree.match(msg.topic)
         entries = match.entries
-        sessions = self.sessions
         if match.groups or len(entries) != 1:
-            return self._route_general(msg, match)
-        e = entries[0]
+            n, handled = self._route_general(msg, match, True, None)
+        else:
+            n, handled = self._deliver_one(msg, entries[0]), ()
+        if self.clustered:
+            n += self.cluster.forward(msg, handled)
+        return n
+
+    def route_remote(self, msg: Message, normal: bool, groups) -> int:
+        """A message another node forwarded: deliver to the plain subscriptions here when
+        ``normal``, and to one member of each shared group named in ``groups``."""
+        return self._route_general(msg, self.tree.match(msg.topic), normal, groups)[0]
+
+    def _deliver_one(self, msg: Message, e: SubEntry) -> int:
         if e.no_local and e.client_id == msg.origin:
             return 0
-        session = sessions.get(e.client_id)
+        session = self.sessions.get(e.client_id)
         if session is None:
             return 0
         qos = e.qos if e.qos < msg.qos else msg.qos
@@ -215,37 +311,41 @@ class Broker:
                         (e.sub_id,) if e.sub_id else None)
         return 1
 
-    def _route_general(self, msg: Message, match) -> int:
+    def _route_general(self, msg: Message, match, normal: bool, groups) -> tuple[int, tuple]:
         # Overlapping subscriptions of one client become one delivery with the highest
         # QoS and every subscription identifier [MQTT-3.3.4-2..5].
-        per_client: dict[str, list] = {}
-        origin = msg.origin
-        for e in match.entries:
-            if e.no_local and e.client_id == origin:
-                continue
-            acc = per_client.get(e.client_id)
-            if acc is None:
-                per_client[e.client_id] = [e.qos, e.retain_as_published,
-                                           [e.sub_id] if e.sub_id else None]
-            else:
-                if e.qos > acc[0]:
-                    acc[0] = e.qos
-                acc[1] = acc[1] or e.retain_as_published
-                if e.sub_id:
-                    if acc[2] is None:
-                        acc[2] = [e.sub_id]
-                    else:
-                        acc[2].append(e.sub_id)
-        sessions = self.sessions
         n = 0
-        for client_id, (sub_qos, rap, sub_ids) in per_client.items():
-            session = sessions.get(client_id)
-            if session is None:
-                continue
-            session.deliver(msg, sub_qos if sub_qos < msg.qos else msg.qos,
-                            msg.retain and rap, tuple(sub_ids) if sub_ids else None)
-            n += 1
+        sessions = self.sessions
+        if normal:
+            per_client: dict[str, list] = {}
+            origin = msg.origin
+            for e in match.entries:
+                if e.no_local and e.client_id == origin:
+                    continue
+                acc = per_client.get(e.client_id)
+                if acc is None:
+                    per_client[e.client_id] = [e.qos, e.retain_as_published,
+                                               [e.sub_id] if e.sub_id else None]
+                else:
+                    if e.qos > acc[0]:
+                        acc[0] = e.qos
+                    acc[1] = acc[1] or e.retain_as_published
+                    if e.sub_id:
+                        if acc[2] is None:
+                            acc[2] = [e.sub_id]
+                        else:
+                            acc[2].append(e.sub_id)
+            for client_id, (sub_qos, rap, sub_ids) in per_client.items():
+                session = sessions.get(client_id)
+                if session is None:
+                    continue
+                session.deliver(msg, sub_qos if sub_qos < msg.qos else msg.qos,
+                                msg.retain and rap, tuple(sub_ids) if sub_ids else None)
+                n += 1
+        handled = []
         for group in match.groups:
+            if groups is not None and group.key not in groups:
+                continue
             e = self._pick_member(group)
             if e is None:
                 continue
@@ -253,8 +353,9 @@ class Broker:
             session.deliver(msg, e.qos if e.qos < msg.qos else msg.qos,
                             msg.retain and e.retain_as_published,
                             (e.sub_id,) if e.sub_id else None)
+            handled.append(group.key)
             n += 1
-        return n
+        return n, handled
 
     def _pick_member(self, group) -> SubEntry | None:
         """Round robin over the group, preferring members that can take a message now."""

@@ -101,12 +101,14 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     config = load_config(args)
+    extensions_for = getattr(args, "extensions_for", None)
+    extensions = extensions_for(config) if extensions_for is not None else ()
     configure_logging(config)
     log.info("starting", extra={"version": version(), "mqtt": f"{config.host}:{config.mqtt_port}",
                                 "admin_port": config.admin_port, "data_dir": config.data_dir})
     from node.server import run_node  # lazy: `shoal --help` must work without the server
 
-    return run_node(config)
+    return run_node(config, extensions)
 
 
 def cmd_version(args: argparse.Namespace) -> int:
@@ -129,11 +131,11 @@ COMMANDS: tuple[Command, ...] = (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(commands: Sequence[Command] = COMMANDS) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="shoal", description="Shoal: a clustered MQTT 3.1.1 / 5.0 broker.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for command in COMMANDS:
+    for command in commands:
         p = sub.add_parser(command.name, help=command.help, description=command.help)
         if command.add_arguments:
             command.add_arguments(p)
@@ -141,9 +143,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+def main(argv: Sequence[str] | None = None, commands: Sequence[Command] = COMMANDS,
+         extensions_for=None) -> int:
+    """``extensions_for(config)``: what ``run`` plugs into the node (the cluster's entry
+    point passes its own; ``python -m node`` runs a node alone)."""
+    parser = build_parser(commands)
     args = parser.parse_args(argv)
+    args.extensions_for = extensions_for
     if getattr(args, "handler", None) is None:
         parser.print_help(sys.stderr)
         return 2
@@ -156,4 +162,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-__all__ = ["COMMANDS", "LineFormatter", "build_parser", "configure_logging", "main"]
+__all__ = ["COMMANDS", "Command", "LineFormatter", "build_parser", "configure_logging", "main"]

@@ -116,6 +116,33 @@ class Config:
                                   "past it deliveries to that client pause.", _int_range(1))
     shutdown_grace: float = _opt(5.0, "Seconds a stopping node waits for connections to close "
                                  "and the store to flush.", _non_negative_number)
+    # -- cluster (all off while cluster_port is 0) --------------------------------------
+    cluster_port: int = _opt(0, "Node-to-node port; 0 runs a single node without a cluster.",
+                             _int_range(0, 65535))
+    raft_port: int = _opt(0, "Raft port; 0 means cluster_port + 1.", _int_range(0, 65535))
+    advertise_host: str = _opt("", "Address other nodes and clients use to reach this node; "
+                               "empty means `host`.")
+    join: str = _opt("", "Comma-separated `host:port` node-to-node addresses of running "
+                     "members to join through (a DNS name with several addresses counts as "
+                     "several); empty with `discovery none` starts a new cluster.")
+    discovery: str = _opt("none", "How to find peers besides `join`: `none` or `mdns` "
+                          "(zeroconf on the LAN).", _one_of("none", "mdns"))
+    cluster_name: str = _opt("shoal", "Nodes only join a cluster of the same name.")
+    cluster_secret: str = _opt("", "Shared secret that authenticates and encrypts node-to-node "
+                               "and Raft traffic; required when cluster_port is set.")
+    takeover_timeout: float = _opt(5.0, "Seconds a CONNECT waits to take its session over from "
+                                   "another node (or for a Raft quorum) before the "
+                                   "`unreachable_owner` policy applies.", _non_negative_number)
+    unreachable_owner: str = _opt(
+        "fresh", "When the node holding a session cannot be reached in time: `fresh` starts a "
+        "new session (CONNACK session present = 0), `refuse` answers CONNACK 0x88 (server "
+        "unavailable) so the client retries later.", _one_of("fresh", "refuse"))
+    minority_clean_sessions: bool = _opt(
+        False, "In a Raft minority, accept clean sessions (clean start, expiry 0) without a "
+        "ClientID claim: they work, but ClientID uniqueness is not enforced for them.")
+    barrier_timeout: float = _opt(3.0, "Seconds a session hand-over waits for every node's "
+                                  "barrier before it completes without the missing ones.",
+                                  _non_negative_number)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

@@ -1,44 +1,86 @@
-"""Who owns a ClientID: the one seam between the broker core and the cluster.
+"""The one seam between the broker core and the cluster.
 
-``node`` never imports ``cluster``. The broker asks an ``Ownership`` object; a single node
-uses ``LocalOwnership``, which owns everything and counts epochs; the cluster (issue 3)
-supplies an implementation backed by the Raft routing table.
+``node`` never imports ``cluster``. The broker talks to whatever implements
+``ClusterHooks``: "claim this ClientID", "this session ended", "these filters are now
+(no longer) subscribed here", "forward this message", "this retained topic changed".
+A single node uses ``LocalCluster``: it owns every ClientID, claims complete at once, and
+there is nobody to forward to. The cluster (``cluster/member.py``) implements the same
+hooks over Raft and the node-to-node transport.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Awaitable, Protocol
 
 
-class Ownership(Protocol):
+class Claim:
+    """The outcome of claiming a ClientID for a new connection on this node."""
+
+    __slots__ = ("epoch", "record", "fresh_reason", "installed")
+
+    def __init__(self, epoch: int, record: dict | None = None,
+                 fresh_reason: str | None = None, installed=None) -> None:
+        self.epoch = epoch
+        # called with the session once ``record`` is installed (before CONNACK)
+        self.installed = installed
+        # the session record handed over by the previous owner (another node), if any
+        self.record = record
+        # set when a previous session existed elsewhere but could not be taken over and the
+        # policy says to start fresh (the CONNACK then says session present = 0)
+        self.fresh_reason = fresh_reason
+
+
+class ConnectRefused(Exception):
+    """CONNECT answered with a CONNACK carrying ``reason`` (an error), then the close:
+    a bad CONNECT, or a ClientID that cannot be claimed now."""
+
+    def __init__(self, reason: int, msg: str) -> None:
+        super().__init__(msg)
+        self.reason = reason
+
+
+class ClusterHooks(Protocol):
     node_id: str
 
-    def claim_local(self, client_id: str) -> int:
-        """Record that this node now owns ``client_id``; returns the new epoch."""
+    def claim(self, client_id: str, clean_start: bool) -> Claim | Awaitable[Claim]:
+        """Claim ``client_id`` for this node. A ``Claim`` means done now; an awaitable
+        means the connection waits (reading paused) for it. Raises ``ConnectRefused``."""
 
-    def release_local(self, client_id: str) -> None:
-        """The session of ``client_id`` ended on this node."""
+    def session_ended(self, client_id: str, epoch: int) -> None:
+        """The session of ``client_id`` (claimed with ``epoch``) ended on this node."""
 
-    def owner_of(self, client_id: str) -> str | None:
-        """The node that owns ``client_id``, or None."""
+    def routes_changed(self, added: list[str], removed: list[str]) -> None:
+        """Filters that got their first / lost their last subscriber on this node."""
+
+    def forward(self, msg, handled_groups) -> int:
+        """Send ``msg`` to the other nodes with matching subscribers; shared groups in
+        ``handled_groups`` (their ``$share/...`` filter) were served here. Returns the
+        number of nodes it went to."""
+
+    def retained_changed(self, topic: str, msg) -> None:
+        """A retained message was set (``msg``) or cleared (``None``) by a local client."""
 
 
-class LocalOwnership:
-    """Single node: every ClientID is ours; the epoch still increases per claim so that
-    code written against it behaves like it will in a cluster."""
+class LocalCluster:
+    """A node alone: every ClientID is ours; epochs still increase per claim so code
+    written against them behaves as it will in a cluster."""
 
     def __init__(self, node_id: str) -> None:
         self.node_id = node_id
-        self._epochs: dict[str, int] = {}
-        self._counter = 0
+        self._epoch = 0
 
-    def claim_local(self, client_id: str) -> int:
-        self._counter += 1
-        self._epochs[client_id] = self._counter
-        return self._counter
+    def claim(self, client_id: str, clean_start: bool) -> Claim:
+        self._epoch += 1
+        return Claim(self._epoch)
 
-    def release_local(self, client_id: str) -> None:
-        self._epochs.pop(client_id, None)
+    def session_ended(self, client_id: str, epoch: int) -> None:
+        return None
 
-    def owner_of(self, client_id: str) -> str | None:
-        return self.node_id if client_id in self._epochs else None
+    def routes_changed(self, added: list[str], removed: list[str]) -> None:
+        return None
+
+    def forward(self, msg, handled_groups) -> int:
+        return 0
+
+    def retained_changed(self, topic: str, msg) -> None:
+        return None

@@ -25,7 +25,8 @@ from .mqtt.connection import NEED_DATA, MqttConnection
 from .mqtt.errors import RemoteMqttError
 from .mqtt.packets import Connack, Disconnect
 from .session.dispatch import HANDLERS
-from .session.on_connect import ConnectRefused
+from .ownership import ConnectRefused
+from .session.on_connect import finish_connect
 
 log = logging.getLogger("shoal.server")
 
@@ -58,7 +59,7 @@ class MqttProtocol(asyncio.Protocol):
 
     __slots__ = ("broker", "loop", "transport", "conn", "session", "client_id", "version",
                  "v5", "writable", "out", "out_bytes", "flush_pending", "keep_alive_timeout", "last_rx",
-                 "timer", "closing", "finished", "peer")
+                 "timer", "closing", "finished", "peer", "connect_pending")
 
     def __init__(self, broker: Broker) -> None:
         config = broker.config
@@ -81,6 +82,7 @@ class MqttProtocol(asyncio.Protocol):
         self.closing = False
         self.finished = False
         self.peer = ""
+        self.connect_pending = False  # a CONNECT waits for its ClientID claim (cluster)
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
@@ -96,8 +98,13 @@ class MqttProtocol(asyncio.Protocol):
         if self.closing:
             return
         self.last_rx = self.loop.time()
+        self.conn.receive_data(data)
+        if not self.connect_pending:
+            self._process()
+
+    def _process(self) -> None:
+        """Handle every complete packet in the receive buffer."""
         conn = self.conn
-        conn.receive_data(data)
         handlers = HANDLERS
         broker = self.broker
         try:
@@ -106,7 +113,7 @@ class MqttProtocol(asyncio.Protocol):
                 if pkt is NEED_DATA:
                     return
                 handlers[pkt.__class__](broker, self, pkt)
-                if self.closing:
+                if self.closing or self.connect_pending:
                     return
         except RemoteMqttError as err:
             self._protocol_error(err)
@@ -115,6 +122,46 @@ class MqttProtocol(asyncio.Protocol):
         except Exception:
             # A bug of ours: it ends this connection only, never the node.
             log.exception("internal error client_id=%s peer=%s node=%s", self.client_id,
+                          self.peer, broker.node_id)
+            self._close(ReasonCode.IMPLEMENTATION_SPECIFIC_ERROR, send_will=True)
+
+    def defer_connect(self, plan, claim_awaitable) -> None:
+        """The ClientID claim needs the cluster: stop reading until it is decided."""
+        self.connect_pending = True
+        self.transport.pause_reading()
+        self.loop.create_task(self._finish_deferred_connect(plan, claim_awaitable))
+
+    async def _finish_deferred_connect(self, plan, claim_awaitable) -> None:
+        broker = self.broker
+        try:
+            claim = await claim_awaitable
+        except ConnectRefused as err:
+            self.connect_pending = False
+            if not self.closing:
+                self._refuse(err)
+            return
+        except Exception:
+            log.exception("claim failed client_id=%s node=%s", plan.client_id, broker.node_id)
+            self.connect_pending = False
+            if not self.closing:
+                self._refuse(ConnectRefused(ReasonCode.SERVER_UNAVAILABLE, "claim failed"))
+            return
+        self.connect_pending = False
+        if self.closing:
+            # The client left while its claim was decided: the claim is ours all the same,
+            # so the session is opened and at once treated as disconnected.
+            session, _ = broker.open_session(plan.client_id, plan.clean_start, plan.expiry,
+                                             plan.version, claim)
+            session.will = plan.will
+            session.will_delay = plan.will_delay
+            broker.orphaned(session)
+            return
+        try:
+            finish_connect(broker, self, plan, claim)
+            self.transport.resume_reading()
+            self._process()  # packets the client sent right after CONNECT
+        except Exception:
+            log.exception("internal error client_id=%s peer=%s node=%s", plan.client_id,
                           self.peer, broker.node_id)
             self._close(ReasonCode.IMPLEMENTATION_SPECIFIC_ERROR, send_will=True)
 
@@ -294,46 +341,52 @@ class MqttProtocol(asyncio.Protocol):
         self.session = None
 
 
-async def serve(config, stop: asyncio.Event) -> None:
-    """Run one node until ``stop`` is set: MQTT listener, admin API, housekeeping."""
+async def serve(config, stop: asyncio.Event, extensions=()) -> None:
+    """Run one node until ``stop`` is set: MQTT listener, admin API, housekeeping.
+
+    ``extensions`` are async context manager factories called with (broker, admin_app)
+    before anything listens: the cluster plugs in this way (aiohttp's cleanup contexts),
+    so that ``node`` never imports ``cluster``. They are exited in reverse order after
+    the listeners closed."""
     loop = asyncio.get_running_loop()
     broker = Broker(config)
-    server = await loop.create_server(lambda: MqttProtocol(broker), config.host,
-                                      config.mqtt_port, backlog=2048, reuse_address=True)
-    broker.start()
-    admin = None
-    try:
-        if config.admin_port:
-            admin = await start_admin(make_admin_app(broker), config.admin_host,
-                                      config.admin_port)
-        mqtt_addr = ",".join(f"{s.getsockname()[0]}:{s.getsockname()[1]}"
-                             for s in server.sockets)
-        log.info("listening node=%s mqtt=%s admin=%s", config.node_id, mqtt_addr,
-                 f"{config.admin_host}:{config.admin_port}" if admin else "off")
-        await stop.wait()
-    finally:
-        log.info("shutting down node=%s connections=%d", config.node_id, len(broker.clients))
-        server.close()
-        for client in list(broker.clients):
-            if client.session is not None:
-                broker.connection_lost(client, client.session, send_will=False)
-            client.kick(ReasonCode.SERVER_SHUTTING_DOWN)
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(server.wait_closed(), config.shutdown_grace)
-        await broker.stop()
-        if admin is not None:
-            await admin.cleanup()
+    admin_app = make_admin_app(broker) if config.admin_port else None
+    async with contextlib.AsyncExitStack() as stack:
+        for ext in extensions:
+            await stack.enter_async_context(ext(broker, admin_app))
+        server = await loop.create_server(lambda: MqttProtocol(broker), config.host,
+                                          config.mqtt_port, backlog=2048, reuse_address=True)
+        broker.start()
+        admin = None
+        try:
+            if admin_app is not None:
+                admin = await start_admin(admin_app, config.admin_host, config.admin_port)
+            mqtt_addr = ",".join(f"{s.getsockname()[0]}:{s.getsockname()[1]}"
+                                 for s in server.sockets)
+            log.info("listening node=%s mqtt=%s admin=%s", config.node_id, mqtt_addr,
+                     f"{config.admin_host}:{config.admin_port}" if admin else "off")
+            await stop.wait()
+        finally:
+            log.info("shutting down node=%s connections=%d", config.node_id,
+                     len(broker.clients))
+            server.close()
+            broker.kick_all(ReasonCode.SERVER_SHUTTING_DOWN, send_will=False)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(server.wait_closed(), config.shutdown_grace)
+            await broker.stop()
+            if admin is not None:
+                await admin.cleanup()
 
 
-async def _main(config) -> None:
+async def _main(config, extensions) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await serve(config, stop)
+    await serve(config, stop, extensions)
 
 
-def run_node(config) -> int:
+def run_node(config, extensions=()) -> int:
     """``shoal run``: serve until SIGINT/SIGTERM; returns the process exit code."""
     loop_factory = None
     try:
@@ -343,9 +396,9 @@ def run_node(config) -> int:
         log.info("uvloop not installed, using the default asyncio loop")
     try:
         with asyncio.Runner(loop_factory=loop_factory) as runner:
-            runner.run(_main(config))
+            runner.run(_main(config, extensions))
     except OSError as err:
         log.error("cannot start node=%s: %s (is the port in use? pick another with "
-                  "--mqtt-port / --admin-port)", config.node_id, err)
+                  "--mqtt-port / --admin-port / --cluster-port)", config.node_id, err)
         return 1
     return 0

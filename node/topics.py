@@ -39,10 +39,11 @@ class SubEntry:
 class SharedGroup:
     """Members of ``$share/<group>/<filter>``; a message goes to one of them."""
 
-    __slots__ = ("name", "members", "next")
+    __slots__ = ("name", "key", "members", "next")
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, key: str) -> None:
         self.name = name
+        self.key = key  # the whole filter, "$share/<group>/<filter>": names it cluster-wide
         self.members: dict[str, SubEntry] = {}
         self.next = 0  # round-robin cursor
 
@@ -91,7 +92,8 @@ class SubscriptionTree:
         else:
             group = node.groups.get(entry.share_group)
             if group is None:
-                group = node.groups[entry.share_group] = SharedGroup(entry.share_group)
+                group = node.groups[entry.share_group] = SharedGroup(entry.share_group,
+                                                                    entry.topic_filter)
             new = entry.client_id not in group.members
             group.members[entry.client_id] = entry
         if new:

@@ -14,7 +14,7 @@ _WILL_DELAY = PropertyId.WILL_DELAY_INTERVAL
 
 class Message:
     __slots__ = ("topic", "payload", "qos", "retain", "properties", "expires_at", "origin",
-                 "parts")
+                 "parts", "via")
 
     def __init__(self, topic: str, payload: bytes, qos: int, retain: bool,
                  properties: dict | None, expires_at: float | None, origin: str) -> None:
@@ -28,6 +28,7 @@ class Message:
         self.expires_at = expires_at  # wall clock (time.time()), None = never
         self.origin = origin  # ClientID of the publisher ("" for system messages)
         self.parts: dict | None = None  # encoding cache owned by the delivering side
+        self.via: str | None = None  # the node that forwarded it here; None = published here
 
     @classmethod
     def from_publish(cls, pkt, origin: str, now: float | None = None) -> "Message":

@@ -9,21 +9,35 @@ from ..mqtt.codes import EXPIRY_NEVER, MQTT_5, PropertyId, ReasonCode
 from ..mqtt.errors import ProtocolViolation
 from ..mqtt.packets import Connack, Connect
 from ..mqtt.topic_rules import valid_topic_name
+from ..ownership import Claim, ConnectRefused
 
 log = logging.getLogger("shoal.session")
 
 P = PropertyId
 
 
-class ConnectRefused(Exception):
-    """CONNECT answered with a CONNACK carrying an error reason, then the close."""
+class ConnectPlan:
+    """What the CONNECT asked for, checked; the session is opened once the ClientID is
+    claimed (at once on a single node, after a Raft commit in a cluster)."""
 
-    def __init__(self, reason: int, msg: str) -> None:
-        super().__init__(msg)
-        self.reason = reason
+    __slots__ = ("client_id", "assigned", "clean_start", "expiry", "receive_maximum",
+                 "keep_alive", "version", "will", "will_delay", "connack_props")
+
+    def __init__(self, **kw) -> None:
+        for k, v in kw.items():
+            setattr(self, k, v)
 
 
 def on_connect(broker, client, pkt: Connect) -> None:
+    plan = plan_connect(broker, pkt)
+    claim = broker.cluster.claim(plan.client_id, plan.clean_start)
+    if isinstance(claim, Claim):
+        finish_connect(broker, client, plan, claim)
+    else:
+        client.defer_connect(plan, claim)
+
+
+def plan_connect(broker, pkt: Connect) -> ConnectPlan:
     config = broker.config
     v5 = pkt.protocol_level == MQTT_5
     props = pkt.properties
@@ -64,16 +78,27 @@ def on_connect(broker, client, pkt: Connect) -> None:
         if v5:
             connack_props[P.SERVER_KEEP_ALIVE] = keep_alive
 
-    client.accept(client_id, keep_alive)  # before attach: re-sends use the client's version
-    session, present = broker.open_session(client_id, pkt.clean_start, expiry,
-                                           pkt.protocol_level)
-    session.will = will
-    session.will_delay = will.properties.get(P.WILL_DELAY_INTERVAL, 0) if (will and v5) else 0
-    client.session = session
+    return ConnectPlan(
+        client_id=client_id, assigned=assigned, clean_start=pkt.clean_start, expiry=expiry,
+        receive_maximum=receive_maximum, keep_alive=keep_alive, version=pkt.protocol_level,
+        will=will, will_delay=will.properties.get(P.WILL_DELAY_INTERVAL, 0) if (will and v5)
+        else 0, connack_props=connack_props)
 
+
+def finish_connect(broker, client, plan: ConnectPlan, claim: Claim) -> None:
+    """Open (or resume) the session, answer CONNACK, re-send, then the queue."""
+    config = broker.config
+    v5 = plan.version == MQTT_5
+    client.accept(plan.client_id, plan.keep_alive)  # before attach: re-sends use its version
+    session, present = broker.open_session(plan.client_id, plan.clean_start, plan.expiry,
+                                           plan.version, claim)
+    session.will = plan.will
+    session.will_delay = plan.will_delay
+    client.session = session
+    connack_props = plan.connack_props
     if v5:
-        if assigned is not None:
-            connack_props[P.ASSIGNED_CLIENT_IDENTIFIER] = assigned
+        if plan.assigned is not None:
+            connack_props[P.ASSIGNED_CLIENT_IDENTIFIER] = plan.assigned
         if config.receive_maximum < 65535:
             connack_props[P.RECEIVE_MAXIMUM] = config.receive_maximum
         if config.topic_alias_maximum:
@@ -83,13 +108,16 @@ def on_connect(broker, client, pkt: Connect) -> None:
             connack_props[P.MAXIMUM_QOS] = config.max_qos
         if not config.retain_available:
             connack_props[P.RETAIN_AVAILABLE] = 0
+        if claim.fresh_reason is not None:
+            connack_props[P.REASON_STRING] = f"previous session lost: {claim.fresh_reason}"
     client.send(Connack(present, ReasonCode.SUCCESS, connack_props))
     # after CONNACK: re-send what is inflight, then the queue
-    session.attach(client, receive_maximum)
+    session.attach(client, plan.receive_maximum)
     if log.isEnabledFor(logging.DEBUG):
         log.debug("connected client_id=%s node=%s version=%d clean_start=%s present=%s "
-                  "expiry=%s", client_id, broker.node_id, pkt.protocol_level, pkt.clean_start,
-                  present, "never" if expiry == EXPIRY_NEVER else expiry)
+                  "expiry=%s epoch=%d", plan.client_id, broker.node_id, plan.version,
+                  plan.clean_start, present,
+                  "never" if plan.expiry == EXPIRY_NEVER else plan.expiry, claim.epoch)
 
 
 def check_disconnect_expiry(session, props: dict) -> None:

@@ -102,7 +102,7 @@ class Session:
         "client_id", "state", "client", "subscriptions", "inflight_out", "queue", "queued_qos0",
         "inflight_in", "window", "limits", "counters", "next_pid", "expiry_interval",
         "expires_at", "will", "will_delay", "will_at", "version", "dropping", "created_at",
-        "timer_gen", "epoch", "__weakref__",
+        "timer_gen", "epoch", "gate", "__weakref__",
     )
 
     def __init__(self, client_id: str, limits: SessionLimits, counters: Counters) -> None:
@@ -128,6 +128,10 @@ class Session:
         self.created_at = time.time()
         self.timer_gen = 0  # bumps on every attach/detach: stale timer entries are ignored
         self.epoch = 0  # ownership epoch (cluster fencing token)
+        # While a session moves between nodes, the cluster decides per message what
+        # happens (append for the new owner, hold, drop): gate(session, msg, qos, retain,
+        # sub_ids) replaces deliver(). None the rest of the time.
+        self.gate = None
 
     # -- state ---------------------------------------------------------------------------
 
@@ -164,6 +168,14 @@ class Session:
         self.client = None
         self.timer_gen += 1
 
+    def freeze(self, why: str) -> None:
+        """Claimed by another node: no more deliveries from here (messages append)."""
+        self._transition(Trigger.CLAIMED, why)
+        self.timer_gen += 1
+
+    def hand_over(self, why: str) -> None:
+        self._transition(Trigger.SNAPSHOT_ASKED, why)
+
     def end(self, why: str) -> None:
         self._transition(Trigger.ENDED, why)
         self.client = None
@@ -174,6 +186,13 @@ class Session:
     # -- outgoing messages -----------------------------------------------------------------
 
     def deliver(self, msg, qos: int, retain: bool, sub_ids) -> None:
+        if self.gate is not None:
+            self.gate(self, msg, qos, retain, sub_ids)
+            return
+        self.admit(msg, qos, retain, sub_ids)
+
+    def admit(self, msg, qos: int, retain: bool, sub_ids) -> None:
+        """Send now, queue or drop (the gate's way in, too)."""
         client = self.client
         if client is not None and client.writable and not self.queue:
             if qos == 0:

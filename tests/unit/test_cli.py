@@ -73,7 +73,7 @@ def fake_server(monkeypatch):
     calls: list[Config] = []
     module = types.ModuleType("node.server")
 
-    def run_node(config: Config) -> int:
+    def run_node(config: Config, extensions=()) -> int:
         calls.append(config)
         return 3
 

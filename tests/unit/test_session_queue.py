@@ -86,3 +86,35 @@ def test_packet_ids_skip_ids_in_use():
     s.deliver(msg(1), 1, False, None)
     s.deliver(msg(2), 1, False, None)
     assert [f[3] for f in c.frames] == [65535, 1]
+
+
+def test_session_record_round_trip_keeps_everything():
+    from node.mqtt.codes import PropertyId as P
+    from node.mqtt.packets import Will
+    from node.session.record import pack, session_from_record, session_to_record, unpack
+    from node.topics import SubEntry
+
+    s = offline_session(max_queue=100)
+    c = RecordingClient()
+    s.attach(c, 65535)
+    props = {P.USER_PROPERTY: [("k", "v")], P.CONTENT_TYPE: "text/plain"}
+    s.deliver(Message("a/b", b"1", 1, False, props, 2e9, "p"), 1, False, (7,))
+    s.deliver(Message("a/b", b"2", 2, False, None, None, "p"), 2, False, None)
+    s.on_pubrec(c.frames[1][3], 0)
+    s.window = 2
+    s.deliver(msg(3), 1, True, None)  # queued: window full
+    s.inflight_in.add(42)
+    s.subscriptions["a/#"] = SubEntry("c", "a/#", 2, sub_id=7)
+    s.will = Will("w", b"gone", 1, True, {P.WILL_DELAY_INTERVAL: 5})
+    s.will_delay = 5
+    s.expiry_interval = 3600
+    s.detach("test")
+    r = unpack(pack(session_to_record(s)))
+    s2, subs = session_from_record(r, s.limits, s.counters)
+    assert [(pid, e.msg.payload, e.qos, e.stage, e.sub_ids) for pid, e in s2.inflight_out.items()] \
+        == [(pid, e.msg.payload, e.qos, e.stage, e.sub_ids) for pid, e in s.inflight_out.items()]
+    first = next(iter(s2.inflight_out.values())).msg
+    assert first.properties == props and first.expires_at == 2e9
+    assert [(m.payload, q, r_) for m, q, r_, _ in s2.queue] == [(b"3", 1, True)]
+    assert s2.inflight_in == {42} and s2.will == s.will and s2.expiry_interval == 3600
+    assert subs == [["a/#", 2, False, False, 0, 7, None]]
