@@ -1,0 +1,507 @@
+"""``ClusterMember``: this node's part in the cluster, and the broker's ``ClusterHooks``.
+
+It owns the Raft node (routing table), the node-to-node transport, the node-level route
+trie used to forward PUBLISHes, the retained-message replication, the join / leave
+protocol, the peer stats shown by ``GET /api/v1/cluster``, and the takeovers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+
+from node.ownership import Claim, ConnectRefused
+from node.mqtt.codes import ReasonCode
+from node.mqtt.topic_rules import parse_shared
+from node.session.record import message_from_record, message_to_record
+from node.topics import SubEntry, SubscriptionTree
+
+from .discovery import MdnsDiscovery, resolve_seeds
+from .routing import RaftNode, RaftUnavailable, RoutingView
+from .takeover import Takeovers
+from .transport import PeerUnreachable, RemoteError, RequestTimeout, Transport
+
+log = logging.getLogger("shoal.cluster")
+
+STATS_PERIOD = 1.0      # seconds between stats gossip to peers
+RECONCILE_PERIOD = 1.0  # seconds between route reconciliations
+DOWN_AFTER = 2.0        # a peer silent this long (no link) is shown down
+
+
+class ClusterError(Exception):
+    """The node cannot take part in the cluster; the message says what to do."""
+
+
+class ClusterMember:
+    def __init__(self, broker, config) -> None:
+        if not config.cluster_secret:
+            raise ClusterError("cluster_port is set but cluster_secret is empty: give every "
+                               "node the same --cluster-secret (or SHOAL_CLUSTER_SECRET)")
+        self.broker = broker
+        self.config = config
+        self.node_id = config.node_id
+        self.loop = asyncio.get_running_loop()
+        self.view = RoutingView()
+        self.view.listeners.append(self._on_event)
+        self.remote = SubscriptionTree()  # entries keyed by node id: where filters are
+        self.raft: RaftNode | None = None
+        host = config.advertise_host or config.host
+        self.host = host
+        self.raft_port = config.raft_port or config.cluster_port + 1
+        self.info = {
+            "transport": f"{host}:{config.cluster_port}",
+            "raft": f"{host}:{self.raft_port}",
+            "mqtt": f"{host}:{config.mqtt_port}",
+            "admin": f"{config.admin_host}:{config.admin_port}" if config.admin_port else "",
+            "status": "up",
+            "started_at": time.time(),
+        }
+        self.transport = Transport(
+            self.node_id, config.cluster_name, config.cluster_secret.encode(), config.host,
+            config.cluster_port, on_message=self._on_message, on_request=self._on_request,
+            on_peer_up=self._on_peer_up, on_peer_down=self._on_peer_down)
+        self.transport.info = self.info
+        self.takeovers = Takeovers(self)
+        self.snapshot_chunks: dict[tuple, dict] = {}
+        self.peer_stats: dict[str, dict] = {}
+        self.peer_down_since: dict[str, float] = {}
+        self.retained_ts: dict[str, float] = {}
+        self.discovery: MdnsDiscovery | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._group_cursor = 0
+        self.forwarded = 0
+        self.received = 0
+        self.leader_changes = 0
+        self._last_leader = None
+        self.leaving = False
+        self._join_lock = asyncio.Lock()
+
+    # -- start / stop ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        config = self.config
+        await self.transport.start()
+        seeds = [s.strip() for s in config.join.split(",") if s.strip()]
+        addrs = await resolve_seeds(seeds, config.cluster_port) if seeds else []
+        if config.discovery == "mdns":
+            self.discovery = MdnsDiscovery(config.cluster_name, self.node_id, self.host,
+                                           config.cluster_port,
+                                           interfaces=[config.host] if config.host not in (
+                                               "0.0.0.0", "::", "") else None)
+            await self.discovery.start()
+            found = await self.discovery.wait_for_peers(1, 2.0)
+            for node_id, (host, port, props) in sorted(found.items()):
+                addrs.append((host, port))
+            if not seeds:
+                # Several nodes starting together: the one with the smallest id that has
+                # not formed a cluster yet founds it; the others join through the peers.
+                formed = [n for n, (_, _, p) in found.items() if p.get("formed") == "1"]
+                if not formed and all(self.node_id < n for n in found):
+                    addrs = []
+        own = (self.host, config.cluster_port)
+        addrs = [a for a in addrs if a != own]
+        if addrs:
+            await self._join(addrs)
+        else:
+            self._start_raft([])
+            await self._wait_leader(10.0)
+            await self.raft.run(("member", self.node_id, self.info), 10.0)
+        if self.discovery is not None:
+            self.discovery.update_properties({"formed": "1"})
+        self.broker.attach_cluster(self)
+        self._tasks.append(self.loop.create_task(self._gossip_loop()))
+        self._tasks.append(self.loop.create_task(self._reconcile_loop()))
+        log.info("cluster member up node=%s members=%s leader=%s", self.node_id,
+                 sorted(self.view.members), self.raft.status()["leader"])
+
+    def _start_raft(self, partners: list[str]) -> None:
+        self.raft = RaftNode(self.info["raft"], partners, self.config.cluster_secret,
+                             self.config.host, self.view, self.loop)
+
+    async def _join(self, addrs: list[tuple[str, int]]) -> None:
+        """Join through any reachable member: learn the members, start our Raft node with
+        them as partners, then ask to be added (pysyncobj's order: a node must be running
+        before the cluster adds it, or the membership entry cannot commit)."""
+        deadline = time.monotonic() + 60.0
+        last_err = None
+        while time.monotonic() < deadline:
+            for host, port in addrs:
+                try:
+                    peer_id, _info = await self.transport.hello(host, port, 3.0)
+                    members = await self.transport.request(peer_id, "members", {}, 5.0)
+                    if self.raft is None:
+                        self._start_raft([m["raft"] for n, m in members.items()
+                                          if n != self.node_id])
+                    await self.transport.request(
+                        peer_id, "join", {"node_id": self.node_id, "info": self.info}, 30.0)
+                except (OSError, PeerUnreachable, RequestTimeout, RemoteError) as err:
+                    last_err = err
+                    log.info("join through %s:%d failed node=%s: %r", host, port,
+                             self.node_id, err)
+                    continue
+                await self._wait_member(self.node_id, 15.0)
+                await self._fetch_retained(peer_id)
+                return
+            await asyncio.sleep(0.5)
+        raise ClusterError(f"could not join the cluster through {addrs}: {last_err!r}; check "
+                           "--join, that those nodes run, and the cluster name and secret")
+
+    async def _wait_leader(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self.raft.status()["leader"] is None:
+            if time.monotonic() >= deadline:
+                raise ClusterError("no Raft leader elected in time")
+            await asyncio.sleep(0.05)
+
+    async def _wait_member(self, node_id: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while node_id not in self.view.members:
+            if time.monotonic() >= deadline:
+                raise ClusterError(f"{node_id} not in the routing table after joining")
+            await asyncio.sleep(0.05)
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            try:
+                await t
+            except asyncio.CancelledError:
+                pass  # cancelled just above: the normal end of these loops
+        if self.discovery is not None:
+            await self.discovery.stop()
+        await self.transport.stop()
+        if self.raft is not None:
+            await asyncio.to_thread(self.raft.destroy)
+
+    async def leave(self, timeout: float = 30.0) -> dict:
+        """Leave the cluster: mark leaving, let clients go (their sessions move when they
+        reconnect elsewhere), hand over leadership, leave Raft."""
+        self.leaving = True
+        info = dict(self.info, status="leaving")
+        await self.raft.run(("member", self.node_id, info), 10.0)
+        self.broker.kick_all(ReasonCode.USE_ANOTHER_SERVER, send_will=False)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and any(
+                h == self.node_id for h in self.view.holders.values()):
+            await asyncio.sleep(0.1)
+        left_sessions = sum(1 for h in self.view.holders.values() if h == self.node_id)
+        status = self.raft.status()
+        if status["is_leader"] and status["partners"]:
+            try:
+                await self.raft.transfer_leadership(5.0)
+            except RaftUnavailable as err:
+                log.warning("leadership transfer failed node=%s: %s", self.node_id, err)
+            await asyncio.sleep(1.0)
+        try:
+            await self.raft.run(("member", self.node_id, None), 10.0)
+            # a node cannot remove itself from Raft: another member does it
+            others = [n for n in self.view.members if n != self.node_id]
+            if others:
+                await self.transport.request(others[0], "remove_raft",
+                                             {"raft": self.info["raft"]}, 10.0)
+        except (RaftUnavailable, PeerUnreachable, RequestTimeout, RemoteError) as err:
+            log.warning("leaving the routing table failed node=%s: %r", self.node_id, err)
+        return {"left": True, "sessions_not_moved": left_sessions}
+
+    # -- ClusterHooks ---------------------------------------------------------------------
+
+    def claim(self, client_id: str, clean_start: bool):
+        if self.leaving:
+            raise ConnectRefused(ReasonCode.SERVER_UNAVAILABLE, "node is leaving the cluster")
+        if self.config.minority_clean_sessions and clean_start and not self.raft.status()[
+                "has_quorum"]:
+            return Claim(0)
+        return self.takeovers.claim(client_id, clean_start)
+
+    def session_ended(self, client_id: str, epoch: int) -> None:
+        fut = self.raft.submit(("release", client_id, self.node_id, epoch))
+        fut.add_done_callback(_log_failure("release", client_id))
+
+    def routes_changed(self, added: list[str], removed: list[str]) -> None:
+        fut = self.raft.submit(("routes", self.node_id, added, removed))
+        fut.add_done_callback(_log_failure("routes", self.node_id))
+
+    def forward(self, msg, handled_groups) -> int:
+        remote = self.remote
+        if not remote.count:
+            return 0
+        match = remote.match(msg.topic)
+        me = self.node_id
+        targets: dict[str, list] = {}
+        for e in match.entries:
+            if e.client_id != me:
+                targets[e.client_id] = [True, None]
+        for group in match.groups:
+            if group.key in handled_groups:
+                continue
+            nodes = [n for n in group.members if n != me and self.transport.is_up(n)] or \
+                [n for n in group.members if n != me]
+            if not nodes:
+                continue
+            self._group_cursor += 1
+            node = nodes[self._group_cursor % len(nodes)]
+            t = targets.get(node)
+            if t is None:
+                t = targets[node] = [False, None]
+            if t[1] is None:
+                t[1] = [group.key]
+            else:
+                t[1].append(group.key)
+        if not targets:
+            return 0
+        record = message_to_record(msg)
+        send = self.transport.send
+        for node, (normal, groups) in targets.items():
+            if not send(node, "pub", (record, normal, groups)):
+                log.warning("forward queue full, message dropped node=%s peer=%s topic=%s",
+                            me, node, msg.topic)
+        self.forwarded += len(targets)
+        return len(targets)
+
+    def retained_changed(self, topic: str, msg) -> None:
+        ts = time.time()
+        self.retained_ts[topic] = ts
+        body = (topic, None if msg is None else message_to_record(msg), ts)
+        for node in self.view.members:
+            if node != self.node_id:
+                self.transport.send(node, "ret", body)
+
+    # -- transport ------------------------------------------------------------------------
+
+    def _on_message(self, peer: str, kind: str, body) -> None:
+        if kind == "pub":
+            record, normal, groups = body
+            msg = message_from_record(record)
+            msg.via = peer
+            self.received += 1
+            if msg.expires_at is not None and msg.expires_at <= time.time():
+                self.broker.counters.expired_messages += 1
+                return
+            self.broker.route_remote(msg, normal, groups)
+        elif kind == "barrier":
+            self.takeovers.on_barrier(peer, body)
+        elif kind == "late":
+            self.takeovers.on_late(peer, body)
+        elif kind == "snap_chunk":
+            key = (body["client_id"], body["epoch"])
+            self.snapshot_chunks.setdefault(key, {})[body["i"]] = body["items"]
+        elif kind == "ret":
+            self._apply_retained(*body)
+        elif kind == "stats":
+            self.peer_stats[peer] = dict(body, received_at=time.time())
+        else:
+            log.warning("unknown message kind=%s from=%s node=%s", kind, peer, self.node_id)
+
+    async def _on_request(self, peer: str, kind: str, body):
+        if kind == "snapshot":
+            return await self.takeovers.on_snapshot_request(peer, body)
+        if kind == "members":
+            return self.view.members
+        if kind == "join":
+            return await self._handle_join(body)
+        if kind == "retained_dump":
+            return [(t, message_to_record(m), self.retained_ts.get(t, 0.0))
+                    for t, m in self.broker.retained.items()]
+        if kind == "remove_raft":
+            await self.raft.remove_raft_member(body["raft"], 10.0)
+            return True
+        raise ValueError(f"unknown request {kind!r}")
+
+    async def _handle_join(self, body: dict) -> dict:
+        node_id, info = body["node_id"], body["info"]
+        async with self._join_lock:  # pysyncobj takes one membership change at a time
+            known = self.view.members.get(node_id)
+            if known is None or known.get("raft") != info["raft"]:
+                if known is not None:
+                    await self._retry_raft(self.raft.remove_raft_member, known["raft"])
+                await self._retry_raft(self.raft.add_raft_member, info["raft"])
+            await self.raft.run(("member", node_id, info), 10.0)
+        return {"members": self.view.members}
+
+    async def _retry_raft(self, method, addr: str, timeout: float = 20.0) -> None:
+        """A membership change is refused while another is in flight: retry until done."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                await method(addr, 10.0)
+                return
+            except RaftUnavailable as err:
+                if time.monotonic() >= deadline:
+                    raise
+                log.info("membership change retried node=%s addr=%s: %s", self.node_id, addr,
+                         err)
+                await asyncio.sleep(0.2)
+    async def _fetch_retained(self, peer: str) -> None:
+        try:
+            items = await self.transport.request(peer, "retained_dump", {}, 15.0)
+        except (PeerUnreachable, RequestTimeout, RemoteError) as err:
+            log.warning("retained copy from %s failed node=%s: %r", peer, self.node_id, err)
+            return
+        for topic, record, ts in items:
+            self._apply_retained(topic, record, ts)
+
+    def _apply_retained(self, topic: str, record, ts: float) -> None:
+        if self.retained_ts.get(topic, 0.0) > ts:
+            return  # a newer update already applied (last writer wins)
+        self.retained_ts[topic] = ts
+        if record is None:
+            self.broker.retained.delete(topic)
+        else:
+            self.broker.retained.set(topic, message_from_record(record))
+
+    def _on_peer_up(self, peer: str) -> None:
+        self.peer_down_since.pop(peer, None)
+
+    def _on_peer_down(self, peer: str) -> None:
+        self.peer_down_since.setdefault(peer, time.time())
+
+    # -- Raft events ----------------------------------------------------------------------
+
+    def _on_event(self, ev: tuple) -> None:
+        kind = ev[0]
+        if kind == "routes":
+            _, node_id, added, removed = ev
+            if node_id != self.node_id:
+                for f in added:
+                    self._remote_add(node_id, f)
+                for f in removed:
+                    self._remote_remove(node_id, f)
+        elif kind == "claimed":
+            _, client_id, owner, epoch, _prev, holder, clean = ev
+            self.takeovers.on_claimed(client_id, owner, epoch, holder, clean)
+        elif kind == "moved":
+            _, client_id, epoch, from_node, to_node, ok = ev
+            self.takeovers.on_moved(client_id, epoch, from_node, to_node)
+        elif kind == "member":
+            _, node_id, info = ev
+            if node_id == self.node_id:
+                return
+            if info is None:
+                self.transport.remove_peer(node_id)
+            else:
+                host, port = info["transport"].rsplit(":", 1)
+                self.transport.set_peer(node_id, host, int(port))
+        elif kind == "reset":
+            self.remote = SubscriptionTree()
+            for f, nodes in self.view.routes.items():
+                for n in nodes:
+                    if n != self.node_id:
+                        self._remote_add(n, f)
+            for node_id, info in self.view.members.items():
+                if node_id != self.node_id:
+                    host, port = info["transport"].rsplit(":", 1)
+                    self.transport.set_peer(node_id, host, int(port))
+
+    def _remote_add(self, node_id: str, topic_filter: str) -> None:
+        group, levels = parse_shared(topic_filter)
+        self.remote.add(levels, SubEntry(node_id, topic_filter, 2, share_group=group))
+
+    def _remote_remove(self, node_id: str, topic_filter: str) -> None:
+        group, levels = parse_shared(topic_filter)
+        self.remote.remove(levels, node_id, group)
+
+    # -- background ----------------------------------------------------------------------
+
+    async def _gossip_loop(self) -> None:
+        while True:
+            await asyncio.sleep(STATS_PERIOD)
+            st = {"sessions": len(self.broker.sessions),
+                  "connections": len(self.broker.clients), "at": time.time()}
+            for node in self.view.members:
+                if node != self.node_id:
+                    self.transport.send(node, "stats", st)
+            leader = self.raft.status()["leader"]
+            if leader != self._last_leader:
+                self.leader_changes += 1
+                self._last_leader = leader
+
+    async def _reconcile_loop(self) -> None:
+        """Routes the table has for this node should be exactly the filters subscribed
+        here; a write lost to a leader change is repaired within a period."""
+        while True:
+            await asyncio.sleep(RECONCILE_PERIOD)
+            want = set(self.broker.filter_refs)
+            have = {f for f, nodes in self.view.routes.items() if self.node_id in nodes}
+            add, remove = sorted(want - have), sorted(have - want)
+            if add or remove:
+                try:
+                    await self.raft.run(("routes", self.node_id, add, remove), 5.0)
+                except RaftUnavailable as err:
+                    log.info("route reconciliation deferred node=%s: %s", self.node_id, err)
+
+    # -- views ---------------------------------------------------------------------------
+
+    def cluster_status(self) -> dict:
+        raft = self.raft.status()
+        by_raft = {m["raft"]: n for n, m in self.view.members.items()}
+        leader = by_raft.get(raft["leader"]) if raft["leader"] else None
+        now = time.time()
+        nodes = []
+        for node_id, info in sorted(self.view.members.items()):
+            if node_id == self.node_id:
+                status = "leaving" if self.leaving else info.get("status", "up")
+                stats = {"sessions": len(self.broker.sessions),
+                         "connections": len(self.broker.clients)}
+            else:
+                down_since = self.peer_down_since.get(node_id)
+                if info.get("status") == "leaving":
+                    status = "leaving"
+                elif self.transport.is_up(node_id):
+                    status = "up"
+                elif down_since is not None and now - down_since < DOWN_AFTER:
+                    status = "up"  # a link blip: reconnecting
+                else:
+                    status = "down"
+                stats = self.peer_stats.get(node_id, {})
+            nodes.append({
+                "id": node_id,
+                "addresses": {k: info.get(k) for k in ("mqtt", "admin", "transport", "raft")},
+                "role": "leader" if node_id == leader else "follower",
+                "status": status,
+                "sessions": stats.get("sessions"),
+                "connections": stats.get("connections"),
+                "uptime_s": round(now - info.get("started_at", now), 1),
+            })
+        return {
+            "cluster": self.config.cluster_name,
+            "node_id": self.node_id,
+            "leader": leader,
+            "term": raft["term"],
+            "commit_index": raft["commit_index"],
+            "has_quorum": raft["has_quorum"],
+            "nodes": nodes,
+            "takeovers": self.takeovers.status(),
+            "forwarded": self.forwarded,
+            "received": self.received,
+            "leader_changes": self.leader_changes,
+        }
+
+    def session_view(self, client_id: str) -> dict:
+        owner = self.view.owners.get(client_id)
+        holder = self.view.holders.get(client_id)
+        d = {"client_id": client_id, "owner": owner[0] if owner else None,
+             "epoch": owner[1] if owner else None, "holder": holder,
+             "here": client_id in self.broker.sessions}
+        s = self.broker.sessions.get(client_id)
+        if s is not None:
+            d.update(state=s.state.value, connected=s.client is not None,
+                     subscriptions=sorted(s.subscriptions), queued=len(s.queue),
+                     inflight=len(s.inflight_out), expiry_interval=s.expiry_interval)
+        return d
+
+
+def _log_failure(what: str, key: str):
+    def done(fut: asyncio.Future) -> None:
+        if fut.cancelled():
+            return
+        err = fut.exception()
+        if err is not None:
+            log.info("%s not committed key=%s: %r (reconciled later)", what, key, err)
+    return done
+
+
+def new_secret() -> str:
+    return secrets.token_urlsafe(24)
