@@ -8,11 +8,16 @@ STAMP  := $(VENV)/.installed
 ARGS        ?=
 PYTEST_ARGS ?=
 
-.PHONY: run test docs clean
+.PHONY: run run-node test docs clean
 
-# Config's defaults are the dev defaults (MQTT 127.0.0.1:1883, admin 127.0.0.1:8080,
-# data in ./data); override with e.g. `make run ARGS="--mqtt-port 1884"` or SHOAL_* vars.
+# A local 3-node cluster: MQTT on 127.0.0.1:1883-1885, admin API on 127.0.0.1:8080-8082,
+# node-to-node ports from 7001, data in ./data/nodeN; Ctrl-C stops it.
+# Override with e.g. `make run ARGS="--nodes 5 --base-port 2883"`.
 run: $(STAMP)
+	$(VENV)/bin/shoal cluster up --nodes 3 $(ARGS)
+
+# One node alone, no cluster: `make run-node ARGS="--mqtt-port 1884"`.
+run-node: $(STAMP)
 	$(VENV)/bin/shoal run $(ARGS)
 
 test: $(STAMP)

@@ -35,7 +35,7 @@ from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZerocon
 
 log = logging.getLogger("shoal.discovery")
 
-__all__ = ["MdnsDiscovery", "parse_seed", "resolve_seeds"]
+__all__ = ("MdnsDiscovery", "parse_seed", "resolve_seeds")
 
 # --------------------------------------------------------------------------- seeds
 
@@ -311,12 +311,15 @@ class MdnsDiscovery(ServiceListener):
         task = self._resolving.pop(name, None)
         if task is not None:
             task.cancel()
+        self._forget(name)
+
+    # ------------------------------------------------------------------ internals
+
+    def _forget(self, name: str) -> None:
         node = self._peer_of_name.pop(name, None)
         if node is not None and self._peers.pop(node, None) is not None:
             log.info("mdns node=%s peer gone peer=%s", self.node_id, node)
             self._changed.set()
-
-    # ------------------------------------------------------------------ internals
 
     def _checked(self, properties: dict[str, str]) -> dict[str, str]:
         clash = self.RESERVED_KEYS & set(properties)
@@ -377,11 +380,10 @@ class MdnsDiscovery(ServiceListener):
             return
         txt = {k: (v if v is not None else "") for k, v in info.decoded_properties.items()}
         node = txt.get("node_id") or name[: -len(self.SERVICE_TYPE) - 1]
-        if node == self.node_id:
-            return
-        if txt.get("cluster") != self.cluster_name:
+        if node == self.node_id or txt.get("cluster") != self.cluster_name:
             log.debug("mdns node=%s ignores %s of cluster %r", self.node_id, node,
                       txt.get("cluster"))
+            self._forget(name)  # in case it was listed before under another cluster name
             return
         addresses = info.parsed_scoped_addresses(IPVersion.All)
         if not addresses:

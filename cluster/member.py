@@ -76,6 +76,7 @@ class ClusterMember:
         self.leader_changes = 0
         self._last_leader = None
         self.leaving = False
+        self.ready = False  # a member of the routing table, serving
         self._join_lock = asyncio.Lock()
 
     # -- start / stop ------------------------------------------------------------------------
@@ -91,7 +92,7 @@ class ClusterMember:
                                            interfaces=[config.host] if config.host not in (
                                                "0.0.0.0", "::", "") else None)
             await self.discovery.start()
-            found = await self.discovery.wait_for_peers(1, 2.0)
+            found = await self.discovery.wait_for_peers(1, 3.0)
             for node_id, (host, port, props) in sorted(found.items()):
                 addrs.append((host, port))
             if not seeds:
@@ -102,12 +103,16 @@ class ClusterMember:
                     addrs = []
         own = (self.host, config.cluster_port)
         addrs = [a for a in addrs if a != own]
-        if addrs:
-            await self._join(addrs)
-        else:
-            self._start_raft([])
-            await self._wait_leader(10.0)
-            await self.raft.run(("member", self.node_id, self.info), 10.0)
+        try:
+            if addrs:
+                await self._join(addrs)
+            else:
+                self._start_raft([])
+                await self._wait_leader(10.0)
+                await self.raft.run(("member", self.node_id, self.info), 10.0)
+        except RaftUnavailable as err:
+            raise ClusterError(f"joining the routing table failed: {err}") from err
+        self.ready = True
         if self.discovery is not None:
             self.discovery.update_properties({"formed": "1"})
         self.broker.attach_cluster(self)
@@ -299,6 +304,9 @@ class ClusterMember:
         if kind == "snapshot":
             return await self.takeovers.on_snapshot_request(peer, body)
         if kind == "members":
+            if not self.ready:
+                # still founding or joining: a joiner must not start Raft from a partial list
+                raise RuntimeError(f"{self.node_id} is not a cluster member yet; retry")
             return self.view.members
         if kind == "join":
             return await self._handle_join(body)
@@ -311,6 +319,8 @@ class ClusterMember:
         raise ValueError(f"unknown request {kind!r}")
 
     async def _handle_join(self, body: dict) -> dict:
+        if not self.ready:
+            raise RuntimeError(f"{self.node_id} is not a cluster member yet; retry")
         node_id, info = body["node_id"], body["info"]
         async with self._join_lock:  # pysyncobj takes one membership change at a time
             known = self.view.members.get(node_id)
@@ -372,6 +382,9 @@ class ClusterMember:
         elif kind == "claimed":
             _, client_id, owner, epoch, _prev, holder, clean = ev
             self.takeovers.on_claimed(client_id, owner, epoch, holder, clean)
+        elif kind == "released":
+            _, client_id, node_id, _epoch = ev
+            self.takeovers.on_released(client_id, node_id)
         elif kind == "moved":
             _, client_id, epoch, from_node, to_node, ok = ev
             self.takeovers.on_moved(client_id, epoch, from_node, to_node)

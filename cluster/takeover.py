@@ -92,6 +92,9 @@ class Takeovers:
     # -- B side: the CONNECT path ------------------------------------------------------------
 
     async def claim(self, client_id: str, clean_start: bool) -> Claim:
+        """Claim ``client_id`` for a CONNECT here. While it is decided, and until the
+        session is open, ``in_progress`` marks it: a claim of another node applied
+        meanwhile freezes the session only once it exists."""
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         prev = self.in_progress.get(client_id)
@@ -102,27 +105,54 @@ class Takeovers:
                 # the same ClientID is being connected here already: let it settle first
                 await asyncio.wait({prev}, timeout=self.config.takeover_timeout)
             claim = await self._claim(client_id, clean_start, t0)
-            return claim
-        finally:
-            if not fut.done():
-                fut.set_result(None)
-            if self.in_progress.get(client_id) is fut:
-                del self.in_progress[client_id]
+        except BaseException:
+            self._settle(client_id, fut)
+            raise
+        inner = claim.opened
+
+        def opened(session) -> None:
+            if inner is not None:
+                inner(session)
+            self._settle(client_id, fut)
+
+        claim.opened = opened
+        # bounded: if the session is never opened (a bug, a lost task), do not wait forever
+        loop.call_later(self.config.takeover_timeout, self._settle, client_id, fut)
+        return claim
+
+    def _settle(self, client_id: str, fut: asyncio.Future) -> None:
+        if not fut.done():
+            fut.set_result(None)
+        if self.in_progress.get(client_id) is fut:
+            del self.in_progress[client_id]
 
     async def _claim(self, client_id: str, clean_start: bool, t0: float) -> Claim:
         member = self.member
         timeout = self.config.takeover_timeout
-        try:
-            epoch, holder = await member.raft.run(("claim", client_id, self.node_id,
-                                                   clean_start), timeout)
-        except RaftUnavailable as err:
-            log.warning("claim failed client_id=%s node=%s: %s", client_id, self.node_id, err)
+        fut = member.raft.submit(("claim", client_id, self.node_id, clean_start))
+        done, _ = await asyncio.wait({fut}, timeout=timeout)
+        if not done or fut.exception() is not None:
+            why = "not committed in time" if not done else repr(fut.exception())
+            if not done:
+                # pysyncobj may still commit it later (a minority that heals): give such a
+                # claim back at once, so it takes nothing from a client connected elsewhere
+                fut.add_done_callback(self._give_back(client_id))
+            log.warning("claim failed client_id=%s node=%s: %s", client_id, self.node_id, why)
             raise ConnectRefused(ReasonCode.SERVER_UNAVAILABLE,
-                                 "no Raft quorum: ClientID cannot be claimed") from None
+                                 "no Raft quorum: ClientID cannot be claimed")
+        epoch, holder = fut.result()
+        deadline = time.monotonic() + timeout
+        if holder == self.node_id and not clean_start:
+            local = self.broker.sessions.get(client_id)
+            if local is not None and local.state is SessionState.HANDING_OVER:
+                # handed to another node a moment ago: fetch it back from there
+                holder = await self._wait_holder_change(client_id, self.node_id, deadline)
+                if holder is None:
+                    return self._unreachable(client_id, epoch, self.node_id,
+                                             "hand-over did not end")
         if clean_start or holder is None or holder == self.node_id:
             return Claim(epoch)
         # the session is on another node: take it over
-        deadline = time.monotonic() + timeout
         while True:
             try:
                 record = await self._fetch(client_id, epoch, holder, deadline)
@@ -142,7 +172,7 @@ class Takeovers:
         inc = _Incoming(client_id, epoch, holder, set(member.view.members))
         self.incoming[client_id] = inc
 
-        def installed(session) -> None:
+        def opened(session) -> None:
             inc.session = session
             session.gate = self._incoming_gate(inc)
             # X's routes on this node are proposed while the record is installed; "moved"
@@ -160,7 +190,17 @@ class Takeovers:
         asyncio.get_running_loop().call_later(
             self.config.takeover_timeout + self.config.barrier_timeout + 5.0,
             self._incoming_expired, inc)
-        return Claim(epoch, record, installed=installed)
+        return Claim(epoch, record, opened=opened)
+
+    def _give_back(self, client_id: str):
+        def done(fut: asyncio.Future) -> None:
+            if fut.cancelled() or fut.exception() is not None:
+                return
+            epoch, _holder = fut.result()
+            log.info("late claim given back client_id=%s node=%s epoch=%d", client_id,
+                     self.node_id, epoch)
+            self.member.raft.submit(("release", client_id, self.node_id, epoch))
+        return done
 
     def _unreachable(self, client_id: str, epoch: int, holder: str, why: str) -> Claim:
         if self.config.unreachable_owner == "refuse":
@@ -182,7 +222,10 @@ class Takeovers:
             answer = await member.transport.request(
                 holder, "snapshot", {"client_id": client_id, "epoch": epoch}, remaining)
         except RemoteError as err:
-            raise PeerUnreachable(f"snapshot failed on {holder}: {err}") from err
+            log.error("snapshot failed on holder client_id=%s node=%s holder=%s: %s",
+                      client_id, self.node_id, holder, err)
+            raise ConnectRefused(ReasonCode.SERVER_BUSY,
+                                 f"session hand-over failed on {holder}") from err
         if answer.get("stale"):
             raise ConnectRefused(ReasonCode.SERVER_BUSY,
                                  "a newer connection of this ClientID took over")
@@ -284,6 +327,15 @@ class Takeovers:
             # clean start elsewhere: this copy ends here (a pending will goes out from here)
             self.broker.end_session(session, f"clean start on {owner}", release=False)
 
+    def on_released(self, client_id: str, node_id: str) -> None:
+        """The owner gave the ClientID back: a session frozen for it here stays here."""
+        if node_id == self.node_id or self.member.view.owners.get(client_id) is not None:
+            return
+        session = self.broker.sessions.get(client_id)
+        if session is not None and session.state is SessionState.FROZEN \
+                and self.member.view.holders.get(client_id) == self.node_id:
+            self.broker.unfreeze(session, f"claim of {node_id} given back")
+
     def on_moved(self, client_id: str, epoch: int, from_node: str, to_node: str) -> None:
         member = self.member
         me = self.node_id
@@ -327,6 +379,8 @@ class Takeovers:
         inc = self.incoming.get(client_id)
         if inc is not None:
             await asyncio.wait({inc.done}, timeout=self.config.barrier_timeout + 1.0)
+        if view.owners.get(client_id) != (sender, epoch):
+            return {"stale": True}  # claimed again while we waited
         session = self.broker.sessions.get(client_id)
         if session is None:
             return {"none": True}

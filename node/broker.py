@@ -118,8 +118,8 @@ class Broker:
             session = None
         if claim.record is not None and not clean_start:
             session = self.install_session(claim.record)
-            if claim.installed is not None:
-                claim.installed(session)
+        if session is not None and session.state is SessionState.FROZEN:
+            self.unfreeze(session, "claimed back by this node")
         present = session is not None
         if session is None:
             session = Session(client_id, self.limits, self.counters)
@@ -131,6 +131,8 @@ class Broker:
         session.epoch = claim.epoch
         session.expiry_interval = expiry_interval
         session.version = version
+        if claim.opened is not None:
+            claim.opened(session)
         return session, present
 
     def install_session(self, record: dict) -> Session:
@@ -190,6 +192,16 @@ class Broker:
         if session.expiry_interval == 0:
             self.end_session(session, "session expiry 0")
         elif session.expiry_interval != EXPIRY_NEVER:
+            session.expires_at = now + session.expiry_interval
+            self._add_timer(session.expires_at, _EXPIRE, session)
+
+    def unfreeze(self, session: Session, why: str) -> None:
+        """A frozen session stays here after all: offline again, its timers running."""
+        session.unfreeze(why)
+        now = time.time()
+        if session.will_at is not None:
+            self._add_timer(session.will_at, _WILL, session)
+        if session.expiry_interval != EXPIRY_NEVER:
             session.expires_at = now + session.expiry_interval
             self._add_timer(session.expires_at, _EXPIRE, session)
 

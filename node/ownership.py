@@ -16,13 +16,14 @@ from typing import Awaitable, Protocol
 class Claim:
     """The outcome of claiming a ClientID for a new connection on this node."""
 
-    __slots__ = ("epoch", "record", "fresh_reason", "installed")
+    __slots__ = ("epoch", "record", "fresh_reason", "opened")
 
     def __init__(self, epoch: int, record: dict | None = None,
-                 fresh_reason: str | None = None, installed=None) -> None:
+                 fresh_reason: str | None = None, opened=None) -> None:
         self.epoch = epoch
-        # called with the session once ``record`` is installed (before CONNACK)
-        self.installed = installed
+        # called with the session once it is opened for this claim (resumed, installed from
+        # ``record`` or new), before CONNACK
+        self.opened = opened
         # the session record handed over by the previous owner (another node), if any
         self.record = record
         # set when a previous session existed elsewhere but could not be taken over and the

@@ -1153,3 +1153,180 @@ class BrokerProcess:
         if connect:
             client.connect()
         return client
+
+
+# --------------------------------------------------------------------------- cluster nodes
+
+
+def free_port_pair() -> int:
+    """A free port C whose neighbour C + 1 is free too (a cluster node's transport and
+    Raft ports)."""
+    for _ in range(200):
+        port = free_port()
+        if port < 65535 and ports_free([port, port + 1]):
+            return port
+    raise AssertionError("no free pair of neighbouring ports")
+
+
+def free_port_block(count: int, low: int = 20000, high: int = 60000) -> int:
+    """A base port B such that B .. B + count - 1 are all free (for commands that take a
+    base port and count up from it)."""
+    import random
+    rng = random.Random(time.monotonic_ns() ^ os.getpid())
+    for _ in range(500):
+        base = rng.randrange(low, high - count)
+        if ports_free(range(base, base + count)):
+            return base
+    raise AssertionError(f"no block of {count} free ports")
+
+
+def ports_free(ports) -> bool:
+    socks = []
+    try:
+        for port in ports:
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            socks.append(s)
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                return False
+        return True
+    finally:
+        for s in socks:
+            s.close()
+
+
+def http_json(method: str, url: str, timeout: float = 3.0) -> tuple[int, Any]:
+    """(status, decoded JSON body or text) of an HTTP call; HTTP errors are answers too.
+    Raises OSError / URLError when nothing answers."""
+    req = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            status, raw = resp.status, resp.read()
+    except urllib.error.HTTPError as err:
+        status, raw = err.code, err.read()
+    try:
+        return status, json.loads(raw)
+    except ValueError:
+        return status, raw.decode(errors="replace")
+
+
+class ClusterNodeProcess(BrokerProcess):
+    """One cluster node (``python -m cluster run``) as a child process.
+
+    Same life cycle and clients as BrokerProcess (``paho()``, ``raw()``, ``stop()``,
+    ``log_tail()``), plus the cluster flags, ``kill()`` with a real signal, ``start()`` on the
+    same ports and data directory again, and the cluster part of the admin API."""
+
+    def __init__(self, workdir: Path, node_id: str, secret: str, cluster_name: str,
+                 join: str | None = None, options: dict | None = None) -> None:
+        super().__init__("shoal", workdir, options, node_id=node_id)
+        self.cluster_port = free_port_pair()
+        self.raft_port = self.cluster_port + 1
+        self.secret = secret
+        self.cluster_name = cluster_name
+        self.join = join
+        self.data_dir = workdir / f"data-{node_id}"
+        self.log_path = workdir / f"{node_id}.log"
+
+    @property
+    def address(self) -> str:
+        """host:port of the node-to-node transport (what ``--join`` takes)."""
+        return f"{self.host}:{self.cluster_port}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://{self.host}:{self.admin_port}"
+
+    def command(self) -> tuple[list[str], dict]:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SHOAL_")}
+        env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")
+        env["PYTHONUNBUFFERED"] = "1"
+        cmd = [sys.executable, "-m", "cluster", "run", "--node-id", self.node_id,
+               "--host", self.host, "--mqtt-port", str(self.port),
+               "--admin-port", str(self.admin_port), "--cluster-port", str(self.cluster_port),
+               "--data-dir", str(self.data_dir), "--cluster-secret", self.secret,
+               "--cluster-name", self.cluster_name]
+        if self.join:
+            cmd += ["--join", self.join]
+        for key, value in self.options.items():
+            flag = "--" + key.replace("_", "-")
+            if value is True:
+                cmd.append(flag)
+            elif value is False:
+                cmd.append("--no-" + key.replace("_", "-"))
+            else:
+                cmd += [flag, str(value)]
+        return cmd, env
+
+    def start(self, timeout: float = 30.0) -> "ClusterNodeProcess":
+        with open(self.log_path, "ab") as f:
+            f.write(f"---- test harness: starting {self.node_id} "
+                    f"(join={self.join}) ----\n".encode())
+        return super().start(timeout)
+
+    def _ready(self) -> bool:
+        if not super()._ready():
+            return False
+        try:
+            status, view = self.api("/api/v1/cluster")
+        except (OSError, urllib.error.URLError):
+            return False
+        return status == 200 and any(n.get("id") == self.node_id
+                                     for n in view.get("nodes", []))
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Send ``sig`` to the node (default: kill -9) and reap it."""
+        assert self.proc is not None
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        if sig in (signal.SIGKILL, signal.SIGTERM, signal.SIGINT):
+            self.proc.wait(timeout=10)
+        if sig == signal.SIGKILL:
+            for client in self.clients:
+                client.close()
+            self.clients = []
+            if self._log:
+                self._log.close()
+                self._log = None
+
+    # -- admin API
+    def api(self, path: str, method: str = "GET", timeout: float = 3.0) -> tuple[int, Any]:
+        return http_json(method, self.admin_url + path, timeout)
+
+    def cluster_view(self, timeout: float = 3.0) -> dict:
+        status, body = self.api("/api/v1/cluster", timeout=timeout)
+        assert status == 200, f"{self.node_id}: GET /api/v1/cluster -> {status} {body!r}"
+        return body
+
+    def session_view(self, client_id: str) -> dict | None:
+        """GET /api/v1/sessions/<client_id>; None for 404."""
+        from urllib.parse import quote
+        status, body = self.api(f"/api/v1/sessions/{quote(client_id, safe='')}")
+        if status == 404:
+            return None
+        assert status == 200, f"{self.node_id}: GET session {client_id} -> {status} {body!r}"
+        return body
+
+
+def probe_until_seen(publish: Callable[[bytes], Any], seen: Callable[[bytes], bool],
+                     timeout: float = 10.0, what: str = "subscription route") -> float:
+    """Publish numbered probe payloads with ``publish`` until ``seen`` reports that one
+    arrived: a subscription made on one node is now known on the publishing node (routes
+    travel through Raft, so they reach other nodes shortly after the SUBACK). Returns the
+    seconds it took; raises AssertionError at ``timeout``."""
+    start = time.monotonic()
+    deadline = start + timeout
+    i = 0
+    while True:
+        marker = f"probe-{os.getpid()}-{time.monotonic_ns()}-{i}".encode()
+        publish(marker)
+        if poll_until(lambda: seen(marker), min(0.25, max(deadline - time.monotonic(), 0.01))):
+            return time.monotonic() - start
+        i += 1
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout:.1f}s waiting for {what} "
+                                 f"({i} probes published, none arrived)")

@@ -38,6 +38,7 @@ class Trigger(enum.Enum):
     DETACHED = "detached"
     CLAIMED = "claimed"
     SNAPSHOT_ASKED = "snapshot_asked"
+    RECLAIMED = "reclaimed"
     ENDED = "ended"
 
 
@@ -50,6 +51,7 @@ TRANSITIONS: dict[tuple[SessionState, Trigger], SessionState] = {
     (S.ONLINE, T.CLAIMED): S.FROZEN,
     (S.OFFLINE, T.CLAIMED): S.FROZEN,
     (S.FROZEN, T.SNAPSHOT_ASKED): S.HANDING_OVER,
+    (S.FROZEN, T.RECLAIMED): S.OFFLINE,  # the claim that froze it was given up or lost
     (S.ONLINE, T.ENDED): S.ENDED,
     (S.OFFLINE, T.ENDED): S.ENDED,
     (S.FROZEN, T.ENDED): S.ENDED,
@@ -171,6 +173,10 @@ class Session:
     def freeze(self, why: str) -> None:
         """Claimed by another node: no more deliveries from here (messages append)."""
         self._transition(Trigger.CLAIMED, why)
+        self.timer_gen += 1
+
+    def unfreeze(self, why: str) -> None:
+        self._transition(Trigger.RECLAIMED, why)
         self.timer_gen += 1
 
     def hand_over(self, why: str) -> None:
