@@ -22,9 +22,11 @@ from .discovery import MdnsDiscovery, resolve_seeds
 from .routing import RaftNode, RaftUnavailable, RoutingView
 from .takeover import Takeovers
 from .transport import PeerUnreachable, RemoteError, RequestTimeout, Transport
+from .wire import pack_forward, unpack_forward
 
 log = logging.getLogger("shoal.cluster")
 
+FORWARD_BATCH = 1000    # forwarded messages per node-to-node message at most
 STATS_PERIOD = 1.0      # seconds between stats gossip to peers
 RECONCILE_PERIOD = 1.0  # seconds between route reconciliations
 DOWN_AFTER = 2.0        # a peer silent this long (no link) is shown down
@@ -72,6 +74,10 @@ class ClusterMember:
         self._tasks: list[asyncio.Task] = []
         self._group_cursor = 0
         self.forwarded = 0
+        self.forward_dropped = 0  # QoS 0 messages dropped at a full node-to-node queue
+        self._dropping_to: set[str] = set()
+        self._outbox: dict[str, list] = {}  # node -> [[wire blobs...], must_arrive]
+        self._outbox_scheduled = False
         self.received = 0
         self.leader_changes = 0
         self._last_leader = None
@@ -234,11 +240,41 @@ class ClusterMember:
         if not remote.count:
             return 0
         match = remote.match(msg.topic)
+        plain = match.derived
+        if plain is None:
+            # the nodes with plain subscriptions: computed once per topic and routes version
+            plain = match.derived = tuple(sorted({e.client_id for e in match.entries
+                                                  if e.client_id != self.node_id}))
+        targets = {node: [True, None] for node in plain}
+        if match.groups:
+            self._add_group_targets(match, handled_groups, targets)
+        if not targets:
+            return 0
+        out = self._outbox
+        plain_blob = None
+        for node, (normal, groups) in targets.items():
+            batch = out.get(node)
+            if batch is None:
+                batch = out[node] = [[], False]
+            if normal and not groups:
+                if plain_blob is None:
+                    plain_blob = pack_forward(msg, True, None)
+                batch[0].append(plain_blob)
+            else:
+                batch[0].append(pack_forward(msg, normal, groups))
+            if msg.qos:
+                batch[1] = True  # acknowledged to its publisher: must not be dropped
+            if len(batch[0]) >= FORWARD_BATCH:
+                self._send_batch(node, out.pop(node))
+        if out and not self._outbox_scheduled:
+            self._outbox_scheduled = True
+            self.loop.call_soon(self._flush_outbox)
+        self.forwarded += len(targets)
+        return len(targets)
+
+    def _add_group_targets(self, match, handled_groups, targets: dict) -> None:
+        """One node per shared group not served on this node (round robin, up first)."""
         me = self.node_id
-        targets: dict[str, list] = {}
-        for e in match.entries:
-            if e.client_id != me:
-                targets[e.client_id] = [True, None]
         for group in match.groups:
             if group.key in handled_groups:
                 continue
@@ -255,16 +291,25 @@ class ClusterMember:
                 t[1] = [group.key]
             else:
                 t[1].append(group.key)
-        if not targets:
-            return 0
-        record = message_to_record(msg)
-        send = self.transport.send
-        for node, (normal, groups) in targets.items():
-            if not send(node, "pub", (record, normal, groups)):
-                log.warning("forward queue full, message dropped node=%s peer=%s topic=%s",
-                            me, node, msg.topic)
-        self.forwarded += len(targets)
-        return len(targets)
+
+    def _flush_outbox(self) -> None:
+        self._outbox_scheduled = False
+        out, self._outbox = self._outbox, {}
+        for node, batch in out.items():
+            self._send_batch(node, batch)
+
+    def _send_batch(self, node: str, batch: list) -> None:
+        """The messages forwarded to one node in one loop iteration go as one message."""
+        items, must_arrive = batch
+        if self.transport.send(node, "pubs", items, must_arrive):
+            self._dropping_to.discard(node)
+            return
+        # a QoS 0 flood faster than the link: drop, count, log once per episode
+        self.forward_dropped += len(items)
+        if node not in self._dropping_to:
+            self._dropping_to.add(node)
+            log.warning("forward queue to %s full: dropping QoS 0 messages node=%s", node,
+                        self.node_id)
 
     def retained_changed(self, topic: str, msg) -> None:
         ts = time.time()
@@ -277,15 +322,17 @@ class ClusterMember:
     # -- transport ------------------------------------------------------------------------
 
     def _on_message(self, peer: str, kind: str, body) -> None:
-        if kind == "pub":
-            record, normal, groups = body
-            msg = message_from_record(record)
-            msg.via = peer
-            self.received += 1
-            if msg.expires_at is not None and msg.expires_at <= time.time():
-                self.broker.counters.expired_messages += 1
-                return
-            self.broker.route_remote(msg, normal, groups)
+        if kind == "pubs":
+            route_remote = self.broker.route_remote
+            now = time.time()
+            for blob in body:
+                msg, normal, groups = unpack_forward(blob)
+                msg.via = peer
+                if msg.expires_at is not None and msg.expires_at <= now:
+                    self.broker.counters.expired_messages += 1  # expired in transit
+                    continue
+                route_remote(msg, normal, groups)
+            self.received += len(body)
         elif kind == "barrier":
             self.takeovers.on_barrier(peer, body)
         elif kind == "late":
@@ -344,6 +391,7 @@ class ClusterMember:
                 log.info("membership change retried node=%s addr=%s: %s", self.node_id, addr,
                          err)
                 await asyncio.sleep(0.2)
+
     async def _fetch_retained(self, peer: str) -> None:
         try:
             items = await self.transport.request(peer, "retained_dump", {}, 15.0)
@@ -488,6 +536,7 @@ class ClusterMember:
             "nodes": nodes,
             "takeovers": self.takeovers.status(),
             "forwarded": self.forwarded,
+            "forward_dropped_qos0": self.forward_dropped,
             "received": self.received,
             "leader_changes": self.leader_changes,
         }

@@ -297,11 +297,13 @@ class Transport:
 
     # -- sending -----------------------------------------------------------------------
 
-    def send(self, peer_id: str, kind: str, body) -> bool:
+    def send(self, peer_id: str, kind: str, body, force: bool = False) -> bool:
+        """``force``: queue even past ``queue_limit`` (for what must not be lost, such as
+        an acknowledged QoS 1/2 message; the caller bounds it another way)."""
         st = self._peers.get(peer_id)
         if st is None or self._stopping:
             return False
-        if len(st.pending) + len(st.unacked) >= self.queue_limit:
+        if not force and len(st.pending) + len(st.unacked) >= self.queue_limit:
             return False
         st.pending.append((M_MSG, kind, body))
         if not st.flush_scheduled and st.link is not None:

@@ -310,7 +310,10 @@ class Broker:
     def route_remote(self, msg: Message, normal: bool, groups) -> int:
         """A message another node forwarded: deliver to the plain subscriptions here when
         ``normal``, and to one member of each shared group named in ``groups``."""
-        return self._route_general(msg, self.tree.match(msg.topic), normal, groups)[0]
+        match = self.tree.match(msg.topic)
+        if normal and not match.groups and len(match.entries) == 1:
+            return self._deliver_one(msg, match.entries[0])
+        return self._route_general(msg, match, normal, groups)[0]
 
     def _deliver_one(self, msg: Message, e: SubEntry) -> int:
         if e.no_local and e.client_id == msg.origin:

@@ -32,6 +32,10 @@ log = logging.getLogger("shoal.server")
 
 CONNECT_TIMEOUT = 10.0  # seconds a new connection may take to send CONNECT
 FLUSH_BYTES = 65536  # write at once when this much output is pending (else once per iteration)
+# A read this large means the socket has more: take a turn, read the rest next iteration.
+# libuv reads a socket until it is empty, so one fast publisher could otherwise hold the
+# loop (and every other connection, timer and cluster link) for a long time.
+FAIR_READ_BYTES = 65536
 
 _PINGRESP = b"\xd0\x00"
 
@@ -101,6 +105,13 @@ class MqttProtocol(asyncio.Protocol):
         self.conn.receive_data(data)
         if not self.connect_pending:
             self._process()
+            if len(data) >= FAIR_READ_BYTES and not self.closing and not self.connect_pending:
+                self.transport.pause_reading()
+                self.loop.call_soon(self._resume_reading)
+
+    def _resume_reading(self) -> None:
+        if not self.closing and not self.connect_pending and self.transport is not None:
+            self.transport.resume_reading()
 
     def _process(self) -> None:
         """Handle every complete packet in the receive buffer."""

@@ -60,11 +60,14 @@ class _Node:
 class Match:
     """What a topic reaches: plain subscriptions and shared groups (pick one member)."""
 
-    __slots__ = ("entries", "groups")
+    __slots__ = ("entries", "groups", "derived")
 
     def __init__(self, entries: list[SubEntry], groups: list[SharedGroup]) -> None:
         self.entries = entries
         self.groups = groups
+        # whatever a user of the tree computes from this match (the cluster: the nodes a
+        # topic goes to); it lives exactly as long as the cached match
+        self.derived = None
 
 
 _CACHE_LIMIT = 100_000

@@ -1158,12 +1158,30 @@ class BrokerProcess:
 # --------------------------------------------------------------------------- cluster nodes
 
 
-def free_port_pair() -> int:
-    """A free port C whose neighbour C + 1 is free too (a cluster node's transport and
-    Raft ports)."""
+#: Ports handed out by unique_free_port / free_port_pair in this test process: a port
+#: found free is not bound until its node starts, so without this two of one cluster's
+#: ports (say node 2's MQTT and its transport port) could come out the same.
+_HANDED_OUT: set[int] = set()
+
+
+def unique_free_port() -> int:
+    """A free port never handed out before by this function or free_port_pair."""
     for _ in range(200):
         port = free_port()
-        if port < 65535 and ports_free([port, port + 1]):
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
+    raise AssertionError("no fresh free port")
+
+
+def free_port_pair() -> int:
+    """A free port C whose neighbour C + 1 is free too (a cluster node's transport and
+    Raft ports); neither was handed out before."""
+    for _ in range(200):
+        port = free_port()
+        if port < 65535 and not {port, port + 1} & _HANDED_OUT and \
+                ports_free([port, port + 1]):
+            _HANDED_OUT.update((port, port + 1))
             return port
     raise AssertionError("no free pair of neighbouring ports")
 
@@ -1221,6 +1239,8 @@ class ClusterNodeProcess(BrokerProcess):
     def __init__(self, workdir: Path, node_id: str, secret: str, cluster_name: str,
                  join: str | None = None, options: dict | None = None) -> None:
         super().__init__("shoal", workdir, options, node_id=node_id)
+        self.port = unique_free_port()
+        self.admin_port = unique_free_port()
         self.cluster_port = free_port_pair()
         self.raft_port = self.cluster_port + 1
         self.secret = secret

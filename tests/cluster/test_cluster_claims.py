@@ -89,6 +89,7 @@ def test_racing_claims_leave_one_live_session(cluster):
     cid = f"race-{uuid.uuid4().hex[:8]}"
     outcomes: Counter = Counter()
     reasons: Counter = Counter()
+    refusals: Counter = Counter()
     no_winner: list[tuple] = []
     durations = []
     started = time.monotonic()
@@ -130,6 +131,8 @@ def test_racing_claims_leave_one_live_session(cluster):
         for s in sides:
             if s.disconnect_reason is not None:
                 reasons[s.disconnect_reason] += 1
+            if s.state == "refused":
+                refusals[s.connack.reason_code] += 1
         outcome = tuple(f"{s.node.node_id}:{s.state}" for s in sides)
         outcomes[outcome] += 1
         if not any(s.state == "open" for s in sides):
@@ -143,7 +146,8 @@ def test_racing_claims_leave_one_live_session(cluster):
     total = time.monotonic() - started
     print(f"\n{ROUNDS} racing rounds in {total:.1f}s (max round {max(durations):.2f}s); "
           f"outcomes {dict(outcomes)}; loser DISCONNECT reasons "
-          f"{ {hex(k): v for k, v in reasons.items()} }")
+          f"{ {hex(k): v for k, v in reasons.items()} }; CONNACK refusals "
+          f"{ {hex(k): v for k, v in refusals.items()} }")
     wrong = {hex(k): v for k, v in reasons.items() if k != SESSION_TAKEN_OVER}
     assert not wrong, f"losers disconnected with reasons other than 0x8E: {wrong}"
     assert not no_winner, (f"{len(no_winner)} rounds ended with neither connection alive "

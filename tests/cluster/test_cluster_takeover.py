@@ -216,7 +216,9 @@ def test_takeover_of_a_persistent_subscriber(cluster_factory, qos, version):
              if not (isinstance(p, Publish) and p.topic.endswith("/probe"))]
     assert not extra, f"more than expected after everything arrived: {extra[:5]}"
     print(f"\ntakeover qos{qos} v{version}: CONNECT->CONNACK {takeover_s * 1000:.0f} ms with "
-          f"{outstanding} messages outstanding; all delivered after {drain_s:.2f}s")
+          f"{outstanding} messages outstanding ({len(unacked)} unacked inflight, "
+          f"{len(rec_only)} awaiting PUBCOMP); all delivered after {drain_s:.2f}s "
+          f"({len(publishes)} PUBLISH, {len(pubrels)} PUBREL)")
 
     # -- exactly what arrived
     keys = [int(p.payload) for p in publishes]
@@ -242,7 +244,6 @@ def test_takeover_of_a_persistent_subscriber(cluster_factory, qos, version):
         assert sorted(set(rec_only.values()) & set(pubrels)) == sorted(rec_only.values()), \
             f"PUBREL not re-sent for {sorted(set(rec_only.values()) - set(pubrels))}"
         assert len(pubrels) == len(set(pubrels)), Counter(pubrels).most_common(3)
-        # the PUBRELs come before any new PUBLISH (inflight first, then the queue)
     # in order per topic: the first deliveries, old connection then new, increase per topic
     first_delivery = list(completed) + list(rec_only) + keys
     for letter in (0, 1):
