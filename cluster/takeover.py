@@ -129,19 +129,24 @@ class Takeovers:
     async def _claim(self, client_id: str, clean_start: bool, t0: float) -> Claim:
         member = self.member
         timeout = self.config.takeover_timeout
-        fut = member.raft.submit(("claim", client_id, self.node_id, clean_start))
-        done, _ = await asyncio.wait({fut}, timeout=timeout)
-        if not done or fut.exception() is not None:
-            why = "not committed in time" if not done else repr(fut.exception())
+        deadline = time.monotonic() + timeout
+        while True:
+            fut = member.raft.submit(("claim", client_id, self.node_id, clean_start))
+            done, _ = await asyncio.wait({fut}, timeout=max(0.0, deadline - time.monotonic()))
+            if done and fut.exception() is None:
+                break
             if not done:
                 # pysyncobj may still commit it later (a minority that heals): give such a
                 # claim back at once, so it takes nothing from a client connected elsewhere
                 fut.add_done_callback(self._give_back(client_id))
+            elif time.monotonic() < deadline - 0.05:
+                await asyncio.sleep(0.05)  # refused (leader changing): try again
+                continue
+            why = "not committed in time" if not done else repr(fut.exception())
             log.warning("claim failed client_id=%s node=%s: %s", client_id, self.node_id, why)
             raise ConnectRefused(ReasonCode.SERVER_UNAVAILABLE,
                                  "no Raft quorum: ClientID cannot be claimed")
         epoch, holder = fut.result()
-        deadline = time.monotonic() + timeout
         if holder == self.node_id and not clean_start:
             local = self.broker.sessions.get(client_id)
             if local is not None and local.state is SessionState.HANDING_OVER:
@@ -217,15 +222,22 @@ class Takeovers:
 
     async def _fetch(self, client_id: str, epoch: int, holder: str, deadline: float):
         member = self.member
-        remaining = max(0.1, deadline - time.monotonic())
-        try:
-            answer = await member.transport.request(
-                holder, "snapshot", {"client_id": client_id, "epoch": epoch}, remaining)
-        except RemoteError as err:
-            log.error("snapshot failed on holder client_id=%s node=%s holder=%s: %s",
-                      client_id, self.node_id, holder, err)
-            raise ConnectRefused(ReasonCode.SERVER_BUSY,
-                                 f"session hand-over failed on {holder}") from err
+        while True:
+            remaining = max(0.1, deadline - time.monotonic())
+            try:
+                answer = await member.transport.request(
+                    holder, "snapshot", {"client_id": client_id, "epoch": epoch}, remaining)
+                break
+            except PeerUnreachable:
+                # down or restarting: it may be back within the takeover timeout
+                if time.monotonic() >= deadline - 0.1:
+                    raise
+                await asyncio.sleep(0.1)
+            except RemoteError as err:
+                log.error("snapshot failed on holder client_id=%s node=%s holder=%s: %s",
+                          client_id, self.node_id, holder, err)
+                raise ConnectRefused(ReasonCode.SERVER_BUSY,
+                                     f"session hand-over failed on {holder}") from err
         if answer.get("stale"):
             raise ConnectRefused(ReasonCode.SERVER_BUSY,
                                  "a newer connection of this ClientID took over")
