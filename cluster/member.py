@@ -231,9 +231,10 @@ class ClusterMember:
         fut = self.raft.submit(("release", client_id, self.node_id, epoch))
         fut.add_done_callback(_log_failure("release", client_id))
 
-    def routes_changed(self, added: list[str], removed: list[str]) -> None:
+    def routes_changed(self, added: list[str], removed: list[str]):
         fut = self.raft.submit(("routes", self.node_id, added, removed))
         fut.add_done_callback(_log_failure("routes", self.node_id))
+        return fut if added else None
 
     def forward(self, msg, handled_groups) -> int:
         remote = self.remote

@@ -46,6 +46,7 @@ class Broker:
         self.limits = SessionLimits(config.max_inflight, config.max_queue,
                                     config.queue_qos0_offline)
         self.filter_refs: dict[str, int] = {}  # filter -> local subscriptions (cluster routes)
+        self.route_waits: list = []  # route announcements not yet acknowledged (cluster)
         self.started_at = time.time()
         self._timers: list = []  # heap of (deadline, seq, kind, client_id, timer_gen)
         self._seq = itertools.count()
@@ -146,6 +147,8 @@ class Broker:
         for sub in subs:
             entry = SubEntry(session.client_id, *sub)
             self.subscribe(session, entry, _filter_levels(entry))
+        # no client waits on these routes: the hand-over's barriers order the switch
+        self.take_route_waits()
         return session
 
     def snapshot(self, session: Session) -> dict:
@@ -267,10 +270,16 @@ class Broker:
         if n > 0:
             refs[topic_filter] = n
             if n == 1 and delta > 0:
-                self.cluster.routes_changed([topic_filter], [])
+                wait = self.cluster.routes_changed([topic_filter], [])
+                if wait is not None:
+                    self.route_waits.append(wait)
         else:
             refs.pop(topic_filter, None)
             self.cluster.routes_changed([], [topic_filter])
+
+    def take_route_waits(self) -> list:
+        waits, self.route_waits = self.route_waits, []
+        return waits
 
     def send_retained(self, session: Session, entry: SubEntry, filter_levels: str) -> None:
         now = time.time()

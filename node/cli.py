@@ -102,6 +102,9 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     config = load_config(args)
     extensions_for = getattr(args, "extensions_for", None)
+    if config.cluster_port and extensions_for is None:
+        raise ConfigError("cluster_port is set, but `python -m node` runs a node alone: use "
+                          "the `shoal` command (or `python -m cluster`) to run a cluster node")
     extensions = extensions_for(config) if extensions_for is not None else ()
     configure_logging(config)
     log.info("starting", extra={"version": version(), "mqtt": f"{config.host}:{config.mqtt_port}",

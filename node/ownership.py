@@ -50,8 +50,9 @@ class ClusterHooks(Protocol):
     def session_ended(self, client_id: str, epoch: int) -> None:
         """The session of ``client_id`` (claimed with ``epoch``) ended on this node."""
 
-    def routes_changed(self, added: list[str], removed: list[str]) -> None:
-        """Filters that got their first / lost their last subscriber on this node."""
+    def routes_changed(self, added: list[str], removed: list[str]) -> Awaitable | None:
+        """Filters that got their first / lost their last subscriber on this node. An
+        awaitable: done when the other nodes know (SUBACK waits for it)."""
 
     def forward(self, msg, handled_groups) -> int:
         """Send ``msg`` to the other nodes with matching subscribers; shared groups in

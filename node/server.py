@@ -63,7 +63,7 @@ class MqttProtocol(asyncio.Protocol):
 
     __slots__ = ("broker", "loop", "transport", "conn", "session", "client_id", "version",
                  "v5", "writable", "out", "out_bytes", "flush_pending", "keep_alive_timeout", "last_rx",
-                 "timer", "closing", "finished", "peer", "connect_pending")
+                 "timer", "closing", "finished", "peer", "waiting")
 
     def __init__(self, broker: Broker) -> None:
         config = broker.config
@@ -86,7 +86,8 @@ class MqttProtocol(asyncio.Protocol):
         self.closing = False
         self.finished = False
         self.peer = ""
-        self.connect_pending = False  # a CONNECT waits for its ClientID claim (cluster)
+        # reading paused while the cluster decides (a CONNECT's claim, a SUBSCRIBE's route)
+        self.waiting = False
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
@@ -103,14 +104,14 @@ class MqttProtocol(asyncio.Protocol):
             return
         self.last_rx = self.loop.time()
         self.conn.receive_data(data)
-        if not self.connect_pending:
+        if not self.waiting:
             self._process()
-            if len(data) >= FAIR_READ_BYTES and not self.closing and not self.connect_pending:
+            if len(data) >= FAIR_READ_BYTES and not self.closing and not self.waiting:
                 self.transport.pause_reading()
                 self.loop.call_soon(self._resume_reading)
 
     def _resume_reading(self) -> None:
-        if not self.closing and not self.connect_pending and self.transport is not None:
+        if not self.closing and not self.waiting and self.transport is not None:
             self.transport.resume_reading()
 
     def _process(self) -> None:
@@ -124,7 +125,7 @@ class MqttProtocol(asyncio.Protocol):
                 if pkt is NEED_DATA:
                     return
                 handlers[pkt.__class__](broker, self, pkt)
-                if self.closing or self.connect_pending:
+                if self.closing or self.waiting:
                     return
         except RemoteMqttError as err:
             self._protocol_error(err)
@@ -138,26 +139,52 @@ class MqttProtocol(asyncio.Protocol):
 
     def defer_connect(self, plan, claim_awaitable) -> None:
         """The ClientID claim needs the cluster: stop reading until it is decided."""
-        self.connect_pending = True
+        self.waiting = True
         self.transport.pause_reading()
         self.loop.create_task(self._finish_deferred_connect(plan, claim_awaitable))
+
+    def defer_until(self, waits: list, timeout: float, then) -> None:
+        """Stop reading until ``waits`` are done (or ``timeout``), then call ``then`` and
+        go on with what the client sent meanwhile (packets stay in order)."""
+        self.waiting = True
+        self.transport.pause_reading()
+        self.loop.create_task(self._after(waits, timeout, then))
+
+    async def _after(self, waits: list, timeout: float, then) -> None:
+        done, pending = await asyncio.wait(waits, timeout=timeout)
+        failed = [w for w in done if not w.cancelled() and w.exception() is not None]
+        if pending or failed:
+            log.warning("cluster did not confirm a route in time client_id=%s node=%s "
+                        "(it is retried in the background)", self.client_id,
+                        self.broker.node_id)
+        self.waiting = False
+        if self.closing:
+            return
+        try:
+            then()
+            self.transport.resume_reading()
+            self._process()
+        except Exception:
+            log.exception("internal error client_id=%s peer=%s node=%s", self.client_id,
+                          self.peer, self.broker.node_id)
+            self._close(ReasonCode.IMPLEMENTATION_SPECIFIC_ERROR, send_will=True)
 
     async def _finish_deferred_connect(self, plan, claim_awaitable) -> None:
         broker = self.broker
         try:
             claim = await claim_awaitable
         except ConnectRefused as err:
-            self.connect_pending = False
+            self.waiting = False
             if not self.closing:
                 self._refuse(err)
             return
         except Exception:
             log.exception("claim failed client_id=%s node=%s", plan.client_id, broker.node_id)
-            self.connect_pending = False
+            self.waiting = False
             if not self.closing:
                 self._refuse(ConnectRefused(ReasonCode.SERVER_UNAVAILABLE, "claim failed"))
             return
-        self.connect_pending = False
+        self.waiting = False
         if self.closing:
             # The client left while its claim was decided: the claim is ours all the same,
             # so the session is opened and at once treated as disconnected.

@@ -36,9 +36,18 @@ def on_subscribe(broker, client, pkt) -> None:
         # 1 only for a new subscription, 2 never [MQTT-3.3.1-9..11]
         if group is None and (s.retain_handling == 0 or (s.retain_handling == 1 and new)):
             retained.append((entry, levels))
-    client.send(Suback(pkt.packet_id, tuple(codes)))
-    for entry, levels in retained:
-        broker.send_retained(session, entry, levels)
+    def answer() -> None:
+        client.send(Suback(pkt.packet_id, tuple(codes)))
+        for entry, levels in retained:
+            broker.send_retained(session, entry, levels)
+
+    waits = broker.take_route_waits()
+    if waits:
+        # In a cluster, SUBACK waits until the other nodes know the new route: a message
+        # published anywhere after the SUBACK then reaches this subscription.
+        client.defer_until(waits, broker.config.takeover_timeout, answer)
+    else:
+        answer()
 
 
 def on_unsubscribe(broker, client, pkt) -> None:
