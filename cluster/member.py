@@ -91,13 +91,19 @@ class ClusterMember:
         config = self.config
         await self.transport.start()
         seeds = [s.strip() for s in config.join.split(",") if s.strip()]
-        addrs = await resolve_seeds(seeds, config.cluster_port) if seeds else []
+        try:
+            addrs = await resolve_seeds(seeds, config.cluster_port) if seeds else []
+        except ValueError as err:
+            raise ClusterError(f"--join {config.join!r}: {err}") from err
         if config.discovery == "mdns":
             self.discovery = MdnsDiscovery(config.cluster_name, self.node_id, self.host,
                                            config.cluster_port,
                                            interfaces=[config.host] if config.host not in (
                                                "0.0.0.0", "::", "") else None)
-            await self.discovery.start()
+            try:
+                await self.discovery.start()
+            except (RuntimeError, ValueError) as err:  # duplicate node id, bad address
+                raise ClusterError(f"mDNS discovery cannot start: {err}") from err
             found = await self.discovery.wait_for_peers(1, 3.0)
             for node_id, (host, port, props) in sorted(found.items()):
                 addrs.append((host, port))
