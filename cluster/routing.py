@@ -45,6 +45,18 @@ class RaftUnavailable(Exception):
     """The operation could not be committed (no leader, lost leadership, no quorum)."""
 
 
+def change_routes(routes: dict, node_id: str, added, removed) -> None:
+    """filter -> nodes: one rule for the Raft state and its loop-side view."""
+    for f in added:
+        routes.setdefault(f, set()).add(node_id)
+    for f in removed:
+        nodes = routes.get(f)
+        if nodes is not None:
+            nodes.discard(node_id)
+            if not nodes:
+                del routes[f]
+
+
 class RoutingState(SyncObjConsumer):
     """The replicated state machine. Runs in the Raft thread only."""
 
@@ -102,14 +114,7 @@ class RoutingState(SyncObjConsumer):
             return released
         if kind == "routes":
             _, node_id, added, removed = op
-            for f in added:
-                self.routes.setdefault(f, set()).add(node_id)
-            for f in removed:
-                nodes = self.routes.get(f)
-                if nodes is not None:
-                    nodes.discard(node_id)
-                    if not nodes:
-                        del self.routes[f]
+            change_routes(self.routes, node_id, added, removed)
             events.append(("routes", node_id, list(added), list(removed)))
             return None
         if kind == "moved":
@@ -123,11 +128,9 @@ class RoutingState(SyncObjConsumer):
             _, node_id, info = op
             if info is None:
                 self.members.pop(node_id, None)
-                # a removed node owns nothing and routes nothing
-                for f in [f for f, nodes in self.routes.items() if node_id in nodes]:
-                    self.routes[f].discard(node_id)
-                    if not self.routes[f]:
-                        del self.routes[f]
+                # a removed node routes nothing
+                change_routes(self.routes, node_id, (), [f for f, nodes in self.routes.items()
+                                                         if node_id in nodes])
             else:
                 self.members[node_id] = dict(info)
             events.append(("member", node_id, None if info is None else dict(info)))
@@ -179,22 +182,13 @@ class RoutingView:
                     self.holders[client_id] = to_node
             elif kind == "routes":
                 _, node_id, added, removed = ev
-                for f in added:
-                    self.routes.setdefault(f, set()).add(node_id)
-                for f in removed:
-                    nodes = self.routes.get(f)
-                    if nodes is not None:
-                        nodes.discard(node_id)
-                        if not nodes:
-                            del self.routes[f]
+                change_routes(self.routes, node_id, added, removed)
             elif kind == "member":
                 _, node_id, info = ev
                 if info is None:
                     self.members.pop(node_id, None)
-                    for f in [f for f, n in self.routes.items() if node_id in n]:
-                        self.routes[f].discard(node_id)
-                        if not self.routes[f]:
-                            del self.routes[f]
+                    change_routes(self.routes, node_id, (), [f for f, n in self.routes.items()
+                                                             if node_id in n])
                 else:
                     self.members[node_id] = info
             elif kind == "reset":
