@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import pytest
 
-from support import REPO_ROOT, Prop, Puback, Publish
-
-STORE_BUILT = (REPO_ROOT / "node" / "store.py").exists() or (REPO_ROOT / "node" / "store").is_dir()
+from support import Prop, Puback, Publish
 
 pytestmark = [
     pytest.mark.timeout(40),
     pytest.mark.shoal_only("Mosquitto runs here with persistence off"),
-    pytest.mark.skipif(not STORE_BUILT, reason="node/store (durable sessions) not built yet"),
+    # strict: the day the broker keeps sessions across a restart (issue 4), this XPASSes
+    # and fails, so the marker is removed together with the change that makes it pass
+    pytest.mark.xfail(reason="issue 4: sessions are not yet stored on disk", strict=True),
 ]
 
 
