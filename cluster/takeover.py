@@ -107,6 +107,9 @@ class Takeovers:
             claim = await self._claim(client_id, clean_start, t0)
         except BaseException:
             self._settle(client_id, fut)
+            # chunks of a snapshot whose answer never came
+            for key in [k for k in self._chunks if k[0] == client_id]:
+                del self._chunks[key]
             raise
         inner = claim.opened
 
