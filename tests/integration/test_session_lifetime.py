@@ -28,6 +28,9 @@ def test_clean_session_1_discards_the_session_at_disconnect(node):
     sub = node.paho("cs1-sub", 4, clean=True)
     sub.subscribe("cs1/t", qos=1)
     sub.disconnect()
+    if node.has_admin:
+        wait_for(lambda: node.stats()["connections"] == 0, 5,
+                 message="the subscriber's connection to close")
     pub = node.paho("cs1-pub", 4)
     pub.publish("cs1/t", b"lost", qos=1)
 
@@ -45,6 +48,9 @@ def test_clean_session_0_keeps_subscriptions_and_queued_messages(node):
     assert sub.session_present is False
     sub.subscribe("cs0/#", qos=2)
     sub.disconnect()
+    if node.has_admin:  # the node has seen the DISCONNECT: what follows is queued or not
+        wait_for(lambda: node.stats()["connections"] == 0, 5,
+                 message="the subscriber's connection to close")
 
     pub = node.paho("cs0-pub", 4)
     for i, qos in enumerate([1, 2, 1, 2]):
