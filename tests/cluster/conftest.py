@@ -16,7 +16,7 @@ How it works
 * Failing tests get the log tail of every node that ran in them (like tests/integration).
 * Nothing sleeps to synchronise: waits are conditions with deadlines (support.wait_for).
 
-Run: ``cd /work/main && .venv/bin/pytest tests/cluster -q``
+Run from the repository root: ``.venv/bin/pytest tests/cluster -q``
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ same defaults, to check the tests themselves). Under Mosquitto, tests marked
 ``shoal_only`` are skipped and those marked ``mosquitto_deviates`` are expected to fail.
 ``SHOAL_FUZZ_SEED`` replays a live-fuzz run.
 
-Run: ``cd /work/main && PYTHONPATH=. pytest tests/integration -q --timeout 60``
+Run from the repository root: ``.venv/bin/pytest tests/integration -q``
 """
 
 from __future__ import annotations

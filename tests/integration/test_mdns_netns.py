@@ -8,7 +8,7 @@ a bridge, and one namespace per node, each with a veth to the bridge and an addr
 10.200.0.0/24. Nothing leaves those namespaces; the root namespace gets no address and no
 route. That test is skipped when namespaces, veths or bridges cannot be created (not root).
 
-Run: ``cd /work/main && .venv/bin/pytest tests/integration/test_mdns_netns.py -q -s``
+Run from the repository root: ``.venv/bin/pytest tests/integration/test_mdns_netns.py -q -s``
 (``-s`` shows the measured discovery times).
 """
 
