@@ -56,6 +56,9 @@ def test_clean_session_0_keeps_subscriptions_and_queued_messages(node):
     for i, qos in enumerate([1, 2, 1, 2]):
         pub.publish("cs0/t", f"m{i}".encode(), qos=qos)
     pub.publish("cs0/qos0", b"not-queued", qos=0)  # QoS 0 is not queued by default
+    # One connection's packets are handled in order: once this PUBACK is back, the QoS 0
+    # PUBLISH above was handled too (while the subscriber was still away).
+    pub.publish("cs0-sync/x", b"sync", qos=1)
 
     sub.messages.clear()
     assert sub.connect() is True, "session present must be 1 for a kept session"
