@@ -412,10 +412,7 @@ class ClusterMember:
         if self.retained_ts.get(topic, 0.0) > ts:
             return  # a newer update already applied (last writer wins)
         self.retained_ts[topic] = ts
-        if record is None:
-            self.broker.retained.delete(topic)
-        else:
-            self.broker.retained.set(topic, message_from_record(record))
+        self.broker.set_retained(topic, None if record is None else message_from_record(record))
 
     def _on_peer_up(self, peer: str) -> None:
         self.peer_down_since.pop(peer, None)

@@ -21,7 +21,8 @@ import time
 from .mqtt.codes import EXPIRY_NEVER, ReasonCode
 from .ownership import Claim, ClusterHooks, LocalCluster
 from .session.message import Message
-from .session.record import session_from_record, session_to_record
+from .session.record import (message_from_record, message_to_record, pack,
+                             session_from_record, session_to_record, unpack)
 from .session.session import Counters, Session, SessionLimits, SessionState
 from .topics import RetainedStore, SubEntry, SubscriptionTree
 
@@ -47,12 +48,42 @@ class Broker:
                                     config.queue_qos0_offline)
         self.filter_refs: dict[str, int] = {}  # filter -> local subscriptions (cluster routes)
         self.route_waits: list = []  # route announcements not yet acknowledged (cluster)
+        self.store = None  # node.store.SessionStore once attach_store() ran
+        self.commit_waits: list = []
         self.started_at = time.time()
         self._timers: list = []  # heap of (deadline, seq, kind, client_id, timer_gen)
         self._seq = itertools.count()
         self._housekeeping: asyncio.Task | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
+
+    def attach_store(self, store, loaded) -> None:
+        """Keep retained messages in ``store`` and take back what it had (before the
+        listeners open). Sessions follow in a later change (issue 4)."""
+        self.store = store
+        for topic, blob in loaded.retained.items():
+            self.retained.set(topic, message_from_record(unpack(blob)))
+
+    def set_retained(self, topic: str, msg: Message | None, ack_waits: bool = False) -> None:
+        """The one way the retained store changes (local clients and other nodes)."""
+        if msg is None:
+            self.retained.delete(topic)
+        else:
+            self.retained.set(topic, msg)
+        store = self.store
+        if store is not None:
+            store.put_retained(topic, None if msg is None else pack(message_to_record(msg)))
+            # group-committed with the loop's other writes; a failure is logged, and the
+            # store refuses every later write (the node must restart and recover)
+            commit = asyncio.ensure_future(store.commit())
+            commit.add_done_callback(_log_store_failure)
+            if ack_waits:
+                self.commit_waits.append(commit)
+
+    def take_commit_waits(self) -> list:
+        """Store commits the current packet caused: its acknowledgement waits for them."""
+        waits, self.commit_waits = self.commit_waits, []
+        return waits
 
     def attach_cluster(self, cluster: ClusterHooks) -> None:
         """Replace the single-node hooks (before the listeners open)."""
@@ -286,21 +317,21 @@ class Broker:
         sub_ids = (entry.sub_id,) if entry.sub_id else None
         for msg in list(self.retained.matching(filter_levels)):
             if msg.expires_at is not None and now >= msg.expires_at:
-                self.retained.delete(msg.topic)
+                self.set_retained(msg.topic, None)
                 continue
             qos = msg.qos if msg.qos < entry.qos else entry.qos
             session.deliver(msg, qos, True, sub_ids)  # retained: RETAIN=1 [MQTT-3.3.1-8]
 
     # -- publishing ----------------------------------------------------------------------
 
-    def publish(self, msg: Message) -> int:
+    def publish(self, msg: Message, ack_waits: bool = False) -> int:
         """A message from a local client (or a will): store a retained one, route it here
-        and to the other nodes; returns how many sessions and nodes it reached."""
+        and to the other nodes; returns how many sessions and nodes it reached.
+        ``ack_waits``: the publisher's acknowledgement waits for the store
+        (``take_commit_waits``)."""
         if msg.retain:
-            if msg.payload:
-                self.retained.set(msg.topic, msg)
-            else:
-                self.retained.delete(msg.topic)  # an empty retained payload clears it
+            # an empty retained payload clears the topic
+            self.set_retained(msg.topic, msg if msg.payload else None, ack_waits)
             if self.clustered:
                 self.cluster.retained_changed(msg.topic, msg if msg.payload else None)
         return self.route(msg)
@@ -417,6 +448,11 @@ class Broker:
         }
         d.update(self.counters.as_dict())
         return d
+
+
+def _log_store_failure(fut: asyncio.Future) -> None:
+    if not fut.cancelled() and fut.exception() is not None:
+        log.error("store commit failed: %r", fut.exception())
 
 
 def _filter_levels(entry: SubEntry) -> str:

@@ -116,6 +116,9 @@ class Config:
                                   "past it deliveries to that client pause.", _int_range(1))
     shutdown_grace: float = _opt(5.0, "Seconds a stopping node waits for connections to close "
                                  "and the store to flush.", _non_negative_number)
+    durability: str = _opt(
+        "safe", "Store writes: `safe` fsyncs before acknowledging, `fast` acknowledges at once "
+        "and fsyncs within ~10 ms (see Durability).", _one_of("safe", "fast"))
     # -- cluster (all off while cluster_port is 0) --------------------------------------
     cluster_port: int = _opt(0, "Node-to-node port; 0 runs a single node without a cluster.",
                              _int_range(0, 65535))

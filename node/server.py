@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import time
 
@@ -27,6 +28,7 @@ from .mqtt.packets import Connack, Disconnect
 from .session.dispatch import HANDLERS
 from .ownership import ConnectRefused
 from .session.on_connect import finish_connect
+from .store import SessionStore
 
 log = logging.getLogger("shoal.server")
 
@@ -390,6 +392,9 @@ async def serve(config, stop: asyncio.Event, extensions=()) -> None:
     broker = Broker(config)
     admin_app = make_admin_app(broker) if config.admin_port else None
     async with contextlib.AsyncExitStack() as stack:
+        store, loaded = open_store(config)
+        stack.push_async_callback(store.close)
+        broker.attach_store(store, loaded)
         for ext in extensions:
             await stack.enter_async_context(ext(broker, admin_app))
         server = await loop.create_server(lambda: MqttProtocol(broker), config.host,
@@ -414,6 +419,18 @@ async def serve(config, stop: asyncio.Event, extensions=()) -> None:
             await broker.stop()
             if admin is not None:
                 await admin.cleanup()
+
+
+def open_store(config) -> tuple[SessionStore, object]:
+    """Open the node's store under data_dir, repairing what recovery can; every problem
+    it found is logged (never a silent start with wrong state)."""
+    path = os.path.join(config.data_dir, "store")
+    os.makedirs(path, exist_ok=True)
+    store = SessionStore(path, durability=config.durability)
+    loaded, report = store.open()
+    for problem in report.problems:
+        log.error("store recovery node=%s: %s", config.node_id, problem)
+    return store, loaded
 
 
 async def _main(config, extensions) -> None:

@@ -35,12 +35,24 @@ def on_publish(broker, client, pkt) -> None:
             raise ProtocolViolation("more QoS 2 messages unacknowledged than Receive Maximum",
                                     ReasonCode.RECEIVE_MAXIMUM_EXCEEDED)
         inflight_in.add(pid)
-        n = broker.publish(Message.from_publish(pkt, session.client_id))
-        client.write_pubrec(pid, 0x10 if n == 0 and client.version == MQTT_5 else 0)
+        n = broker.publish(Message.from_publish(pkt, session.client_id), ack_waits=True)
+        _acknowledge(broker, client, client.write_pubrec, pid, n)
         return
-    n = broker.publish(Message.from_publish(pkt, session.client_id))
+    n = broker.publish(Message.from_publish(pkt, session.client_id), ack_waits=qos == 1)
     if qos == 1:
-        client.write_puback(pkt.packet_id, 0x10 if n == 0 and client.version == MQTT_5 else 0)
+        _acknowledge(broker, client, client.write_puback, pkt.packet_id, n)
+
+
+def _acknowledge(broker, client, write_ack, pid: int, reached: int) -> None:
+    """PUBACK / PUBREC, once what the message changed on disk is durable (a retained
+    message today; the sessions' queues with issue 4)."""
+    reason = 0x10 if reached == 0 and client.version == MQTT_5 else 0
+    waits = broker.take_commit_waits()
+    if waits:
+        client.defer_until(waits, broker.config.takeover_timeout,
+                           lambda: write_ack(pid, reason))
+    else:
+        write_ack(pid, reason)
 
 
 def on_puback(broker, client, pkt) -> None:
