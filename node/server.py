@@ -145,21 +145,28 @@ class MqttProtocol(asyncio.Protocol):
         self.transport.pause_reading()
         self.loop.create_task(self._finish_deferred_connect(plan, claim_awaitable))
 
-    def defer_until(self, waits: list, timeout: float, then) -> None:
+    def defer_until(self, waits: list, timeout: float, then, what: str = "a route",
+                    required: bool = False) -> None:
         """Stop reading until ``waits`` are done (or ``timeout``), then call ``then`` and
-        go on with what the client sent meanwhile (packets stay in order)."""
+        go on with what the client sent meanwhile (packets stay in order). ``required``:
+        when a wait fails or times out, ``then`` must not run (an acknowledgement that
+        would promise what is not on disk): the connection is closed instead."""
         self.waiting = True
         self.transport.pause_reading()
-        self.loop.create_task(self._after(waits, timeout, then))
+        self.loop.create_task(self._after(waits, timeout, then, what, required))
 
-    async def _after(self, waits: list, timeout: float, then) -> None:
+    async def _after(self, waits: list, timeout: float, then, what: str,
+                     required: bool) -> None:
         done, pending = await asyncio.wait(waits, timeout=timeout)
         failed = [w for w in done if not w.cancelled() and w.exception() is not None]
-        if pending or failed:
-            log.warning("cluster did not confirm a route in time client_id=%s node=%s "
-                        "(it is retried in the background)", self.client_id,
-                        self.broker.node_id)
         self.waiting = False
+        if pending or failed:
+            log.warning("waited for %s in vain client_id=%s node=%s%s", what, self.client_id,
+                        self.broker.node_id, ": closing the connection unacknowledged"
+                        if required else " (it is retried in the background)")
+            if required and not self.closing:
+                self._close(ReasonCode.IMPLEMENTATION_SPECIFIC_ERROR, send_will=True)
+                return
         if self.closing:
             return
         try:

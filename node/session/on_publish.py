@@ -11,6 +11,7 @@ from .message import Message
 log = logging.getLogger("shoal.session")
 
 _SUB_ID = PropertyId.SUBSCRIPTION_IDENTIFIER
+STORE_COMMIT_TIMEOUT = 10.0  # seconds; a disk this slow is treated as failed for this ack
 
 
 def on_publish(broker, client, pkt) -> None:
@@ -49,8 +50,8 @@ def _acknowledge(broker, client, write_ack, pid: int, reached: int) -> None:
     reason = 0x10 if reached == 0 and client.version == MQTT_5 else 0
     waits = broker.take_commit_waits()
     if waits:
-        client.defer_until(waits, broker.config.takeover_timeout,
-                           lambda: write_ack(pid, reason))
+        client.defer_until(waits, STORE_COMMIT_TIMEOUT, lambda: write_ack(pid, reason),
+                           what="the store commit", required=True)
     else:
         write_ack(pid, reason)
 
