@@ -989,6 +989,11 @@ MOSQUITTO_OPTIONS = {
 SHOAL_DEFAULTS_FOR_MOSQUITTO = {"max_inflight": 32, "max_queue": 1000}
 
 
+#: Every node process the running test started (single nodes and cluster nodes alike):
+#: tests/conftest.py attaches their log tails to failed reports and closes their clients.
+LIVE_NODES: list = []
+
+
 class BrokerProcess:
     """The broker under test as a child process, with its log in a file."""
 

@@ -26,28 +26,9 @@ import uuid
 
 import pytest
 
-from support import ClusterNodeProcess, wait_for
+from support import LIVE_NODES, ClusterNodeProcess, wait_for
 
 SECRET = "test-secret"
-#: Every cluster node started by the running test (alive or not), for failure reports.
-LIVE_NODES: list[ClusterNodeProcess] = []
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item, call):
-    outcome = yield
-    report = outcome.get_result()
-    if report.failed:
-        for node in list(LIVE_NODES):
-            if node.proc is None:
-                state = "never started"
-            elif node.alive():
-                state = "alive"
-            else:
-                state = f"EXITED rc={node.proc.returncode}"
-            report.sections.append(
-                (f"node {node.node_id} mqtt :{node.port} admin :{node.admin_port} "
-                 f"log tail ({state})", node.log_tail(80)))
 
 
 class Cluster:
@@ -227,17 +208,3 @@ def shared_cluster(tmp_path_factory):
     c.stop()
 
 
-@pytest.fixture(autouse=True)
-def _close_clients():
-    """Close every client a test opened, also on nodes that outlive the test."""
-    yield
-    for node in list(LIVE_NODES):
-        clients, node.clients = node.clients, []
-        for client in clients:
-            client.close()
-
-
-@pytest.fixture(params=[4, 5], ids=["v311", "v5"])
-def version(request):
-    """Protocol level: 4 = MQTT 3.1.1, 5 = MQTT 5.0."""
-    return request.param

@@ -33,11 +33,9 @@ import os
 
 import pytest
 
-from support import BrokerProcess
+from support import BrokerProcess, LIVE_NODES
 
 BROKER_KIND = os.environ.get("SHOAL_TEST_BROKER", "shoal")
-#: Every broker process currently running, for the log tail of failed tests.
-LIVE_NODES: list[BrokerProcess] = []
 
 
 def pytest_configure(config):
@@ -61,19 +59,6 @@ def pytest_collection_modifyitems(config, items):
                 marker.kwargs.get("only") is None or f"[{marker.kwargs['only']}" in item.name):
             reason = marker.args[0] if marker.args else "known Mosquitto deviation"
             item.add_marker(pytest.mark.xfail(reason=reason, strict=False))
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item, call):
-    outcome = yield
-    report = outcome.get_result()
-    if report.failed:
-        for node in list(LIVE_NODES):
-            if node.proc is None:
-                continue
-            state = "alive" if node.alive() else f"EXITED rc={node.proc.returncode}"
-            report.sections.append(
-                (f"{node.kind} :{node.port} log tail ({state})", node.log_tail()))
 
 
 def _start(workdir, options):
@@ -127,17 +112,3 @@ def shared_node(tmp_path_factory):
     _stop(node)
 
 
-@pytest.fixture(params=[4, 5], ids=["v311", "v5"])
-def version(request):
-    """Protocol level: 4 = MQTT 3.1.1, 5 = MQTT 5.0."""
-    return request.param
-
-
-@pytest.fixture(autouse=True)
-def _close_clients():
-    """Close every client a test opened, also on nodes that outlive the test."""
-    yield
-    for node in list(LIVE_NODES):
-        clients, node.clients = node.clients, []
-        for client in clients:
-            client.close()
