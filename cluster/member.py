@@ -127,11 +127,31 @@ class ClusterMember:
         self.ready = True
         if self.discovery is not None:
             self.discovery.update_properties({"formed": "1"})
+        await self._adopt_stored_sessions()
         self.broker.attach_cluster(self)
         self._tasks.append(self.loop.create_task(self._gossip_loop()))
         self._tasks.append(self.loop.create_task(self._reconcile_loop()))
         log.info("cluster member up node=%s members=%s leader=%s", self.node_id,
                  sorted(self.view.members), self.raft.status()["leader"])
+
+    async def _adopt_stored_sessions(self) -> None:
+        """Sessions the store brought back (a restart): keep those the table still says
+        are held here, drop the copies another node took over meanwhile (they live there
+        now), and announce the kept ones' routes at once."""
+        broker, me, holders = self.broker, self.node_id, self.view.holders
+        if not broker.sessions:
+            return
+        dropped = broker.keep_sessions(lambda cid: holders.get(cid) == me,
+                                       "held by another node since this one went down")
+        if dropped:
+            log.info("stored sessions taken over while down, dropped node=%s count=%d",
+                     me, dropped)
+        if broker.filter_refs:
+            try:
+                await self.raft.run(("routes", me, sorted(broker.filter_refs), []), 10.0)
+            except RaftUnavailable as err:
+                log.warning("routes of the stored sessions not announced yet node=%s: %s "
+                            "(the reconciliation retries)", me, err)
 
     def _start_raft(self, partners: list[str]) -> None:
         self.raft = RaftNode(self.info["raft"], partners, self.config.cluster_secret,

@@ -20,9 +20,10 @@ import time
 
 from .mqtt.codes import EXPIRY_NEVER, ReasonCode
 from .ownership import Claim, ClusterHooks, LocalCluster
+from .persist import SessionJournal, resume_clocks
 from .session.message import Message
-from .session.record import (message_from_record, message_to_record, pack,
-                             session_from_record, session_to_record, unpack)
+from .session.record import (message_from_record, session_from_record, session_to_record,
+                             unpack)
 from .session.session import Counters, Session, SessionLimits, SessionState
 from .topics import RetainedStore, SubEntry, SubscriptionTree
 
@@ -48,8 +49,8 @@ class Broker:
                                     config.queue_qos0_offline)
         self.filter_refs: dict[str, int] = {}  # filter -> local subscriptions (cluster routes)
         self.route_waits: list = []  # route announcements not yet acknowledged (cluster)
-        self.store = None  # node.store.SessionStore once attach_store() ran
-        self.commit_waits: list = []
+        self.journal: SessionJournal | None = None  # once attach_store() ran
+        self.store_report = None  # what recovery found when the store opened
         self.started_at = time.time()
         self._timers: list = []  # heap of (deadline, seq, kind, client_id, timer_gen)
         self._seq = itertools.count()
@@ -57,33 +58,74 @@ class Broker:
 
     # -- lifecycle -----------------------------------------------------------------------
 
-    def attach_store(self, store, loaded) -> None:
-        """Keep retained messages in ``store`` and take back what it had (before the
-        listeners open). Sessions follow in a later change (issue 4)."""
-        self.store = store
+    def attach_store(self, store, loaded, report=None) -> None:
+        """Keep persistent sessions and retained messages in ``store`` and take back what
+        it had (before the listeners open): sessions OFFLINE with their subscriptions,
+        queues and inflight state; their expiry and will deadlines resume (time spent
+        down counts), run by the first housekeeping pass."""
+        journal = self.journal = SessionJournal(store)
+        self.store_report = report
         for topic, blob in loaded.retained.items():
             self.retained.set(topic, message_from_record(unpack(blob)))
+        now = time.time()
+        restored = journal.restore(loaded, self.limits, self.counters, now)
+        for session, subs in restored:
+            self.sessions[session.client_id] = session
+            for sub in subs:
+                entry = SubEntry(session.client_id, *sub)
+                self.subscribe(session, entry, _filter_levels(entry))
+            resume_clocks(session, now)
+            if session.will_at is not None:
+                self._add_timer(session.will_at, _WILL, session)
+            if session.expires_at is not None:
+                self._add_timer(session.expires_at, _EXPIRE, session)
+            journal.meta(session)  # the resumed deadlines, in case of another crash
+        self.take_route_waits()
+        if restored:
+            log.info("sessions restored node=%s sessions=%d queued=%d inflight=%d",
+                     self.node_id, len(restored), sum(len(s.queue) for s, _ in restored),
+                     sum(len(s.inflight_out) for s, _ in restored))
 
-    def set_retained(self, topic: str, msg: Message | None, ack_waits: bool = False) -> None:
+    def persist(self, session: Session) -> None:
+        """The session's expiry, will or subscriptions changed: store it if it is (still)
+        persistent, delete it from the store if it no longer is."""
+        journal = self.journal
+        if journal is None or session.state is SessionState.ENDED:
+            return
+        if journal.wanted(session):
+            if session.journal is None:
+                journal.track(session)
+            else:
+                journal.meta(session)
+        elif session.journal is not None:
+            journal.forget(session)
+
+    def keep_sessions(self, keep, why: str) -> int:
+        """End (no will, no release) every session for whose ClientID ``keep`` says no:
+        a restarted cluster node drops the copies another node took over while it was
+        down. Returns how many ended."""
+        gone = [s for cid, s in self.sessions.items() if not keep(cid)]
+        for session in gone:
+            self.end_session(session, why, release=False, will=False)
+        return len(gone)
+
+    def set_retained(self, topic: str, msg: Message | None) -> None:
         """The one way the retained store changes (local clients and other nodes)."""
         if msg is None:
             self.retained.delete(topic)
         else:
             self.retained.set(topic, msg)
-        store = self.store
-        if store is not None:
-            store.put_retained(topic, None if msg is None else pack(message_to_record(msg)))
-            # group-committed with the loop's other writes; a failure is logged, and the
-            # store refuses every later write (the node must restart and recover)
-            commit = asyncio.ensure_future(store.commit())
-            commit.add_done_callback(_log_store_failure)
-            if ack_waits:
-                self.commit_waits.append(commit)
+        if self.journal is not None:
+            self.journal.retained(topic, msg)
 
-    def take_commit_waits(self) -> list:
-        """Store commits the current packet caused: its acknowledgement waits for them."""
-        waits, self.commit_waits = self.commit_waits, []
-        return waits
+    def take_commit_wait(self):
+        """The store commit the current packet's acknowledgement waits for (or None):
+        every record it caused (the messages it queued for persistent sessions, a retained
+        change, a QoS 2 packet id), group-committed with the loop's other writes."""
+        journal = self.journal
+        if journal is None or not journal.dirty:
+            return None
+        return journal.commit_wait()
 
     def attach_cluster(self, cluster: ClusterHooks) -> None:
         """Replace the single-node hooks (before the listeners open)."""
@@ -91,6 +133,9 @@ class Broker:
         self.clustered = True
 
     def start(self) -> None:
+        """Run what came due while the node was down (expired sessions, wills), before
+        the first connection is handled, then the housekeeping task."""
+        self.run_timers(time.time())
         self._housekeeping = asyncio.get_running_loop().create_task(self._housekeeping_loop())
 
     async def stop(self) -> None:
@@ -120,6 +165,7 @@ class Broker:
                 if session.state is SessionState.OFFLINE and session.will_at is not None \
                         and session.will_at <= now:
                     self._publish_will(session)
+                    self.persist(session)
             elif kind == _EXPIRE:
                 if session.state is SessionState.OFFLINE and session.expires_at is not None \
                         and session.expires_at <= now:
@@ -137,6 +183,10 @@ class Broker:
         another node (``claim.record``) or new; returned with ``present``. The caller
         answers CONNACK, then ``session.attach()``es."""
         session = self.sessions.get(client_id)
+        if session is not None and session.state is SessionState.OFFLINE \
+                and session.expires_at is not None and session.expires_at <= time.time():
+            self.end_session(session, "expired", release=False)  # before housekeeping did
+            session = None
         if session is not None and session.client is not None:
             # Takeover [MQTT-3.1.4-3]: the old connection goes, as if it had dropped
             # (its will follows the normal rules), then the new one attaches below.
@@ -225,9 +275,11 @@ class Broker:
             session.will = None
         if session.expiry_interval == 0:
             self.end_session(session, "session expiry 0")
-        elif session.expiry_interval != EXPIRY_NEVER:
+            return
+        if session.expiry_interval != EXPIRY_NEVER:
             session.expires_at = now + session.expiry_interval
             self._add_timer(session.expires_at, _EXPIRE, session)
+        self.persist(session)
 
     def unfreeze(self, session: Session, why: str) -> None:
         """A frozen session stays here after all: offline again, its timers running."""
@@ -238,6 +290,7 @@ class Broker:
         if session.expiry_interval != EXPIRY_NEVER:
             session.expires_at = now + session.expiry_interval
             self._add_timer(session.expires_at, _EXPIRE, session)
+        self.persist(session)
 
     def kick_all(self, reason: int, send_will: bool) -> None:
         """Close every connection (shutdown, leaving the cluster)."""
@@ -324,14 +377,13 @@ class Broker:
 
     # -- publishing ----------------------------------------------------------------------
 
-    def publish(self, msg: Message, ack_waits: bool = False) -> int:
+    def publish(self, msg: Message) -> int:
         """A message from a local client (or a will): store a retained one, route it here
-        and to the other nodes; returns how many sessions and nodes it reached.
-        ``ack_waits``: the publisher's acknowledgement waits for the store
-        (``take_commit_waits``)."""
+        and to the other nodes; returns how many sessions and nodes it reached. What it
+        wrote to the store is durable once ``take_commit_wait()`` is."""
         if msg.retain:
             # an empty retained payload clears the topic
-            self.set_retained(msg.topic, msg if msg.payload else None, ack_waits)
+            self.set_retained(msg.topic, msg if msg.payload else None)
             if self.clustered:
                 self.cluster.retained_changed(msg.topic, msg if msg.payload else None)
         return self.route(msg)
@@ -447,12 +499,15 @@ class Broker:
             "inflight_messages": sum(len(s.inflight_out) for s in self.sessions.values()),
         }
         d.update(self.counters.as_dict())
+        if self.journal is not None:
+            d["store"] = store = self.journal.store.stats()
+            r = self.store_report
+            if r is not None:
+                store["recovery"] = {"records_read": r.records_read,
+                                     "records_skipped": r.records_skipped,
+                                     "bytes_truncated": r.bytes_truncated,
+                                     "problems": list(r.problems), "notes": list(r.notes)}
         return d
-
-
-def _log_store_failure(fut: asyncio.Future) -> None:
-    if not fut.cancelled() and fut.exception() is not None:
-        log.error("store commit failed: %r", fut.exception())
 
 
 def _filter_levels(entry: SubEntry) -> str:

@@ -12,6 +12,7 @@ writing; ``resume_writing`` pumps the queue again. No publisher ever awaits a su
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
@@ -27,6 +28,7 @@ from .mqtt.errors import RemoteMqttError
 from .mqtt.packets import Connack, Disconnect
 from .session.dispatch import HANDLERS
 from .ownership import ConnectRefused
+from .persist import STORE_COMMIT_TIMEOUT
 from .session.on_connect import finish_connect
 from .store import SessionStore
 
@@ -65,7 +67,7 @@ class MqttProtocol(asyncio.Protocol):
 
     __slots__ = ("broker", "loop", "transport", "conn", "session", "client_id", "version",
                  "v5", "writable", "out", "out_bytes", "flush_pending", "keep_alive_timeout", "last_rx",
-                 "timer", "closing", "finished", "peer", "waiting")
+                 "timer", "closing", "finished", "peer", "waiting", "acks", "acks_timer")
 
     def __init__(self, broker: Broker) -> None:
         config = broker.config
@@ -90,6 +92,9 @@ class MqttProtocol(asyncio.Protocol):
         self.peer = ""
         # reading paused while the cluster decides (a CONNECT's claim, a SUBSCRIBE's route)
         self.waiting = False
+        # acknowledgements waiting for the store, in the order of their packets
+        self.acks: collections.deque | None = None
+        self.acks_timer: asyncio.TimerHandle | None = None
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
@@ -146,25 +151,27 @@ class MqttProtocol(asyncio.Protocol):
         self.loop.create_task(self._finish_deferred_connect(plan, claim_awaitable))
 
     def defer_until(self, waits: list, timeout: float, then, what: str = "a route",
-                    required: bool = False) -> None:
-        """Stop reading until ``waits`` are done (or ``timeout``), then call ``then`` and
-        go on with what the client sent meanwhile (packets stay in order). ``required``:
-        when a wait fails or times out, ``then`` must not run (an acknowledgement that
-        would promise what is not on disk): the connection is closed instead."""
+                    required: list = ()) -> None:
+        """Stop reading until ``waits`` and ``required`` are done (or ``timeout``), then
+        call ``then`` and go on with what the client sent meanwhile (packets stay in
+        order). When a ``required`` wait (a store commit) fails or times out, ``then``
+        must not run (an acknowledgement that would promise what is not on disk): the
+        connection is closed instead; the others are retried in the background."""
         self.waiting = True
         self.transport.pause_reading()
-        self.loop.create_task(self._after(waits, timeout, then, what, required))
+        self.loop.create_task(self._after(list(waits), list(required), timeout, then, what))
 
-    async def _after(self, waits: list, timeout: float, then, what: str,
-                     required: bool) -> None:
-        done, pending = await asyncio.wait(waits, timeout=timeout)
-        failed = [w for w in done if not w.cancelled() and w.exception() is not None]
+    async def _after(self, waits: list, required: list, timeout: float, then,
+                     what: str) -> None:
+        done, pending = await asyncio.wait(waits + required, timeout=timeout)
+        failed = {w for w in done if not w.cancelled() and w.exception() is not None}
         self.waiting = False
         if pending or failed:
+            must = [w for w in required if w in pending or w in failed]
             log.warning("waited for %s in vain client_id=%s node=%s%s", what, self.client_id,
                         self.broker.node_id, ": closing the connection unacknowledged"
-                        if required else " (it is retried in the background)")
-            if required and not self.closing:
+                        if must else " (it is retried in the background)")
+            if must and not self.closing:
                 self._close(ReasonCode.IMPLEMENTATION_SPECIFIC_ERROR, send_will=True)
                 return
         if self.closing:
@@ -177,6 +184,59 @@ class MqttProtocol(asyncio.Protocol):
             log.exception("internal error client_id=%s peer=%s node=%s", self.client_id,
                           self.peer, self.broker.node_id)
             self._close(ReasonCode.IMPLEMENTATION_SPECIFIC_ERROR, send_will=True)
+
+    def ack_after(self, wait, write, pid: int, reason: int) -> None:
+        """``write(pid, reason)`` once ``wait`` (a store commit future, or None) is done
+        and every acknowledgement queued before it went out: acknowledgements keep the
+        order of their packets [MQTT-4.6.0-2..4] while reading goes on (many PUBLISHes
+        share one fsync). A failed or stalled commit closes the connection instead."""
+        acks = self.acks
+        if acks is None:
+            if wait is None:
+                write(pid, reason)
+                return
+            acks = self.acks = collections.deque()
+            self.acks_timer = self.loop.call_later(STORE_COMMIT_TIMEOUT, self._acks_stalled)
+        acks.append((wait, write, pid, reason, self.loop.time()))
+        if wait is not None:
+            wait.add_done_callback(self._acks_ready)
+
+    def _acks_ready(self, _fut=None) -> None:
+        acks = self.acks
+        if acks is None or self.closing:
+            return
+        while acks:
+            wait, write, pid, reason, _ = acks[0]
+            if wait is not None:
+                if not wait.done():
+                    return
+                if wait.cancelled() or wait.exception() is not None:
+                    log.error("store commit failed client_id=%s node=%s: %r; closing the "
+                              "connection unacknowledged", self.client_id,
+                              self.broker.node_id, None if wait.cancelled() else wait.exception())
+                    self._close(ReasonCode.IMPLEMENTATION_SPECIFIC_ERROR, send_will=True)
+                    return
+            acks.popleft()
+            write(pid, reason)
+        self.acks = None
+        if self.acks_timer is not None:
+            self.acks_timer.cancel()
+            self.acks_timer = None
+
+    def _acks_stalled(self) -> None:
+        self.acks_timer = None
+        acks = self.acks
+        if acks is None or self.closing:
+            return
+        waited = self.loop.time() - acks[0][4]
+        if waited < STORE_COMMIT_TIMEOUT:
+            self.acks_timer = self.loop.call_later(STORE_COMMIT_TIMEOUT - waited,
+                                                   self._acks_stalled)
+            return
+        log.warning("waited %.1fs for the store commit in vain client_id=%s node=%s: closing "
+                    "the connection unacknowledged", waited, self.client_id,
+                    self.broker.node_id)
+        self._close(ReasonCode.IMPLEMENTATION_SPECIFIC_ERROR, send_will=True)
 
     async def _finish_deferred_connect(self, plan, claim_awaitable) -> None:
         broker = self.broker
@@ -201,7 +261,7 @@ class MqttProtocol(asyncio.Protocol):
                                              plan.version, claim)
             session.will = plan.will
             session.will_delay = plan.will_delay
-            broker.orphaned(session)
+            broker.orphaned(session)  # stored (or not) by its disconnection
             return
         try:
             finish_connect(broker, self, plan, claim)
@@ -384,6 +444,10 @@ class MqttProtocol(asyncio.Protocol):
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+        if self.acks_timer is not None:
+            self.acks_timer.cancel()
+            self.acks_timer = None
+        self.acks = None  # never sent: the client re-sends what they acknowledge
         self.broker.connection_lost(self, self.session, send_will)
         self.session = None
 
@@ -399,9 +463,9 @@ async def serve(config, stop: asyncio.Event, extensions=()) -> None:
     broker = Broker(config)
     admin_app = make_admin_app(broker) if config.admin_port else None
     async with contextlib.AsyncExitStack() as stack:
-        store, loaded = open_store(config)
+        store, loaded, report = open_store(config)
         stack.push_async_callback(store.close)
-        broker.attach_store(store, loaded)
+        broker.attach_store(store, loaded, report)
         for ext in extensions:
             await stack.enter_async_context(ext(broker, admin_app))
         server = await loop.create_server(lambda: MqttProtocol(broker), config.host,
@@ -428,7 +492,7 @@ async def serve(config, stop: asyncio.Event, extensions=()) -> None:
                 await admin.cleanup()
 
 
-def open_store(config) -> tuple[SessionStore, object]:
+def open_store(config) -> tuple[SessionStore, object, object]:
     """Open the node's store under data_dir, repairing what recovery can; every problem
     it found is logged (never a silent start with wrong state)."""
     path = os.path.join(config.data_dir, "store")
@@ -437,7 +501,7 @@ def open_store(config) -> tuple[SessionStore, object]:
     loaded, report = store.open()
     for problem in report.problems:
         log.error("store recovery node=%s: %s", config.node_id, problem)
-    return store, loaded
+    return store, loaded, report
 
 
 async def _main(config, extensions) -> None:

@@ -14,7 +14,7 @@ _WILL_DELAY = PropertyId.WILL_DELAY_INTERVAL
 
 class Message:
     __slots__ = ("topic", "payload", "qos", "retain", "properties", "expires_at", "origin",
-                 "parts", "via")
+                 "parts", "via", "store_ref")
 
     def __init__(self, topic: str, payload: bytes, qos: int, retain: bool,
                  properties: dict | None, expires_at: float | None, origin: str) -> None:
@@ -29,6 +29,7 @@ class Message:
         self.origin = origin  # ClientID of the publisher ("" for system messages)
         self.parts: dict | None = None  # encoding cache owned by the delivering side
         self.via: str | None = None  # the node that forwarded it here; None = published here
+        self.store_ref = None  # node.store.MessageRef once a persistent session stored it
 
     @classmethod
     def from_publish(cls, pkt, origin: str, now: float | None = None) -> "Message":

@@ -94,6 +94,7 @@ def finish_connect(broker, client, plan: ConnectPlan, claim: Claim) -> None:
                                            plan.version, claim)
     session.will = plan.will
     session.will_delay = plan.will_delay
+    broker.persist(session)
     client.session = session
     connack_props = plan.connack_props
     if v5:

@@ -11,7 +11,6 @@ from .message import Message
 log = logging.getLogger("shoal.session")
 
 _SUB_ID = PropertyId.SUBSCRIPTION_IDENTIFIER
-STORE_COMMIT_TIMEOUT = 10.0  # seconds; a disk this slow is treated as failed for this ack
 
 
 def on_publish(broker, client, pkt) -> None:
@@ -30,30 +29,28 @@ def on_publish(broker, client, pkt) -> None:
         pid = pkt.packet_id
         inflight_in = session.inflight_in
         if pid in inflight_in:
-            client.write_pubrec(pid, 0)  # a re-sent PUBLISH: delivered once already
+            # a re-sent PUBLISH: delivered once already (after the first PUBREC)
+            client.ack_after(None, client.write_pubrec, pid, 0)
             return
         if len(inflight_in) >= config.receive_maximum:
             raise ProtocolViolation("more QoS 2 messages unacknowledged than Receive Maximum",
                                     ReasonCode.RECEIVE_MAXIMUM_EXCEEDED)
         inflight_in.add(pid)
-        n = broker.publish(Message.from_publish(pkt, session.client_id), ack_waits=True)
+        if session.journal is not None:
+            session.journal.incoming(session, pid, True)
+        n = broker.publish(Message.from_publish(pkt, session.client_id))
         _acknowledge(broker, client, client.write_pubrec, pid, n)
         return
-    n = broker.publish(Message.from_publish(pkt, session.client_id), ack_waits=qos == 1)
+    n = broker.publish(Message.from_publish(pkt, session.client_id))
     if qos == 1:
         _acknowledge(broker, client, client.write_puback, pkt.packet_id, n)
 
 
 def _acknowledge(broker, client, write_ack, pid: int, reached: int) -> None:
-    """PUBACK / PUBREC, once what the message changed on disk is durable (a retained
-    message today; the sessions' queues with issue 4)."""
+    """PUBACK / PUBREC once what the message changed on disk is durable: the queues of
+    the persistent sessions it reached, a retained change, the QoS 2 packet id."""
     reason = 0x10 if reached == 0 and client.version == MQTT_5 else 0
-    waits = broker.take_commit_waits()
-    if waits:
-        client.defer_until(waits, STORE_COMMIT_TIMEOUT, lambda: write_ack(pid, reason),
-                           what="the store commit", required=True)
-    else:
-        write_ack(pid, reason)
+    client.ack_after(broker.take_commit_wait(), write_ack, pid, reason)
 
 
 def on_puback(broker, client, pkt) -> None:
@@ -76,10 +73,15 @@ def on_pubrel(broker, client, pkt) -> None:
     pid = pkt.packet_id
     if pid in inflight_in:
         inflight_in.discard(pid)
-        client.write_pubcomp(pid, 0)
+        session = client.session
+        if session.journal is not None:
+            # PUBCOMP waits for the id's removal: one kept by a crash would make the
+            # client's next QoS 2 message with this id look like a re-send, and lose it
+            session.journal.incoming(session, pid, False)
+        client.ack_after(broker.take_commit_wait(), client.write_pubcomp, pid, 0)
     else:
-        client.write_pubcomp(pid, ReasonCode.PACKET_IDENTIFIER_NOT_FOUND
-                             if client.version == MQTT_5 else 0)
+        client.ack_after(None, client.write_pubcomp, pid, ReasonCode.PACKET_IDENTIFIER_NOT_FOUND
+                         if client.version == MQTT_5 else 0)
 
 
 def on_pubcomp(broker, client, pkt) -> None:

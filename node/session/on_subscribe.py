@@ -6,6 +6,7 @@ from ..mqtt.codes import MQTT_5, PropertyId, ReasonCode
 from ..mqtt.errors import ProtocolViolation
 from ..mqtt.packets import Suback, Unsuback
 from ..mqtt.topic_rules import parse_shared, valid_topic_filter
+from ..persist import STORE_COMMIT_TIMEOUT
 from ..topics import SubEntry
 
 
@@ -41,11 +42,16 @@ def on_subscribe(broker, client, pkt) -> None:
         for entry, levels in retained:
             broker.send_retained(session, entry, levels)
 
+    broker.persist(session)
     waits = broker.take_route_waits()
-    if waits:
+    commit = broker.take_commit_wait()
+    if waits or commit is not None:
         # In a cluster, SUBACK waits until the other nodes know the new route: a message
-        # published anywhere after the SUBACK then reaches this subscription.
-        client.defer_until(waits, broker.config.takeover_timeout, answer)
+        # published anywhere after the SUBACK then reaches this subscription. A stored
+        # session's SUBACK waits for the subscription to be on disk.
+        client.defer_until(waits, max(broker.config.takeover_timeout, STORE_COMMIT_TIMEOUT),
+                           answer, what="the new routes" if waits else "the store commit",
+                           required=[commit] if commit is not None else [])
     else:
         answer()
 
@@ -54,4 +60,7 @@ def on_unsubscribe(broker, client, pkt) -> None:
     session = client.session
     codes = tuple(ReasonCode.SUCCESS if broker.unsubscribe(session, f)
                   else ReasonCode.NO_SUBSCRIPTION_EXISTED for f in pkt.topic_filters)
-    client.send(Unsuback(pkt.packet_id, codes))
+    broker.persist(session)
+    unsuback = Unsuback(pkt.packet_id, codes)
+    client.ack_after(broker.take_commit_wait(), lambda _pid, _reason: client.send(unsuback),
+                     pkt.packet_id, 0)

@@ -59,11 +59,13 @@ def message_from_record(r) -> Message:
     return Message(topic, payload, qos, retain, props_in(props), expires_at, origin)
 
 
-def _sub_ids_in(raw):
+def sub_ids_in(raw):
     return tuple(raw) if raw else None
 
 
-def session_to_record(s: Session) -> dict:
+def session_meta(s: Session) -> dict:
+    """The session record without its messages: what the store keeps per session (the
+    messages are records of their own there)."""
     will = s.will
     return {
         "v": RECORD_VERSION,
@@ -75,17 +77,25 @@ def session_to_record(s: Session) -> dict:
         "epoch": s.epoch,
         "created_at": s.created_at,
         "subscriptions": [e.to_record() for e in s.subscriptions.values()],
-        "inflight_out": [[pid, message_to_record(e.msg), e.qos, e.retain,
-                          list(e.sub_ids) if e.sub_ids else None, e.stage]
-                         for pid, e in s.inflight_out.items()],
-        "queue": [[message_to_record(m), qos, retain, list(sub_ids) if sub_ids else None]
-                  for m, qos, retain, sub_ids in s.queue],
-        "inflight_in": sorted(s.inflight_in),
+        "inflight_out": [],
+        "queue": [],
+        "inflight_in": [],
         "will": None if will is None else [will.topic, will.payload, will.qos, will.retain,
                                            props_out(will.properties)],
         "will_delay": s.will_delay,
         "will_at": s.will_at,
     }
+
+
+def session_to_record(s: Session) -> dict:
+    r = session_meta(s)
+    r["inflight_out"] = [[pid, message_to_record(e.msg), e.qos, e.retain,
+                          list(e.sub_ids) if e.sub_ids else None, e.stage]
+                         for pid, e in s.inflight_out.items()]
+    r["queue"] = [[message_to_record(m), qos, retain, list(sub_ids) if sub_ids else None]
+                  for m, qos, retain, sub_ids, _ in s.queue]
+    r["inflight_in"] = sorted(s.inflight_in)
+    return r
 
 
 def session_from_record(r: dict, limits, counters) -> tuple[Session, list]:
@@ -102,11 +112,11 @@ def session_from_record(r: dict, limits, counters) -> tuple[Session, list]:
         s.epoch = r["epoch"]
         s.created_at = r["created_at"]
         for pid, m, qos, retain, sub_ids, stage in r["inflight_out"]:
-            e = OutFlight(message_from_record(m), qos, retain, _sub_ids_in(sub_ids))
+            e = OutFlight(message_from_record(m), qos, retain, sub_ids_in(sub_ids))
             e.stage = stage
             s.inflight_out[pid] = e
         for m, qos, retain, sub_ids in r["queue"]:
-            s.queue.append((message_from_record(m), qos, retain, _sub_ids_in(sub_ids)))
+            s.queue.append((message_from_record(m), qos, retain, sub_ids_in(sub_ids), 0))
             if qos == 0:
                 s.queued_qos0 += 1
         s.inflight_in = set(r["inflight_in"])

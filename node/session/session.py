@@ -8,11 +8,17 @@ attaches to it and detaches from it. It owns, for one ClientID:
 * ``inflight_out``: packet id -> ``OutFlight`` (QoS 1/2 sent, not yet acknowledged), in
   send order, at most ``window`` of them;
 * ``queue``: messages waiting for a window slot, a writable socket or a connection,
-  bounded by ``max_queue`` with the drop policy of ``_enqueue``;
+  bounded by ``max_queue`` with the drop policy of ``_enqueue``: items
+  ``(msg, qos, retain, sub_ids, key)``;
 * ``inflight_in``: packet ids of QoS 2 messages received and PUBREC'd, awaiting PUBREL;
 * will, expiry.
 
 ``deliver()`` (our ``db__message_insert``) alone decides send now / queue / drop.
+
+A persistent session on a node with a store has a ``journal`` (node/persist.py): every
+QoS 1/2 message it queues or sends gets a ``key`` (the session's increasing counter, 0 =
+not stored) and each change of it (sent with a packet id, PUBREC'd, acknowledged,
+dropped) is told to the journal, which writes it to the store.
 """
 
 from __future__ import annotations
@@ -63,14 +69,15 @@ del S, T
 class OutFlight:
     """A QoS 1/2 message sent to the client and not yet fully acknowledged."""
 
-    __slots__ = ("msg", "qos", "retain", "sub_ids", "stage")
+    __slots__ = ("msg", "qos", "retain", "sub_ids", "stage", "key")
 
-    def __init__(self, msg, qos: int, retain: bool, sub_ids) -> None:
+    def __init__(self, msg, qos: int, retain: bool, sub_ids, key: int = 0) -> None:
         self.msg = msg
         self.qos = qos
         self.retain = retain
         self.sub_ids = sub_ids
         self.stage = 0  # 0: PUBLISH sent (await PUBACK/PUBREC); 1: PUBREL sent (await PUBCOMP)
+        self.key = key  # the message's key in the store (0: not stored)
 
 
 class Counters:
@@ -104,7 +111,7 @@ class Session:
         "client_id", "state", "client", "subscriptions", "inflight_out", "queue", "queued_qos0",
         "inflight_in", "window", "limits", "counters", "next_pid", "expiry_interval",
         "expires_at", "will", "will_delay", "will_at", "version", "dropping", "created_at",
-        "timer_gen", "epoch", "gate", "__weakref__",
+        "timer_gen", "epoch", "gate", "journal", "seq", "__weakref__",
     )
 
     def __init__(self, client_id: str, limits: SessionLimits, counters: Counters) -> None:
@@ -134,6 +141,8 @@ class Session:
         # happens (append for the new owner, hold, drop): gate(session, msg, qos, retain,
         # sub_ids) replaces deliver(). None the rest of the time.
         self.gate = None
+        self.journal = None  # node.persist.SessionJournal while the session is stored
+        self.seq = 1  # the next message key in the store
 
     # -- state ---------------------------------------------------------------------------
 
@@ -188,6 +197,8 @@ class Session:
         self.timer_gen += 1
         self.queue.clear()
         self.inflight_out.clear()
+        if self.journal is not None:
+            self.journal.forget(self)
 
     # -- outgoing messages -----------------------------------------------------------------
 
@@ -208,16 +219,22 @@ class Session:
                     self.counters.messages_out += 1
                 return
             if len(self.inflight_out) < self.window:
-                self._send_new(client, msg, qos, retain, sub_ids, None)
+                self._send_new(client, msg, qos, retain, sub_ids, None, 0)
                 return
         self._enqueue(msg, qos, retain, sub_ids)
 
-    def _send_new(self, client, msg, qos, retain, sub_ids, now) -> None:
+    def _send_new(self, client, msg, qos, retain, sub_ids, now, key: int) -> None:
         pid = self._allocate_pid()
         frame = client.publish_frame(msg, qos, retain, False, pid, sub_ids, now)
+        journal = self.journal
         if frame is None:
-            return  # larger than the client's Maximum Packet Size: discarded [MQTT-3.1.2-25]
-        self.inflight_out[pid] = OutFlight(msg, qos, retain, sub_ids)
+            # larger than the client's Maximum Packet Size: discarded [MQTT-3.1.2-25]
+            if key:
+                journal.remove(self, key)
+            return
+        e = self.inflight_out[pid] = OutFlight(msg, qos, retain, sub_ids, key)
+        if journal is not None:
+            journal.sent(self, pid, e)
         client.write(frame)
         self.counters.messages_out += 1
 
@@ -252,9 +269,14 @@ class Session:
                 self._dropped(1)
                 return
             else:
-                queue.popleft()
+                key = queue.popleft()[4]
+                if key:
+                    self.journal.remove(self, key)
             self._dropped(1)
-        queue.append((msg, qos, retain, sub_ids))
+        key = 0
+        if qos and self.journal is not None:
+            key = self.journal.queued(self, msg, qos, retain, sub_ids)
+        queue.append((msg, qos, retain, sub_ids, key))
         if qos == 0:
             self.queued_qos0 += 1
 
@@ -277,7 +299,7 @@ class Session:
         if self.dropping and len(queue) < self.limits.max_queue // 2:
             self.dropping = False  # the episode is over: the next drop logs again
         while queue and client.writable:
-            msg, qos, retain, sub_ids = queue[0]
+            msg, qos, retain, sub_ids, key = queue[0]
             if qos and len(inflight) >= self.window:
                 break
             queue.popleft()
@@ -285,6 +307,8 @@ class Session:
                 self.queued_qos0 -= 1
             if msg.expires_at is not None and now >= msg.expires_at:
                 counters.expired_messages += 1
+                if key:
+                    self.journal.remove(self, key)
                 continue
             if qos == 0:
                 frame = client.publish_frame(msg, 0, retain, False, 0, sub_ids, now)
@@ -292,15 +316,20 @@ class Session:
                     client.write(frame)
                     counters.messages_out += 1
             else:
-                self._send_new(client, msg, qos, retain, sub_ids, now)
+                self._send_new(client, msg, qos, retain, sub_ids, now, key)
 
     def drop_expired(self, now: float) -> int:
         """Remove queued messages whose Message Expiry passed."""
         before = len(self.queue)
         if not before:
             return 0
-        kept = [item for item in self.queue
-                if item[0].expires_at is None or now < item[0].expires_at]
+        kept = []
+        journal = self.journal
+        for item in self.queue:
+            if item[0].expires_at is None or now < item[0].expires_at:
+                kept.append(item)
+            elif item[4]:
+                journal.remove(self, item[4])
         removed = before - len(kept)
         if removed:
             self.queue = collections.deque(kept)
@@ -315,6 +344,8 @@ class Session:
         if e is None or e.qos != 1:
             return False
         del self.inflight_out[pid]
+        if e.key:
+            self.journal.remove(self, e.key)
         if self.queue:
             self.pump()
         return True
@@ -326,9 +357,14 @@ class Session:
             return False
         if reason >= 0x80:
             del self.inflight_out[pid]
+            if e.key:
+                self.journal.remove(self, e.key)
             self.pump()
             return None
-        e.stage = 1
+        if e.stage == 0:
+            e.stage = 1
+            if e.key:
+                self.journal.sent(self, pid, e)
         return True
 
     def on_pubcomp(self, pid: int) -> bool:
@@ -336,6 +372,8 @@ class Session:
         if e is None or e.stage != 1:
             return False
         del self.inflight_out[pid]
+        if e.key:
+            self.journal.remove(self, e.key)
         if self.queue:
             self.pump()
         return True

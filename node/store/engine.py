@@ -266,22 +266,30 @@ class SessionStore:
     async def commit(self) -> None:
         """Safe mode: return when everything submitted before this call is on disk and
         fsynced. Fast mode: return at once (see the module docstring for what that risks)."""
+        fut = self.durable_future()
+        if fut is not None:
+            await fut
+
+    def durable_future(self) -> asyncio.Future | None:
+        """``commit()`` without a coroutine (no task per acknowledgement): None when
+        nothing has to be waited for, else a future done once everything submitted before
+        this call is durable (it fails with ``StoreError`` if the store does)."""
         if self._failed is not None or not self._opened:
             self._unusable()
         self._stats["commits"] += 1
         target = self._submitted
         if self._durable >= target:
-            return
+            return None
         if self.durability == "fast" and len(self._buf) < self.max_pending_bytes:
             if self._timer is None:
                 self._arm_timer()
-            return
+            return None
         # safe mode, or fast mode with more pending than the bound: wait for the disk
         # (back-pressure, so a burst cannot grow the buffer without limit)
         fut = asyncio.get_running_loop().create_future()
         self._waiters.append((target, fut))
         self._kick()
-        await fut
+        return fut
 
     def _arm_timer(self) -> None:
         try:

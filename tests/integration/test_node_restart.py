@@ -10,9 +10,6 @@ from support import Prop, Puback, Publish
 pytestmark = [
     pytest.mark.timeout(40),
     pytest.mark.shoal_only("Mosquitto runs here with persistence off"),
-    # strict: the day the broker keeps sessions across a restart (issue 4), this XPASSes
-    # and fails, so the marker is removed together with the change that makes it pass
-    pytest.mark.xfail(reason="issue 4: sessions are not yet stored on disk", strict=True),
 ]
 
 

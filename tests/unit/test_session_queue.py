@@ -115,6 +115,6 @@ def test_session_record_round_trip_keeps_everything():
         == [(pid, e.msg.payload, e.qos, e.stage, e.sub_ids) for pid, e in s.inflight_out.items()]
     first = next(iter(s2.inflight_out.values())).msg
     assert first.properties == props and first.expires_at == 2e9
-    assert [(m.payload, q, r_) for m, q, r_, _ in s2.queue] == [(b"3", 1, True)]
+    assert [(m.payload, q, r_) for m, q, r_, *_ in s2.queue] == [(b"3", 1, True)]
     assert s2.inflight_in == {42} and s2.will == s.will and s2.expiry_interval == 3600
     assert subs == [["a/#", 2, False, False, 0, 7, None]]
