@@ -1091,6 +1091,26 @@ class BrokerProcess:
         self.stop()
         return self.start(timeout)
 
+    def kill(self, sig: int = signal.SIGKILL) -> int:
+        """Send ``sig`` to the node's process group (default: kill -9: no shutdown, no
+        store flush) and reap it; after SIGKILL its clients' dead sockets are dropped.
+        Returns the pid."""
+        assert self.proc is not None
+        pid = self.proc.pid
+        assert self.alive(), f"node died before the kill:\n{self.log_tail()}"
+        os.killpg(pid, sig)
+        if sig in (signal.SIGKILL, signal.SIGTERM, signal.SIGINT):
+            self.proc.wait(timeout=10)
+        if sig == signal.SIGKILL:
+            assert self.proc.returncode == -signal.SIGKILL, self.proc.returncode
+            for client in self.clients:
+                client.close()
+            self.clients = []
+            if self._log:
+                self._log.close()
+                self._log = None
+        return pid
+
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
@@ -1300,23 +1320,6 @@ class ClusterNodeProcess(BrokerProcess):
             return False
         return status == 200 and any(n.get("id") == self.node_id
                                      for n in view.get("nodes", []))
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        """Send ``sig`` to the node (default: kill -9) and reap it."""
-        assert self.proc is not None
-        try:
-            os.killpg(self.proc.pid, sig)
-        except ProcessLookupError:
-            pass
-        if sig in (signal.SIGKILL, signal.SIGTERM, signal.SIGINT):
-            self.proc.wait(timeout=10)
-        if sig == signal.SIGKILL:
-            for client in self.clients:
-                client.close()
-            self.clients = []
-            if self._log:
-                self._log.close()
-                self._log = None
 
     # -- admin API
     def api(self, path: str, method: str = "GET", timeout: float = 3.0) -> tuple[int, Any]:
