@@ -1,0 +1,105 @@
+"""Issue 4 in a cluster: a node killed with -9 and restarted on its data directory brings
+back the persistent sessions it held, rejoins, and serves them again (also to a takeover
+from another node); a session another node took over while it was down is not brought
+back (one live copy of a ClientID)."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from support import Prop, Puback, Publish, wait_for
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
+
+N = 50
+EXPIRY = {Prop.SESSION_EXPIRY_INTERVAL: 600}
+
+
+def uid() -> str:
+    return uuid.uuid4().hex[:8]
+
+
+def queue_offline(cluster, holder, pub_node, client_id: str, topic: str) -> None:
+    """A persistent subscriber on ``holder`` goes offline; N QoS 1 messages published on
+    ``pub_node`` are queued for it and on ``holder``'s disk."""
+    sub = holder.raw(5)
+    sub.connect(client_id, clean_start=False, properties=EXPIRY)
+    sub.subscribe(f"{topic}/#", qos=1)
+    sub.disconnect()
+    pub = pub_node.raw(5)
+    pub.connect(f"pub-{uid()}")
+    # the route reaches pub_node's view through Raft: publish once it forwards
+    wait_for(lambda: pub_node.session_view(client_id) is not None
+             and pub_node.session_view(client_id).get("holder") == holder.node_id, 10)
+    for i in range(N):
+        pub.publish(f"{topic}/t", f"m{i}".encode(), qos=1)
+    pub.disconnect()
+    wait_for(lambda: holder.stats()["queued_messages"] >= N, 10,
+             message=lambda: f"{N} queued on {holder.node_id}: {holder.stats()}")
+    wait_for(lambda: holder.stats()["store"]["pending_records"] == 0, 5)
+
+
+def take_all(raw, n: int) -> list[bytes]:
+    got = []
+    for _ in range(n):
+        p = raw.expect(Publish, timeout=10)
+        got.append(p.payload)
+        raw.send(Puback(p.packet_id))
+    return got
+
+
+def test_restarted_node_serves_its_stored_sessions_again(cluster):
+    a, b, c = cluster.nodes
+    cid, topic = f"rs-{uid()}", f"rs/{uid()}"
+    queue_offline(cluster, a, b, cid, topic)
+
+    old = a.kill()
+    cluster.restart(1)
+    assert a.pid != old
+    wait_for(lambda: a.session_view(cid) and a.session_view(cid).get("here"), 10,
+             message=lambda: f"session back on the restarted node: {a.session_view(cid)}")
+
+    # a message published elsewhere after the restart reaches the restored subscription
+    pub = c.raw(5)
+    pub.connect(f"pub-{uid()}")
+    pub.publish(f"{topic}/t", b"after", qos=1)
+    wait_for(lambda: a.stats()["queued_messages"] == N + 1, 10,
+             message=lambda: f"routes of the restored session announced: {a.stats()}")
+
+    # the client comes back through another node: a takeover from the restarted one
+    again = b.raw(5)
+    assert again.connect(cid, clean_start=False, properties=EXPIRY).session_present
+    assert take_all(again, N + 1) == [f"m{i}".encode() for i in range(N)] + [b"after"]
+    wait_for(lambda: not a.session_view(cid)["here"], 10)
+
+
+def test_a_session_taken_over_while_its_node_was_down_is_not_brought_back(cluster_factory):
+    cluster = cluster_factory(3, takeover_timeout=1.0)
+    a, b, c = cluster.nodes
+    cid, topic = f"tw-{uid()}", f"tw/{uid()}"
+    queue_offline(cluster, a, b, cid, topic)
+
+    a.kill()
+    # a's copy is out of reach: b starts the session afresh and becomes its holder
+    fresh = b.raw(5)
+    ack = fresh.connect(cid, clean_start=False, properties=EXPIRY)
+    assert not ack.session_present
+    fresh.subscribe(f"{topic}/#", qos=1)
+    wait_for(lambda: c.session_view(cid).get("holder") == b.node_id, 10)
+
+    cluster.restart(1)
+    wait_for(lambda: a.stats()["store"]["sessions"] == 0, 10,
+             message=lambda: f"the stale copy dropped from a's store: {a.stats()['store']}")
+    view = a.session_view(cid)
+    assert view["holder"] == b.node_id and not view["here"], view
+
+    # one live copy: a message published on a reaches the client once, from b
+    pub = a.raw(5)
+    pub.connect(f"pub-{uid()}")
+    pub.publish(f"{topic}/t", b"once", qos=1)
+    p = fresh.expect(Publish, timeout=10)
+    assert p.payload == b"once"
+    fresh.send(Puback(p.packet_id))
+    assert fresh.recv_nothing_for(0.5) == []
