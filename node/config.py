@@ -119,6 +119,9 @@ class Config:
     durability: str = _opt(
         "safe", "Store writes: `safe` fsyncs before acknowledging, `fast` acknowledges at once "
         "and fsyncs within ~10 ms (see Durability).", _one_of("safe", "fast"))
+    store_compact_bytes: int = _opt(
+        16 << 20, "The store compacts (rewrites what is live, deletes the rest) once its "
+        "files pass this size and twice what is live.", _int_range(4096, 1 << 40))
     # -- cluster (all off while cluster_port is 0) --------------------------------------
     cluster_port: int = _opt(0, "Node-to-node port; 0 runs a single node without a cluster.",
                              _int_range(0, 65535))

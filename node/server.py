@@ -497,7 +497,8 @@ def open_store(config) -> tuple[SessionStore, object, object]:
     it found is logged (never a silent start with wrong state)."""
     path = os.path.join(config.data_dir, "store")
     os.makedirs(path, exist_ok=True)
-    store = SessionStore(path, durability=config.durability)
+    store = SessionStore(path, durability=config.durability,
+                         compact_min_bytes=config.store_compact_bytes)
     loaded, report = store.open()
     for problem in report.problems:
         log.error("store recovery node=%s: %s", config.node_id, problem)
