@@ -37,7 +37,6 @@ from node.ownership import Claim, ConnectRefused
 from node.session.record import message_from_record, message_to_record
 from node.session.session import SessionState
 
-from .routing import RaftUnavailable
 from .transport import PeerUnreachable, RemoteError, RequestTimeout
 
 log = logging.getLogger("shoal.takeover")

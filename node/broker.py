@@ -118,12 +118,19 @@ class Broker:
         if self.journal is not None:
             self.journal.retained(topic, msg)
 
-    def take_commit_wait(self):
-        """The store commit the current packet's acknowledgement waits for (or None):
-        every record it caused (the messages it queued for persistent sessions, a retained
-        change, a QoS 2 packet id), group-committed with the loop's other writes."""
+    def store_mark(self) -> int:
+        """Where the store's changes are now: a packet handler takes it first and passes
+        it to ``commit_wait()``."""
         journal = self.journal
-        if journal is None or not journal.dirty:
+        return 0 if journal is None else journal.writes
+
+    def commit_wait(self, mark: int):
+        """The store commit the current packet's acknowledgement waits for, or None when
+        the packet changed nothing on disk since ``mark`` (the messages it queued for
+        persistent sessions, a retained change, a QoS 2 packet id): group-committed with
+        the loop's other writes."""
+        journal = self.journal
+        if journal is None or journal.writes == mark:
             return None
         return journal.commit_wait()
 
@@ -380,7 +387,7 @@ class Broker:
     def publish(self, msg: Message) -> int:
         """A message from a local client (or a will): store a retained one, route it here
         and to the other nodes; returns how many sessions and nodes it reached. What it
-        wrote to the store is durable once ``take_commit_wait()`` is."""
+        wrote to the store is durable once ``commit_wait(mark)`` is."""
         if msg.retain:
             # an empty retained payload clears the topic
             self.set_retained(msg.topic, msg if msg.payload else None)

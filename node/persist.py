@@ -18,9 +18,10 @@ Interval > 0):
 QoS 0 messages are not stored: at most once, a crash may lose them. Sessions with expiry
 0 are not stored: they end with their connection.
 
-Acknowledgements wait for the disk where a promise depends on it: ``dirty`` says that
-something was written since the last ``commit_wait()``, which the broker turns into the
-wait of a PUBACK, PUBREC, PUBCOMP or SUBACK.
+Acknowledgements wait for the disk where a promise depends on it: ``writes`` counts the
+changes written; a packet handler that changed it gets a ``commit_wait()`` for its PUBACK,
+PUBREC, PUBCOMP, SUBACK or UNSUBACK (one that wrote nothing, none: an in-memory flow
+never waits for the disk because of another one).
 """
 
 from __future__ import annotations
@@ -39,11 +40,11 @@ STORE_COMMIT_TIMEOUT = 10.0  # seconds; a disk this slow is treated as failed fo
 
 
 class SessionJournal:
-    __slots__ = ("store", "dirty")
+    __slots__ = ("store", "writes")
 
     def __init__(self, store) -> None:
         self.store = store
-        self.dirty = False  # written since the last commit_wait()
+        self.writes = 0  # changes written, ever
 
     # -- which sessions ------------------------------------------------------------------
 
@@ -65,7 +66,7 @@ class SessionJournal:
             queue[i] = (msg, qos, retain, sub_ids, key)
         for pid in session.inflight_in:
             store.add_incoming(session.client_id, pid)
-        self.dirty = True
+        self.writes += 1
 
     def forget(self, session: Session) -> None:
         """The session ended here, or is no longer persistent: delete its records."""
@@ -77,12 +78,12 @@ class SessionJournal:
             if item[4]:
                 queue[i] = item[:4] + (0,)
         self.store.delete_session(session.client_id)
-        self.dirty = True
+        self.writes += 1
 
     def meta(self, session: Session) -> None:
         """Expiry, will or subscriptions changed."""
         self.store.put_session(session.client_id, session_meta(session))
-        self.dirty = True
+        self.writes += 1
 
     # -- messages ------------------------------------------------------------------------
 
@@ -98,7 +99,7 @@ class SessionJournal:
         self.store.put_message(session.client_id, key,
                                [qos, retain, list(sub_ids) if sub_ids else None, 0, 0],
                                self._ref(msg))
-        self.dirty = True
+        self.writes += 1
         return key
 
     def sent(self, session: Session, pid: int, e: OutFlight) -> None:
@@ -110,28 +111,27 @@ class SessionJournal:
             key = e.key = session.seq
             session.seq = key + 1
             self.store.put_message(session.client_id, key, entry, self._ref(e.msg))
-        self.dirty = True
+        self.writes += 1
 
     def remove(self, session: Session, key: int) -> None:
         self.store.remove_message(session.client_id, key)
-        self.dirty = True
+        self.writes += 1
 
     def incoming(self, session: Session, pid: int, add: bool) -> None:
         if add:
             self.store.add_incoming(session.client_id, pid)
         else:
             self.store.remove_incoming(session.client_id, pid)
-        self.dirty = True
+        self.writes += 1
 
     def retained(self, topic: str, msg: Message | None) -> None:
         self.store.put_retained(topic, None if msg is None else pack(message_to_record(msg)))
-        self.dirty = True
+        self.writes += 1
 
     def commit_wait(self):
         """A future done when everything written so far is durable, or None when nothing
-        needs waiting for (nothing written, or the fast durability mode). A failed store
-        fails the future: the acknowledgement waiting for it is never sent."""
-        self.dirty = False
+        needs waiting for (all durable already, or the fast durability mode). A failed
+        store fails the future: the acknowledgement waiting for it is never sent."""
         return self.store.durable_future()
 
     # -- start -----------------------------------------------------------------------------

@@ -25,6 +25,7 @@ def on_publish(broker, client, pkt) -> None:
         raise ProtocolViolation("Subscription Identifier in a client PUBLISH")  # [MQTT-3.3.4-6]
     session = client.session
     broker.counters.messages_in += 1
+    mark = broker.store_mark()
     if qos == 2:
         pid = pkt.packet_id
         inflight_in = session.inflight_in
@@ -39,18 +40,18 @@ def on_publish(broker, client, pkt) -> None:
         if session.journal is not None:
             session.journal.incoming(session, pid, True)
         n = broker.publish(Message.from_publish(pkt, session.client_id))
-        _acknowledge(broker, client, client.write_pubrec, pid, n)
+        _acknowledge(broker, client, client.write_pubrec, pid, n, mark)
         return
     n = broker.publish(Message.from_publish(pkt, session.client_id))
     if qos == 1:
-        _acknowledge(broker, client, client.write_puback, pkt.packet_id, n)
+        _acknowledge(broker, client, client.write_puback, pkt.packet_id, n, mark)
 
 
-def _acknowledge(broker, client, write_ack, pid: int, reached: int) -> None:
+def _acknowledge(broker, client, write_ack, pid: int, reached: int, mark: int) -> None:
     """PUBACK / PUBREC once what the message changed on disk is durable: the queues of
     the persistent sessions it reached, a retained change, the QoS 2 packet id."""
     reason = 0x10 if reached == 0 and client.version == MQTT_5 else 0
-    client.ack_after(broker.take_commit_wait(), write_ack, pid, reason)
+    client.ack_after(broker.commit_wait(mark), write_ack, pid, reason)
 
 
 def on_puback(broker, client, pkt) -> None:
@@ -74,11 +75,13 @@ def on_pubrel(broker, client, pkt) -> None:
     if pid in inflight_in:
         inflight_in.discard(pid)
         session = client.session
+        wait = None
         if session.journal is not None:
             # PUBCOMP waits for the id's removal: one kept by a crash would make the
             # client's next QoS 2 message with this id look like a re-send, and lose it
             session.journal.incoming(session, pid, False)
-        client.ack_after(broker.take_commit_wait(), client.write_pubcomp, pid, 0)
+            wait = session.journal.commit_wait()
+        client.ack_after(wait, client.write_pubcomp, pid, 0)
     else:
         client.ack_after(None, client.write_pubcomp, pid, ReasonCode.PACKET_IDENTIFIER_NOT_FOUND
                          if client.version == MQTT_5 else 0)

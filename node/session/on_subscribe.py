@@ -21,6 +21,7 @@ def on_subscribe(broker, client, pkt) -> None:
             sub_id = ids[0]
     codes = []
     retained = []
+    mark = broker.store_mark()
     for s in pkt.subscriptions:
         if not valid_topic_filter(s.topic_filter):
             codes.append(ReasonCode.TOPIC_FILTER_INVALID if v5 else ReasonCode.UNSPECIFIED_ERROR)
@@ -44,7 +45,7 @@ def on_subscribe(broker, client, pkt) -> None:
 
     broker.persist(session)
     waits = broker.take_route_waits()
-    commit = broker.take_commit_wait()
+    commit = broker.commit_wait(mark)
     if waits or commit is not None:
         # In a cluster, SUBACK waits until the other nodes know the new route: a message
         # published anywhere after the SUBACK then reaches this subscription. A stored
@@ -58,9 +59,10 @@ def on_subscribe(broker, client, pkt) -> None:
 
 def on_unsubscribe(broker, client, pkt) -> None:
     session = client.session
+    mark = broker.store_mark()
     codes = tuple(ReasonCode.SUCCESS if broker.unsubscribe(session, f)
                   else ReasonCode.NO_SUBSCRIPTION_EXISTED for f in pkt.topic_filters)
     broker.persist(session)
     unsuback = Unsuback(pkt.packet_id, codes)
-    client.ack_after(broker.take_commit_wait(), lambda _pid, _reason: client.send(unsuback),
+    client.ack_after(broker.commit_wait(mark), lambda _pid, _reason: client.send(unsuback),
                      pkt.packet_id, 0)
