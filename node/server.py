@@ -30,7 +30,7 @@ from .session.dispatch import HANDLERS
 from .ownership import ConnectRefused
 from .persist import STORE_COMMIT_TIMEOUT
 from .session.on_connect import finish_connect
-from .store import SessionStore
+from .store import SessionStore, StoreError
 
 log = logging.getLogger("shoal.server")
 
@@ -464,6 +464,19 @@ async def serve(config, stop: asyncio.Event, extensions=()) -> None:
     admin_app = make_admin_app(broker) if config.admin_port else None
     async with contextlib.AsyncExitStack() as stack:
         store, loaded, report = open_store(config)
+
+        def store_failed(err: BaseException) -> None:
+            # After a failed write or fsync nothing more can be acknowledged as stored and
+            # the page cache cannot be trusted: stop, so that recovery runs at the next
+            # start (a supervisor restarts the node), rather than serve without the disk.
+            log.critical("store failed node=%s: %r; stopping the node (recovery runs at "
+                         "the next start; check the disk under %s)", config.node_id, err,
+                         store.data_dir)
+            failures.append(err)
+            stop.set()
+
+        failures: list = []
+        store.on_failure = store_failed
         stack.push_async_callback(store.close)
         broker.attach_store(store, loaded, report)
         for ext in extensions:
@@ -527,5 +540,9 @@ def run_node(config, extensions=()) -> int:
     except OSError as err:
         log.error("cannot start node=%s: %s (is the port in use? pick another with "
                   "--mqtt-port / --admin-port / --cluster-port)", config.node_id, err)
+        return 1
+    except StoreError as err:
+        # the data directory is in use by another node, or the disk failed under it
+        log.error("stopped: %s (%r)", err, err.__cause__)
         return 1
     return 0

@@ -35,8 +35,11 @@ Durability modes:
   for one write; without back-pressure the backlog, and so the loss window, would grow.
   So the loss is at most ``max_pending_bytes`` of records, usually about 10 ms.
 
-A write or fsync error fails the store for good (``StoreError`` from then on): after a
-failed fsync the page cache cannot be trusted, so the node must restart and recover.
+A write or fsync error fails the store for good: after a failed fsync the page cache
+cannot be trusted, so the node must restart and recover. ``on_failure`` is told once (the
+node stops on it); from then on every commit fails with ``StoreError`` (so nothing more
+is acknowledged as stored) and mutations are no longer written (they only keep the
+in-memory view consistent while the node shuts down).
 """
 
 from __future__ import annotations
@@ -89,6 +92,8 @@ class SessionStore:
         self._cut_waiters: list[asyncio.Future] = []
         self._closing = False
         self._failed: BaseException | None = None
+        #: called once, in the loop, when a write, fsync or compaction fails
+        self.on_failure = None
         self._opened = False
         self._closed = False
         self._lock_fd = -1
@@ -116,7 +121,8 @@ class SessionStore:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
             os.close(self._lock_fd)
-            raise StoreError(f"{self.data_dir} is in use by another process") from err
+            raise StoreError(f"{self.data_dir} is in use by another process (each node needs "
+                             f"a --data-dir of its own)") from err
         t0 = time.monotonic()
         rec = recover(self.data_dir)
         self._state = rec.state
@@ -186,7 +192,9 @@ class SessionStore:
     # --- mutations: synchronous, buffered ---
 
     def _append(self, rec: list) -> int:
-        if self._failed is not None or not self._opened:
+        if self._failed is not None:
+            return 0  # failed: nothing is written any more, every commit fails (see above)
+        if not self._opened:
             self._unusable()
         f = frame(pack(rec))
         self._buf += f
@@ -274,7 +282,11 @@ class SessionStore:
         """``commit()`` without a coroutine (no task per acknowledgement): None when
         nothing has to be waited for, else a future done once everything submitted before
         this call is durable (it fails with ``StoreError`` if the store does)."""
-        if self._failed is not None or not self._opened:
+        if self._failed is not None:
+            fut = asyncio.get_running_loop().create_future()
+            fut.set_exception(StoreError(f"the store failed: {self._failed!r}"))
+            return fut
+        if not self._opened:
             self._unusable()
         self._stats["commits"] += 1
         target = self._submitted
@@ -347,7 +359,10 @@ class SessionStore:
                 fut.set_result(None)
 
     def _fail(self, err: BaseException) -> None:
+        first = self._failed is None
         self._failed = err
+        if first and self.on_failure is not None and not isinstance(err, asyncio.CancelledError):
+            self.on_failure(err)
         for fut in self._cut_waiters:
             if not fut.done():
                 fut.set_exception(StoreError(f"store write failed: {err!r}"))

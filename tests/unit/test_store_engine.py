@@ -328,3 +328,33 @@ def test_stats_report_the_size_of_the_store(tmp_path):
     assert st["records"] == 3 and st["messages"] == 1 and st["bodies"] == 1
     for k in ("commits", "fsyncs", "avg_batch_records", "avg_batch_commits", "last_compaction"):
         assert k in st
+
+
+def test_a_failed_write_fails_every_later_commit_and_is_reported_once(tmp_path):
+    """A write error (here: the log's descriptor made read-only underneath the store)
+    fails the store: on_failure hears of it once, every commit fails from then on, and
+    later mutations no longer raise (the node is shutting down on it)."""
+    async def go():
+        s = SessionStore(str(tmp_path))
+        s.open()
+        failures = []
+        s.on_failure = failures.append
+        s.put_session("a", {})
+        await s.commit()
+        ro = os.open(tmp_path / "CURRENT", os.O_RDONLY)
+        os.dup2(ro, s._fd)  # writes to the log now fail with EBADF
+        os.close(ro)
+        s.put_message("a", 1, entry(1), s.message_ref(b"x"))
+        with pytest.raises(StoreError):
+            await s.commit()
+        s.put_message("a", 2, entry(2), s.message_ref(b"y"))  # not written, no exception
+        with pytest.raises(StoreError):
+            await s.commit()
+        with pytest.raises(StoreError, match="not everything was written"):
+            await s.close()
+        return failures
+
+    failures = run(go())
+    assert len(failures) == 1 and isinstance(failures[0], OSError)
+    state, report = run(reopen(tmp_path))
+    assert list(state.sessions["a"].messages) == [] and report.problems == []
