@@ -197,9 +197,9 @@ class MqttProtocol(asyncio.Protocol):
                 return
             acks = self.acks = collections.deque()
             self.acks_timer = self.loop.call_later(STORE_COMMIT_TIMEOUT, self._acks_stalled)
+        if wait is not None and (not acks or acks[-1][0] is not wait):
+            wait.add_done_callback(self._acks_ready)  # once per future (shared by a batch)
         acks.append((wait, write, pid, reason, self.loop.time()))
-        if wait is not None:
-            wait.add_done_callback(self._acks_ready)
 
     def _acks_ready(self, _fut=None) -> None:
         acks = self.acks

@@ -83,6 +83,7 @@ class SessionStore:
         self._buf = bytearray()
         self._submitted = 0        # records appended to the buffer, ever
         self._durable = 0          # of which written and fsynced
+        self._taken = 0            # of which taken by the writer (the rest is in _buf)
         self._waiters: collections.deque = collections.deque()  # (target, future)
         self._wake: asyncio.Event | None = None
         self._writer: asyncio.Task | None = None
@@ -298,6 +299,13 @@ class SessionStore:
             return None
         # safe mode, or fast mode with more pending than the bound: wait for the disk
         # (back-pressure, so a burst cannot grow the buffer without limit)
+        w = self._waiters
+        if w and w[-1][0] > self._taken:
+            # the last waiter's records are still in the buffer with ours: the same batch
+            # makes both durable, so they share one future
+            fut = w[-1][1]
+            w[-1] = (target, fut)
+            return fut
         fut = asyncio.get_running_loop().create_future()
         self._waiters.append((target, fut))
         self._kick()
@@ -331,10 +339,19 @@ class SessionStore:
                         await self._cut(loop)
                         continue
                     buf, end = self._buf, self._submitted
+                    self._taken = end
                     self._buf = bytearray()
                     await loop.run_in_executor(self._io, self._write_batch, buf)
                     self._stats["records_written"] += end - self._durable
                     self._done(end)
+                    if self.durability == "fast" and not self._waiters \
+                            and not self._closing and not self._cut_wanted:
+                        # fast mode, nobody waiting: one batch per flush interval (the
+                        # timer), not back to back: fewer fsyncs, and the loop keeps the GIL
+                        self._wake.clear()
+                        if self._buf and self._timer is None:
+                            self._arm_timer()
+                        break
                 if self._closing:
                     return
         except BaseException as err:  # noqa: BLE001 - every waiter must hear of it
@@ -403,6 +420,7 @@ class SessionStore:
         self._cut_wanted = False
         frozen = self._state.freeze()
         buf, end = self._buf, self._submitted
+        self._taken = end
         self._buf = bytearray()
         old_gen, new_gen = self._gen, self._gen + 1
         await loop.run_in_executor(self._io, self._switch_log, buf, new_gen)
