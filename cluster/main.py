@@ -2,8 +2,10 @@
 
 ``shoal run`` with ``--cluster-port`` joins (or founds) a cluster: the cluster member is
 plugged into the node as an extension, so ``node`` never imports ``cluster``.
-``shoal cluster up`` starts a local cluster of N processes; ``shoal cluster status`` and
-``shoal cluster leave`` talk to a node's admin API.
+``shoal cluster up`` starts a local cluster of N processes; ``shoal cluster status``,
+``join`` and ``leave`` talk to a node's admin API. The cluster's part of that API (its
+routes, and the ``node.admin.ClusterAdmin`` hook: session owner/epoch/holder, forwarded
+kicks, nodes, Raft and takeover metrics) is added by :func:`add_admin_routes`.
 """
 
 from __future__ import annotations
@@ -23,11 +25,14 @@ from typing import Sequence
 from aiohttp import web
 
 from node import cli as node_cli
+from node.admin import CLUSTER_ADMIN
 from node.config import ConfigError
+from node.metrics import Exposition
 
 from .member import ClusterError, ClusterMember, new_secret
+from .transport import PeerUnreachable, RemoteError, RequestTimeout
 
-DEFAULT_ADMIN = "http://127.0.0.1:8080"
+DEFAULT_ADMIN = node_cli.DEFAULT_ADMIN
 
 
 # -- the extension ------------------------------------------------------------------------------
@@ -53,13 +58,16 @@ async def cluster_extension(broker, admin_app):
 
 
 MEMBER = web.AppKey("cluster_member", ClusterMember)
+KICK_TIMEOUT = 5.0  # seconds a kick forwarded to another node may take
 
 
 def add_admin_routes(app: web.Application, member: ClusterMember) -> None:
+    """The cluster's part of the admin API: its own routes, and the ClusterAdmin hook the
+    node's routes (sessions, kick, nodes, metrics) call for what only the cluster knows."""
     app[MEMBER] = member
+    app[CLUSTER_ADMIN] = MemberAdmin(member)
     app.router.add_get("/api/v1/cluster", _cluster)
     app.router.add_post("/api/v1/cluster/leave", _leave)
-    app.router.add_get("/api/v1/sessions/{client_id}", _session)
 
 
 async def _cluster(request: web.Request) -> web.Response:
@@ -67,38 +75,90 @@ async def _cluster(request: web.Request) -> web.Response:
 
 
 async def _leave(request: web.Request) -> web.Response:
-    return web.json_response(await request.app[MEMBER].leave())
+    member = request.app[MEMBER]
+    if member.leaving:
+        return web.json_response({"error": f"{member.node_id} is already leaving the cluster; "
+                                           "stop its process once it has left"}, status=409)
+    return web.json_response(await member.leave())
 
 
-async def _session(request: web.Request) -> web.Response:
-    view = request.app[MEMBER].session_view(request.match_info["client_id"])
-    status = 200 if view["owner"] or view["holder"] or view["here"] else 404
-    return web.json_response(view, status=status)
+class MemberAdmin:
+    """node.admin.ClusterAdmin over a ClusterMember."""
+
+    def __init__(self, member: ClusterMember) -> None:
+        self.member = member
+
+    def session_fields(self, client_id: str) -> dict:
+        view = self.member.view
+        owner = view.owners.get(client_id)
+        return {"owner": owner[0] if owner else None, "epoch": owner[1] if owner else None,
+                "holder": view.holders.get(client_id)}
+
+    def nodes(self) -> list[dict]:
+        return self.member.cluster_status()["nodes"]
+
+    async def kick_remote(self, client_id: str) -> dict | None:
+        member = self.member
+        holder = member.view.holders.get(client_id)
+        if holder is None or holder == member.node_id:
+            return None
+        admin = (member.view.members.get(holder) or {}).get("admin") or ""
+        try:
+            kicked = await member.transport.request(holder, "kick", {"client_id": client_id},
+                                                    KICK_TIMEOUT)
+        except (PeerUnreachable, RequestTimeout, RemoteError) as err:
+            return {"node": holder, "admin": admin, "error": str(err)}
+        return {"node": holder, "kicked": bool(kicked)}
+
+    def metrics(self, expo: Exposition) -> None:
+        member = self.member
+        status = member.cluster_status()
+        raft = member.raft.status()
+        expo.gauge("shoal_raft_term", "Current Raft term.", raft["term"])
+        expo.gauge("shoal_raft_commit_index", "Raft commit index.", raft["commit_index"])
+        expo.gauge("shoal_raft_last_applied", "Last Raft log index applied here.",
+                   raft["last_applied"])
+        expo.gauge("shoal_raft_is_leader", "1 when this node is the Raft leader.",
+                   raft["is_leader"])
+        expo.gauge("shoal_raft_has_quorum", "1 when this node sees a Raft majority.",
+                   raft["has_quorum"])
+        expo.counter("shoal_raft_leader_changes_total",
+                     "Leader changes seen by this node (checked once a second).",
+                     member.leader_changes)
+        by_status: dict[str, int] = {"up": 0, "down": 0, "leaving": 0}
+        for n in status["nodes"]:
+            by_status[n["status"]] = by_status.get(n["status"], 0) + 1
+        for st, count in sorted(by_status.items()):
+            expo.gauge("shoal_cluster_nodes", "Cluster members by status, as this node sees "
+                       "them.", count, status=st)
+        t = member.takeovers.stats
+        help_text = ("Sessions claimed from another node: moved (taken over with their "
+                     "state) or fresh (the holder was unreachable: started anew).")
+        expo.counter("shoal_takeovers_total", help_text, t["takeovers"], result="moved")
+        expo.counter("shoal_takeovers_total", help_text, t["takeovers_fresh"], result="fresh")
+        expo.histogram_of("shoal_takeover_duration_seconds",
+                          "From CONNECT to the session installed here, per takeover.",
+                          member.takeovers.latency_hist)
+        expo.counter("shoal_takeover_barrier_timeouts_total",
+                     "Hand-overs that completed without every node's barrier.",
+                     t["barrier_timeouts"])
+        expo.counter("shoal_cluster_forwarded_total",
+                     "Messages forwarded to other nodes (one per node reached).",
+                     member.forwarded)
+        expo.counter("shoal_cluster_received_total", "Messages received from other nodes.",
+                     member.received)
+        expo.counter("shoal_messages_dropped_total", "", member.forward_dropped,
+                     reason="forward_queue_full")
 
 
 # -- operator commands ----------------------------------------------------------------------------
 
 def _admin_get(base: str, path: str, timeout: float = 5.0):
-    return _admin_call("GET", base, path, timeout)
+    return node_cli.admin_call("GET", base, path, timeout)
 
 
-def _admin_call(method: str, base: str, path: str, timeout: float):
-    url = base.rstrip("/") + path
-    req = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return json.loads(resp.read())
-    except urllib.error.HTTPError as err:
-        raise SystemExit(f"shoal: {url} answered {err.code}: {err.read().decode(errors='replace')}")
-    except (urllib.error.URLError, OSError) as err:
-        raise SystemExit(f"shoal: cannot reach the admin API at {base} ({err}); is the node "
-                         "running? pass --admin http://HOST:PORT of any node")
-
-
-def format_table(rows: list[list[str]]) -> str:
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()
-                     for r in rows)
+_admin_call = node_cli.admin_call
+format_table = node_cli.format_table
 
 
 def cmd_cluster_status(args) -> int:
@@ -108,10 +168,12 @@ def cmd_cluster_status(args) -> int:
         return 0
     rows = [["NODE", "MQTT", "ADMIN", "ROLE", "STATUS", "SESSIONS", "CONNECTIONS", "UPTIME"]]
     for n in status["nodes"]:
+        up = n["status"] != "down"  # a down node's last gossiped numbers are stale
         rows.append([n["id"], n["addresses"]["mqtt"], n["addresses"]["admin"] or "-",
-                     n["role"], n["status"], "-" if n["sessions"] is None else n["sessions"],
-                     "-" if n["connections"] is None else n["connections"],
-                     f"{n['uptime_s']:.0f}s"])
+                     n["role"], n["status"],
+                     "-" if n["sessions"] is None or not up else n["sessions"],
+                     "-" if n["connections"] is None or not up else n["connections"],
+                     f"{n['uptime_s']:.0f}s" if up else "-"])
     print(f"cluster {status['cluster']}  leader {status['leader']}  term {status['term']}  "
           f"commit {status['commit_index']}")
     print(format_table(rows))
@@ -124,6 +186,41 @@ def cmd_cluster_leave(args) -> int:
     result = _admin_call("POST", args.admin, "/api/v1/cluster/leave", 60.0)
     print(json.dumps(result))
     return 0
+
+
+def cmd_cluster_join(args) -> int:
+    """A node joins a cluster when it starts (``--join``): its store, sessions and Raft
+    node are set up for the cluster it starts in, so a running node cannot switch. This
+    checks where the node at --admin stands and says what to do."""
+    seed = args.seed
+    view = _try_admin_json(args.admin.rstrip("/") + "/api/v1/cluster")
+    if view is None or "nodes" not in view:
+        _admin_get(args.admin, "/healthz")  # unreachable: exits with the usual message
+        print(f"shoal: the node at {args.admin} runs alone (no --cluster-port). A node joins "
+              f"a cluster when it starts: stop it and start it with --cluster-port PORT "
+              f"--cluster-secret SECRET --join {seed} (or SHOAL_JOIN={seed}); its stored "
+              "sessions come along", file=sys.stderr)
+        return 1
+    members = {n["addresses"].get("transport"): n["id"] for n in view["nodes"]}
+    if seed in members:
+        print(f"{view['node_id']} is already a member of cluster {view['cluster']} with "
+              f"{members[seed]} ({seed}); nodes: {', '.join(sorted(members.values()))}")
+        return 0
+    print(f"shoal: {view['node_id']} is a member of cluster {view['cluster']} "
+          f"({', '.join(sorted(members.values()))}), which does not list {seed}. A node "
+          f"joins when it starts: `shoal cluster leave --admin {args.admin}`, stop it, then "
+          f"start it with --join {seed} and that cluster's name and secret",
+          file=sys.stderr)
+    return 1
+
+
+def _try_admin_json(url: str):
+    """The JSON of a GET, or None when the answer is an error or nothing answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=5.0) as resp:
+            return json.loads(resp.read())
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
 
 
 def cmd_cluster_up(args) -> int:
@@ -222,12 +319,16 @@ def _add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
     up.set_defaults(cluster_handler=cmd_cluster_up)
     for name, handler, help_text in (
             ("status", cmd_cluster_status, "show the cluster's nodes as a table"),
+            ("join", cmd_cluster_join, "check that the node at --admin is in SEED's cluster, "
+                                       "or say how to make it join (nodes join at start)"),
             ("leave", cmd_cluster_leave, "make the node at --admin leave the cluster")):
         p = sub.add_parser(name, help=help_text)
-        p.add_argument("--admin", default=os.environ.get("SHOAL_ADMIN", DEFAULT_ADMIN),
-                       help=f"admin API URL of a node [default: {DEFAULT_ADMIN}; env SHOAL_ADMIN]")
+        node_cli.add_admin_argument(p)
         if name == "status":
             p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+        if name == "join":
+            p.add_argument("seed", metavar="SEED",
+                           help="host:port (node-to-node port) of a member of the cluster")
         p.set_defaults(cluster_handler=handler)
 
 
@@ -236,7 +337,7 @@ def cmd_cluster(args) -> int:
 
 
 COMMANDS = node_cli.COMMANDS + (
-    node_cli.Command("cluster", "run and inspect a cluster (up, status, leave)", cmd_cluster,
+    node_cli.Command("cluster", "run and inspect a cluster (up, status, join, leave)", cmd_cluster,
                      _add_cluster_arguments),
 )
 

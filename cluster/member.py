@@ -135,13 +135,32 @@ class ClusterMember:
                  sorted(self.view.members), self.raft.status()["leader"])
 
     async def _adopt_stored_sessions(self) -> None:
-        """Sessions the store brought back (a restart): keep those the table still says
-        are held here, drop the copies another node took over meanwhile (they live there
-        now), and announce the kept ones' routes at once."""
+        """Sessions the store brought back (a restart): keep those the table says are held
+        here; claim those it has no holder for (the whole cluster restarted: the table,
+        kept in memory only, starts empty); drop the copies another node took over
+        meanwhile (they live there now). Then announce the kept ones' routes."""
         broker, me, holders = self.broker, self.node_id, self.view.holders
         if not broker.sessions:
             return
-        dropped = broker.keep_sessions(lambda cid: holders.get(cid) == me,
+        keep = {cid for cid in broker.sessions if holders.get(cid) == me}
+        unheld = [cid for cid in broker.sessions if holders.get(cid) is None]
+        if unheld:
+            # one Raft entry for all of them (ops submitted in one loop iteration batch)
+            futs = [self.raft.submit(("claim", cid, me, False)) for cid in unheld]
+            done, pending = await asyncio.wait(futs, timeout=20.0)
+            failed = 0
+            for cid, fut in zip(unheld, futs):
+                if fut in pending or fut.exception() is not None:
+                    keep.add(cid)  # never drop data for want of a quorum: claimed at connect
+                    failed += 1
+                    continue
+                epoch, holder = fut.result()
+                if holder is None or holder == me:
+                    keep.add(cid)
+                    broker.sessions[cid].epoch = epoch
+            log.info("stored sessions claimed node=%s count=%d not_committed=%d", me,
+                     len(unheld) - failed, failed)
+        dropped = broker.keep_sessions(lambda cid: cid in keep,
                                        "held by another node since this one went down")
         if dropped:
             log.info("stored sessions taken over while down, dropped node=%s count=%d",
@@ -338,6 +357,19 @@ class ClusterMember:
             log.warning("forward queue to %s full: dropping QoS 0 messages node=%s", node,
                         self.node_id)
 
+    def not_ready_reason(self) -> str | None:
+        if self.leaving:
+            return "leaving the cluster"
+        if not self.ready or self.raft is None:
+            return "joining the cluster"
+        raft = self.raft.status()
+        if not raft["has_quorum"]:
+            return (f"no Raft quorum: {len(raft['connected']) + 1} of "
+                    f"{len(raft['partners']) + 1} nodes reachable (a minority)")
+        if raft["leader"] is None:
+            return "no Raft leader known (an election is going on)"
+        return None
+
     def retained_changed(self, topic: str, msg) -> None:
         ts = time.time()
         self.retained_ts[topic] = ts
@@ -387,6 +419,8 @@ class ClusterMember:
         if kind == "retained_dump":
             return [(t, message_to_record(m), self.retained_ts.get(t, 0.0))
                     for t, m in self.broker.retained.items()]
+        if kind == "kick":  # an operator's kick forwarded by another node's admin API
+            return self.broker.kick(body["client_id"])
         if kind == "remove_raft":
             await self.raft.remove_raft_member(body["raft"], 10.0)
             return True

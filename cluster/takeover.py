@@ -32,6 +32,7 @@ import asyncio
 import logging
 import time
 
+from node.metrics import Histogram
 from node.mqtt.codes import ReasonCode
 from node.ownership import Claim, ConnectRefused
 from node.session.record import message_from_record, message_to_record
@@ -42,6 +43,8 @@ from .transport import PeerUnreachable, RemoteError, RequestTimeout
 log = logging.getLogger("shoal.takeover")
 
 CHUNK = 2000  # queued messages per snapshot chunk
+#: upper bounds (seconds) of the takeover latency histogram (GET /metrics)
+TAKEOVER_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 class _Incoming:
@@ -87,6 +90,7 @@ class Takeovers:
         self.stats = {"takeovers": 0, "takeovers_fresh": 0, "takeover_ms_total": 0.0,
                       "snapshots_sent": 0, "late_sent": 0, "barrier_timeouts": 0}
         self.latencies: list[float] = []  # seconds, last 1000 takeovers
+        self.latency_hist = Histogram(TAKEOVER_BUCKETS)  # seconds, all takeovers: /metrics
 
     # -- B side: the CONNECT path ------------------------------------------------------------
 
@@ -190,6 +194,7 @@ class Takeovers:
             self.stats["takeover_ms_total"] += elapsed * 1000
             self.latencies.append(elapsed)
             del self.latencies[:-1000]
+            self.latency_hist.observe(elapsed)
             log.info("session taken over client_id=%s node=%s from=%s epoch=%d queued=%d "
                      "inflight=%d ms=%.1f", client_id, self.node_id, holder, epoch,
                      len(session.queue), len(session.inflight_out), elapsed * 1000)

@@ -52,6 +52,8 @@ class Broker:
         self.journal: SessionJournal | None = None  # once attach_store() ran
         self.store_report = None  # what recovery found when the store opened
         self.started_at = time.time()
+        # True once serve() opened the listeners, False again when it stops (GET /readyz)
+        self.listening = False
         self._timers: list = []  # heap of (deadline, seq, kind, client_id, timer_gen)
         self._seq = itertools.count()
         self._housekeeping: asyncio.Task | None = None
@@ -305,6 +307,25 @@ class Broker:
             if client.session is not None:
                 self.connection_lost(client, client.session, send_will)
             client.kick(reason)
+
+    def kick(self, client_id: str, reason: int = ReasonCode.ADMINISTRATIVE_ACTION) -> bool:
+        """An operator closes ``client_id``'s connection on this node (v5 DISCONNECT
+        ``reason``, 3.1.1 just closed); its session stays, with the usual will and expiry
+        rules (the will is published: the client did not DISCONNECT). False when the
+        ClientID has no connection here."""
+        session = self.sessions.get(client_id)
+        client = session.client if session is not None else None
+        if client is None:
+            return False
+        self.connection_lost(client, session, send_will=True)
+        client.kick(reason)
+        return True
+
+    def not_ready_reason(self) -> str | None:
+        """Why the node should not get new clients now (GET /readyz), or None."""
+        if not self.listening:
+            return "starting or stopping: the MQTT listeners are not open"
+        return self.cluster.not_ready_reason()
 
     def orphaned(self, session: Session) -> None:
         """A session opened for a connection that was already gone: as if it dropped."""

@@ -1,8 +1,10 @@
 """The ``shoal`` command: argument parsing, logging set-up, and hand-off to the node.
 
 Subcommands are a table (:data:`COMMANDS`): each entry adds its arguments to a
-sub-parser and names the function that runs it.  ``cluster``, ``clients``,
-``sessions`` and ``kick`` will be added the same way.
+sub-parser and names the function that runs it.  ``clients``, ``sessions`` and ``kick``
+are HTTP clients of a node's admin API (``--admin URL``, env ``SHOAL_ADMIN``) and work
+against a node alone as well as a cluster node; ``cluster`` (cluster/main.py) adds its
+commands the same way and uses the same helpers (:func:`admin_call`, :func:`format_table`).
 """
 
 from __future__ import annotations
@@ -11,8 +13,12 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Callable, Sequence
 from importlib import metadata
 
@@ -119,6 +125,177 @@ def cmd_version(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- operator commands: HTTP clients of the admin API --------------------------------------
+
+DEFAULT_ADMIN = "http://127.0.0.1:8080"
+
+
+def add_admin_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--admin", metavar="URL",
+                        default=os.environ.get("SHOAL_ADMIN", DEFAULT_ADMIN),
+                        help=f"admin API URL of a node [default: {DEFAULT_ADMIN}; "
+                             "env SHOAL_ADMIN]")
+
+
+def admin_call(method: str, base: str, path: str, timeout: float = 10.0):
+    """The decoded JSON answer of ``method base+path``. Anything else ends the command
+    with one line on stderr saying what to do, exit code 1 (SystemExit)."""
+    if "://" not in base:
+        base = "http://" + base
+    url = base.rstrip("/") + path
+    req = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        body = err.read().decode(errors="replace")
+        try:
+            detail = json.loads(body)["error"]
+        except (ValueError, KeyError, TypeError):
+            detail = body.strip() or err.reason
+        raise SystemExit(f"shoal: {url} answered {err.code}: {detail}") from None
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise SystemExit(f"shoal: cannot reach the admin API at {base} ({reason}); is the "
+                         "node running? pass --admin http://HOST:PORT of a node "
+                         "(or set SHOAL_ADMIN)") from None
+    except ValueError as err:
+        raise SystemExit(f"shoal: {url} did not answer JSON ({err}); is --admin the admin "
+                         "port of a Shoal node?") from None
+
+
+def format_table(rows: list[list]) -> str:
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()
+                     for r in rows)
+
+
+def _quote(client_id: str) -> str:
+    return urllib.parse.quote(client_id, safe="")
+
+
+def _dash(value) -> str:
+    return "-" if value is None else str(value)
+
+
+def cmd_clients(args: argparse.Namespace) -> int:
+    query = {"limit": args.limit}
+    if args.after:
+        query["after"] = args.after
+    page = admin_call("GET", args.admin, "/api/v1/clients?" + urllib.parse.urlencode(query))
+    if args.json:
+        print(json.dumps(page, indent=2))
+        return 0
+    rows = [["CLIENT ID", "PEER", "PROTOCOL", "KEEPALIVE", "SUBS", "QUEUED", "INFLIGHT"]]
+    for c in page["items"]:
+        rows.append([c["client_id"], c["peer"], c["protocol"], f"{c['keep_alive_s']:g}s",
+                     c["subscriptions"], c["queued"], c["inflight"]])
+    print(format_table(rows))
+    more = f"; next page: --after {page['next']}" if page["next"] is not None else ""
+    print(f"{len(page['items'])} of {page['total']} clients connected to this node{more}")
+    return 0
+
+
+def cmd_sessions_list(args: argparse.Namespace) -> int:
+    query = {"limit": args.limit}
+    if args.after:
+        query["after"] = args.after
+    page = admin_call("GET", args.admin, "/api/v1/sessions?" + urllib.parse.urlencode(query))
+    if args.json:
+        print(json.dumps(page, indent=2))
+        return 0
+    rows = [["CLIENT ID", "STATE", "SUBS", "QUEUED", "INFLIGHT", "EXPIRY"]]
+    for s in page["items"]:
+        rows.append([s["client_id"], s["state"], s["subscriptions"], s["queued"],
+                     s["inflight"], "never" if s["expiry_interval"] is None
+                     else f"{s['expiry_interval']}s"])
+    print(format_table(rows))
+    more = f"; next page: --after {page['next']}" if page["next"] is not None else ""
+    print(f"{len(page['items'])} of {page['total']} sessions on this node{more}")
+    return 0
+
+
+def cmd_sessions_show(args: argparse.Namespace) -> int:
+    s = admin_call("GET", args.admin, "/api/v1/sessions/" + _quote(args.client_id))
+    if args.json:
+        print(json.dumps(s, indent=2))
+        return 0
+    lines = [("client id", s["client_id"]), ("owner", _dash(s.get("owner"))),
+             ("epoch", _dash(s.get("epoch"))), ("holder", _dash(s.get("holder")))]
+    if not s.get("here"):
+        lines.append(("details", f"the session is on {_dash(s.get('holder'))}: run this "
+                                 "with --admin of that node for the rest"))
+    else:
+        expiry = s["expiry_interval"]
+        lines += [("state", s["state"]),
+                  ("connected", "yes (" + s["peer"] + ")" if s["connected"] else "no"),
+                  ("protocol", s["protocol"]), ("queued", s["queued"]),
+                  ("inflight", s["inflight"]),
+                  ("expiry", "never" if expiry is None else f"{expiry}s"),
+                  ("expires at", "-" if s["expires_at"] is None else time.strftime(
+                      "%Y-%m-%d %H:%M:%S", time.localtime(s["expires_at"]))),
+                  ("will", "yes" if s["will"] else "no"),
+                  ("subscriptions", len(s["subscriptions"]))]
+    width = max(len(k) for k, _ in lines)
+    for key, value in lines:
+        print(f"{key.ljust(width)}  {value}")
+    for sub in s.get("subscriptions") or ():
+        opts = [f"qos {sub['qos']}"]
+        if sub["no_local"]:
+            opts.append("no local")
+        if sub["retain_as_published"]:
+            opts.append("retain as published")
+        if sub["retain_handling"]:
+            opts.append(f"retain handling {sub['retain_handling']}")
+        if sub["subscription_id"]:
+            opts.append(f"id {sub['subscription_id']}")
+        print(f"  {sub['filter']}  ({', '.join(opts)})")
+    return 0
+
+
+def cmd_kick(args: argparse.Namespace) -> int:
+    result = admin_call("DELETE", args.admin, "/api/v1/clients/" + _quote(args.client_id))
+    via = " (forwarded)" if result.get("forwarded") else ""
+    print(f"kicked {result['client_id']} on {result['node']}{via}")
+    return 0
+
+
+def _add_page_arguments(parser: argparse.ArgumentParser) -> None:
+    add_admin_argument(parser)
+    parser.add_argument("--limit", type=int, default=100, help="rows per page (1-1000)")
+    parser.add_argument("--after", metavar="CURSOR",
+                        help="the page after this one (as the previous page said)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _add_clients_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="clients_command", metavar="ACTION", required=True)
+    p = sub.add_parser("list", help="the clients connected to the node at --admin")
+    _add_page_arguments(p)
+    p.set_defaults(sub_handler=cmd_clients)
+
+
+def _add_sessions_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="sessions_command", metavar="ACTION", required=True)
+    p = sub.add_parser("list", help="the sessions on the node at --admin")
+    _add_page_arguments(p)
+    p.set_defaults(sub_handler=cmd_sessions_list)
+    p = sub.add_parser("show", help="one session: owner, epoch, subscriptions, queue...")
+    p.add_argument("client_id", metavar="CLIENTID")
+    add_admin_argument(p)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(sub_handler=cmd_sessions_show)
+
+
+def _add_kick_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("client_id", metavar="CLIENTID")
+    add_admin_argument(parser)
+
+
+def _sub_command(args: argparse.Namespace) -> int:
+    return args.sub_handler(args)
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Command:
     name: str
@@ -130,7 +307,12 @@ class Command:
 COMMANDS: tuple[Command, ...] = (
     Command("run", "run a broker node until SIGINT/SIGTERM", cmd_run, _add_run_arguments),
     Command("version", "print the version", cmd_version),
-    # later: cluster ..., clients ..., sessions ..., kick
+    Command("clients", "list the clients connected to a node (admin API)", _sub_command,
+            _add_clients_arguments),
+    Command("sessions", "list sessions or show one (admin API)", _sub_command,
+            _add_sessions_arguments),
+    Command("kick", "disconnect a client (MQTT 5: reason 0x98), wherever in the cluster",
+            cmd_kick, _add_kick_arguments),
 )
 
 
@@ -165,4 +347,5 @@ def main(argv: Sequence[str] | None = None, commands: Sequence[Command] = COMMAN
         return 130
 
 
-__all__ = ["COMMANDS", "Command", "LineFormatter", "build_parser", "configure_logging", "main"]
+__all__ = ["COMMANDS", "DEFAULT_ADMIN", "Command", "LineFormatter", "add_admin_argument",
+           "admin_call", "build_parser", "configure_logging", "format_table", "main"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import ipaddress
 import math
 import os
 import socket
@@ -68,6 +69,26 @@ def _node_id(value: Any) -> str | None:
     return None
 
 
+def _url_path(value: Any) -> str | None:
+    if not value.startswith("/") or any(c.isspace() or c in "?#" for c in value):
+        return "use an absolute URL path such as /mqtt (no spaces, query or fragment)"
+    return None
+
+
+def _networks(value: Any) -> str | None:
+    try:
+        parse_networks(value)
+    except ValueError as err:
+        return f"use comma-separated addresses or networks such as 10.0.0.0/8 ({err})"
+    return None
+
+
+def parse_networks(value: str) -> tuple:
+    """``"10.0.0.0/8, 127.0.0.1"`` -> ip_network objects; ``""`` -> ()."""
+    return tuple(ipaddress.ip_network(part.strip(), strict=False)
+                 for part in value.split(",") if part.strip())
+
+
 def _opt(default: Any, help: str, check: Callable[[Any], str | None] | None = None,
          shown_default: str | None = None) -> Any:
     """A Config field: its default, its one-line meaning, and its validator."""
@@ -82,8 +103,35 @@ class Config:
     node_id: str = _opt(
         "", "This node's name in logs and in the cluster; empty means `<hostname>-<mqtt_port>`.",
         _node_id, shown_default="`<hostname>-<mqtt_port>`")
-    host: str = _opt("127.0.0.1", "Address the MQTT listener binds to (`0.0.0.0` for all interfaces).")
+    host: str = _opt("127.0.0.1", "Address the MQTT listeners (TCP, TLS, WebSocket) bind to "
+                     "(`0.0.0.0` for all interfaces).")
     mqtt_port: int = _opt(1883, "MQTT TCP port (0 picks a free one).", _int_range(0, 65535))
+    # -- more listeners: WebSocket and TLS (node/websocket.py, node/tls.py) ---------------
+    ws_port: int = _opt(0, "MQTT over WebSocket port (subprotocol `mqtt`, path `ws_path`); "
+                        "0 = off.", _int_range(0, 65535))
+    ws_path: str = _opt("/mqtt", "HTTP path of the WebSocket listeners (`ws_port`, `wss_port`).",
+                        _url_path)
+    tls_port: int = _opt(0, "MQTT over TLS port (usually 8883); 0 = off. Needs `tls_cert` and "
+                         "`tls_key`.", _int_range(0, 65535))
+    wss_port: int = _opt(0, "MQTT over WebSocket over TLS port; 0 = off. Needs `tls_cert` and "
+                         "`tls_key`.", _int_range(0, 65535))
+    tls_cert: str = _opt("", "PEM file with the server certificate (and its intermediates) for "
+                         "`tls_port` and `wss_port`.")
+    tls_key: str = _opt("", "PEM file with the private key of `tls_cert` (unencrypted).")
+    tls_ca: str = _opt("", "PEM file of CA certificates that client certificates are checked "
+                       "against; empty: client certificates are not asked for.")
+    tls_require_client_cert: bool = _opt(
+        False, "With `tls_ca`: refuse TLS clients without a valid certificate (else one is "
+        "checked only when offered).")
+    # -- behind a load balancer (node/proxy_protocol.py, deploy/haproxy) ------------------
+    proxy_protocol: bool = _opt(
+        False, "The MQTT TCP listener (`mqtt_port`) expects a PROXY protocol v1/v2 header "
+        "(HAProxy's `send-proxy-v2`) before MQTT and closes connections without one; logs and "
+        "the admin API then show the client's real address.")
+    proxy_protocol_trusted: str = _opt(
+        "", "With `proxy_protocol`: comma-separated addresses or networks (e.g. "
+        "`10.0.0.0/8,127.0.0.1`) allowed to connect and send the header; others are closed. "
+        "Empty: any.", _networks)
     admin_host: str = _opt("127.0.0.1", "Address the admin HTTP API binds to.")
     admin_port: int = _opt(8080, "Admin HTTP API port; 0 disables the admin server.",
                            _int_range(0, 65535))
@@ -153,6 +201,28 @@ class Config:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             _check(f, getattr(self, f.name), source=None)
+        _check_listeners(self)
+
+
+def _check_listeners(c: Config) -> None:
+    """Listener options that only make sense together (the files themselves are read, and
+    refused with the option's name, when the node starts: node/tls.py)."""
+    tls_ports = [name for name in ("tls_port", "wss_port") if getattr(c, name)]
+    if tls_ports and not (c.tls_cert and c.tls_key):
+        raise ConfigError(f"{' and '.join(tls_ports)} need{'s' if len(tls_ports) == 1 else ''} "
+                          "a certificate: set tls_cert and tls_key (PEM files), or set the "
+                          "port to 0")
+    if c.tls_require_client_cert and not c.tls_ca:
+        raise ConfigError("tls_require_client_cert needs tls_ca (the PEM file of the CAs that "
+                          "sign client certificates)")
+    ports = [(name, getattr(c, name)) for name in ("mqtt_port", "ws_port", "tls_port",
+                                                   "wss_port")]
+    seen: dict[int, str] = {}
+    for name, port in ports:
+        if port and port in seen:
+            raise ConfigError(f"{name} = {port} is also {seen[port]}: give each listener its "
+                              "own port")
+        seen.setdefault(port, name)
 
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(Config)}

@@ -62,6 +62,10 @@ class ClusterHooks(Protocol):
     def retained_changed(self, topic: str, msg) -> None:
         """A retained message was set (``msg``) or cleared (``None``) by a local client."""
 
+    def not_ready_reason(self) -> str | None:
+        """Why this node should not take new clients now (joining, leaving, in a Raft
+        minority), or None when it can: ``GET /readyz``."""
+
 
 class LocalCluster:
     """A node alone: every ClientID is ours; epochs still increase per claim so code
@@ -85,4 +89,7 @@ class LocalCluster:
         return 0
 
     def retained_changed(self, topic: str, msg) -> None:
+        return None
+
+    def not_ready_reason(self) -> str | None:
         return None

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import ipaddress
 import logging
 import os
 import signal
@@ -21,6 +22,7 @@ import time
 
 from .admin import make_admin_app, start_admin
 from .broker import Broker
+from .config import parse_networks
 from .mqtt.codec import publish_parts
 from .mqtt.codes import MQTT_5, ReasonCode
 from .mqtt.connection import NEED_DATA, MqttConnection
@@ -29,8 +31,12 @@ from .mqtt.packets import Connack, Disconnect
 from .session.dispatch import HANDLERS
 from .ownership import ConnectRefused
 from .persist import STORE_COMMIT_TIMEOUT
+from .proxy_protocol import NEED_DATA as PROXY_NEED_DATA
+from .proxy_protocol import ProxyHeaderReader, ProxyProtocolError, looks_like_header
 from .session.on_connect import finish_connect
 from .store import SessionStore, StoreError
+from .tls import HANDSHAKE_TIMEOUT as TLS_HANDSHAKE_TIMEOUT, server_ssl_context
+from .websocket import WsListeners
 
 log = logging.getLogger("shoal.server")
 
@@ -413,6 +419,13 @@ class MqttProtocol(asyncio.Protocol):
         self._close(None, send_will)
 
     def _protocol_error(self, err: RemoteMqttError) -> None:
+        if self.conn.version is None and looks_like_header(self.conn.unparsed(12)):
+            # a load balancer sends PROXY headers (send-proxy / send-proxy-v2) here
+            log.warning("PROXY protocol header on a listener without proxy_protocol peer=%s "
+                        "node=%s: turn proxy_protocol on for this node, or send-proxy off in "
+                        "the load balancer", self.peer, self.broker.node_id)
+            self._close(None, send_will=False)
+            return
         log.info("protocol error client_id=%s peer=%s node=%s reason=%s: %s", self.client_id,
                  self.peer, self.broker.node_id, err.reason.name, err.msg)
         reply = self.conn.error_reply(err)
@@ -452,6 +465,82 @@ class MqttProtocol(asyncio.Protocol):
         self.session = None
 
 
+class ProxiedMqttProtocol(MqttProtocol):
+    """A connection of a listener with ``proxy_protocol`` on: a load balancer in front
+    opened it and first sends a PROXY protocol v1/v2 header naming the client. Until the
+    header is complete, reads go to the sans-IO ``ProxyHeaderReader`` (the CONNECT timeout
+    covers it); then ``peer`` becomes the client's real address (the balancer's stays in
+    ``via``; a ``LOCAL`` or ``UNKNOWN`` header keeps the connection's own) and the rest goes
+    to MQTT as in ``MqttProtocol``. After the header a read costs one attribute test more."""
+
+    __slots__ = ("proxy", "via", "trusted")
+
+    def __init__(self, broker: Broker, trusted: tuple = ()) -> None:
+        super().__init__(broker)
+        self.proxy: ProxyHeaderReader | None = ProxyHeaderReader()  # None once read
+        self.via = ""
+        self.trusted = trusted  # ip_networks allowed to connect; () = any
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self.via = self.peer
+        if self.trusted:
+            peer = transport.get_extra_info("peername")
+            try:
+                addr = ipaddress.ip_address(peer[0]) if peer else None
+            except ValueError:
+                addr = None
+            if addr is None or not any(addr in net for net in self.trusted):
+                log.warning("connection from outside proxy_protocol_trusted peer=%s node=%s: "
+                            "closed (only the load balancer may connect to this listener)",
+                            self.peer, self.broker.node_id)
+                self._close(None, send_will=False)
+
+    def data_received(self, data: bytes) -> None:
+        reader = self.proxy
+        if reader is None:
+            MqttProtocol.data_received(self, data)
+            return
+        if self.closing:
+            return
+        reader.receive_data(data)
+        try:
+            header = reader.next_header()
+        except ProxyProtocolError as err:
+            log.warning("no valid PROXY protocol header peer=%s node=%s: %s (proxy_protocol is "
+                        "on: clients must come through the load balancer, with send-proxy-v2)",
+                        self.peer, self.broker.node_id, err)
+            self._close(None, send_will=False)
+            return
+        if header is PROXY_NEED_DATA:
+            return
+        self.proxy = None
+        if header.source is not None:
+            self.peer = f"{header.source[0]}:{header.source[1]}"
+        log.debug("PROXY v%d %s peer=%s via=%s node=%s", header.version, header.command,
+                  self.peer, self.via, self.broker.node_id)
+        if reader.trailing_data:
+            MqttProtocol.data_received(self, reader.trailing_data)
+
+    def _connect_timeout(self) -> None:
+        if self.proxy is not None and not self.closing:
+            self.timer = None
+            log.info("no PROXY protocol header in time peer=%s node=%s", self.peer,
+                     self.broker.node_id)
+            self._close(None, send_will=False)
+            return
+        super()._connect_timeout()
+
+
+def mqtt_protocol_factory(broker: Broker, config):
+    """What the MQTT TCP listener creates per connection (``proxy_protocol``: the
+    PROXY header first)."""
+    if not config.proxy_protocol:
+        return lambda: MqttProtocol(broker)
+    trusted = parse_networks(config.proxy_protocol_trusted)
+    return lambda: ProxiedMqttProtocol(broker, trusted)
+
+
 async def serve(config, stop: asyncio.Event, extensions=()) -> None:
     """Run one node until ``stop`` is set: MQTT listener, admin API, housekeeping.
 
@@ -460,6 +549,9 @@ async def serve(config, stop: asyncio.Event, extensions=()) -> None:
     so that ``node`` never imports ``cluster``. They are exited in reverse order after
     the listeners closed."""
     loop = asyncio.get_running_loop()
+    # tls_port / wss_port: None without them; a bad file is a ConfigError (exit 2) here,
+    # before anything is opened or listens
+    tls_context = server_ssl_context(config)
     broker = Broker(config)
     admin_app = make_admin_app(broker) if config.admin_port else None
     async with contextlib.AsyncExitStack() as stack:
@@ -481,25 +573,47 @@ async def serve(config, stop: asyncio.Event, extensions=()) -> None:
         broker.attach_store(store, loaded, report)
         for ext in extensions:
             await stack.enter_async_context(ext(broker, admin_app))
-        server = await loop.create_server(lambda: MqttProtocol(broker), config.host,
+        server = await loop.create_server(mqtt_protocol_factory(broker, config), config.host,
                                           config.mqtt_port, backlog=2048, reuse_address=True)
+        # the other listeners (node/tls.py, node/websocket.py): the same MqttProtocol
+        tls_servers: list = []
+        ws_listeners = WsListeners(config, lambda: MqttProtocol(broker), tls_context)
         broker.start()
         admin = None
         try:
+            if config.tls_port:
+                tls_servers.append(await loop.create_server(
+                    lambda: MqttProtocol(broker), config.host, config.tls_port,
+                    ssl=tls_context, ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT,
+                    backlog=2048, reuse_address=True))
+            await ws_listeners.start()
+            if config.tls_port or ws_listeners.addresses:
+                log.info("listening node=%s tls=%s websocket=%s", config.node_id,
+                         f"{config.host}:{config.tls_port}" if config.tls_port else "off",
+                         ",".join(ws_listeners.addresses) or "off")
             if admin_app is not None:
                 admin = await start_admin(admin_app, config.admin_host, config.admin_port)
             mqtt_addr = ",".join(f"{s.getsockname()[0]}:{s.getsockname()[1]}"
                                  for s in server.sockets)
+            broker.listening = True  # GET /readyz: every listener is open
             log.info("listening node=%s mqtt=%s admin=%s", config.node_id, mqtt_addr,
                      f"{config.admin_host}:{config.admin_port}" if admin else "off")
             await stop.wait()
         finally:
+            broker.listening = False  # GET /readyz: not ready while stopping
             log.info("shutting down node=%s connections=%d", config.node_id,
                      len(broker.clients))
             server.close()
+            for tls_server in tls_servers:
+                tls_server.close()
+            await ws_listeners.stop_accepting()
             broker.kick_all(ReasonCode.SERVER_SHUTTING_DOWN, send_will=False)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(server.wait_closed(), config.shutdown_grace)
+            for tls_server in tls_servers:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(tls_server.wait_closed(), config.shutdown_grace)
+            await ws_listeners.cleanup()  # waits for the WebSocket handlers (shutdown_grace)
             await broker.stop()
             if admin is not None:
                 await admin.cleanup()
@@ -539,7 +653,8 @@ def run_node(config, extensions=()) -> int:
             runner.run(_main(config, extensions))
     except OSError as err:
         log.error("cannot start node=%s: %s (is the port in use? pick another with "
-                  "--mqtt-port / --admin-port / --cluster-port)", config.node_id, err)
+                  "--mqtt-port / --admin-port / --cluster-port / --tls-port / --ws-port / "
+                  "--wss-port)", config.node_id, err)
         return 1
     except StoreError as err:
         # the data directory is in use by another node, or the disk failed under it

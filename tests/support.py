@@ -780,12 +780,16 @@ def paho_modules():
 class PahoClient:
     """paho-mqtt 2.x (CallbackAPIVersion.VERSION2) on its own network thread.
 
-    It never reconnects by itself. Received messages are kept in ``messages``."""
+    It never reconnects by itself. Received messages are kept in ``messages``.
+    ``transport="websockets"`` (path ``ws_path``), ``tls`` (keyword arguments of paho's
+    ``tls_set``) and ``port`` (default: the node's MQTT port) reach the other listeners."""
 
     def __init__(self, node: "BrokerProcess", client_id: str = "", version: int = 5,
                  clean: bool = True, session_expiry: int | None = None,
                  keepalive: int = 60, will: dict | None = None,
-                 connect_properties: dict | None = None, connect: bool = True) -> None:
+                 connect_properties: dict | None = None, connect: bool = True,
+                 transport: str = "tcp", port: int | None = None, ws_path: str = "/mqtt",
+                 tls: dict | None = None) -> None:
         mqtt, PacketTypes, Properties, _ = paho_modules()
         self.mqtt = mqtt
         self.version = version
@@ -797,10 +801,15 @@ class PahoClient:
         protocol = mqtt.MQTTv5 if version == 5 else mqtt.MQTTv311
         kwargs: dict = dict(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
                             client_id=client_id, protocol=protocol,
-                            reconnect_on_failure=False)
+                            reconnect_on_failure=False, transport=transport)
         if version != 5:
             kwargs["clean_session"] = clean
         self.client = mqtt.Client(**kwargs)
+        self.port = port  # None: the node's MQTT port at connect time
+        if transport == "websockets":
+            self.client.ws_set_options(path=ws_path)
+        if tls is not None:
+            self.client.tls_set(**tls)
         self.client.max_inflight_messages_set(1000)
         self.client.max_queued_messages_set(0)
         self.lock = threading.Condition()
@@ -876,7 +885,8 @@ class PahoClient:
             kwargs["properties"] = self._props(PacketTypes.CONNECT, props)
         elif clean is not None:
             self.client._clean_session = clean  # paho fixes it at construction
-        self.client.connect(self.node.host, self.node.port, self.keepalive, **kwargs)
+        self.client.connect(self.node.host, self.port or self.node.port, self.keepalive,
+                            **kwargs)
         self.client.loop_start()
         wait_for(lambda: len(self.connacks) > n or len(self.disconnects) > d, timeout,
                  message="CONNACK")

@@ -124,6 +124,14 @@ class MqttConnection:
         self._chunks.append(data)
         self._chunks_len += len(data)
 
+    def unparsed(self, limit: int) -> bytes:
+        """Up to ``limit`` received bytes not parsed yet, for diagnostics (after a
+        protocol error they are what the peer sent that could not be parsed)."""
+        head = self._buf[self._pos:self._pos + limit]
+        if len(head) < limit and self._chunks:
+            head += b"".join(self._chunks)[:limit - len(head)]
+        return head
+
     def next_packet(self):
         """The next complete packet, or ``NEED_DATA``. A protocol error raises
         ``RemoteMqttError``; the connection is then in ERROR and every later call raises

@@ -27,6 +27,7 @@ def on_publish(broker, client, pkt) -> None:
     broker.counters.messages_in += 1
     mark = broker.store_mark()
     if qos == 2:
+        broker.counters.messages_in_qos2 += 1
         pid = pkt.packet_id
         inflight_in = session.inflight_in
         if pid in inflight_in:
@@ -44,6 +45,7 @@ def on_publish(broker, client, pkt) -> None:
         return
     n = broker.publish(Message.from_publish(pkt, session.client_id))
     if qos == 1:
+        broker.counters.messages_in_qos1 += 1
         _acknowledge(broker, client, client.write_puback, pkt.packet_id, n, mark)
 
 

@@ -84,11 +84,17 @@ class Counters:
     """Node-wide message counters, shared by the broker and its sessions."""
 
     __slots__ = ("messages_in", "messages_out", "dropped_messages", "expired_messages",
-                 "qos0_offline_discarded")
+                 "qos0_offline_discarded", "messages_in_qos1", "messages_in_qos2",
+                 "messages_out_qos1", "messages_out_qos2")
 
     def __init__(self) -> None:
         self.messages_in = 0
         self.messages_out = 0
+        # by QoS where the QoS is known anyway (QoS 0 = the total minus these): /metrics
+        self.messages_in_qos1 = 0
+        self.messages_in_qos2 = 0
+        self.messages_out_qos1 = 0
+        self.messages_out_qos2 = 0
         self.dropped_messages = 0
         self.expired_messages = 0
         self.qos0_offline_discarded = 0
@@ -236,7 +242,12 @@ class Session:
         if journal is not None:
             journal.sent(self, pid, e)
         client.write(frame)
-        self.counters.messages_out += 1
+        counters = self.counters
+        counters.messages_out += 1
+        if qos == 1:
+            counters.messages_out_qos1 += 1
+        else:
+            counters.messages_out_qos2 += 1
 
     def _allocate_pid(self) -> int:
         pid = self.next_pid

@@ -188,3 +188,86 @@ def test_cluster_status_without_a_node_says_so(tmp_path):
     assert result.returncode != 0
     assert "Traceback" not in result.stderr, result.stderr
     assert f"127.0.0.1:{port}" in result.stderr, result.stderr
+
+
+def shoal_cli(*args: str) -> subprocess.CompletedProcess:
+    """``.venv/bin/shoal ARGS`` (``python -m cluster`` where the script is not installed)."""
+    exe = os.path.join(os.path.dirname(sys.executable), "shoal")
+    cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "cluster"]
+    return subprocess.run(cmd + list(args), cwd=str(REPO_ROOT), env=clean_env(),
+                          capture_output=True, text=True, timeout=30)
+
+
+def status_rows(text: str) -> dict[str, str]:
+    return {m.group(1): line for line in text.splitlines()
+            if (m := re.match(r"\s*(n\d)\s", line))}
+
+
+def test_cluster_status_shows_a_killed_node_down_within_seconds(cluster):
+    leader = cluster.leader()
+    survivors = [n for n in cluster.nodes if n is not leader]
+    cluster.kill(cluster.nodes.index(leader) + 1)
+    t0 = time.monotonic()
+    last = {}
+
+    def shown_down():
+        r = shoal_cli("cluster", "status", "--admin", survivors[0].admin_url)
+        last["out"] = r.stdout + r.stderr
+        rows = status_rows(r.stdout)
+        return r.returncode == 0 and len(rows) == 3 and \
+            re.search(r"\bdown\b", rows[leader.node_id]) and \
+            all(re.search(r"\bup\b", rows[n.node_id]) for n in survivors)
+    wait_for(shown_down, 10.0, interval=0.2,
+             message=lambda: f"{leader.node_id} shown down:\n{last.get('out')}")
+    took = time.monotonic() - t0
+    print(f"\n{leader.node_id} (the leader) shown down {took:.1f}s after kill -9:\n{last['out']}")
+
+    # and a new leader among the survivors is named
+    def new_leader():
+        r = shoal_cli("cluster", "status", "--admin", survivors[1].admin_url)
+        last["out"] = r.stdout
+        m = re.search(r"\bleader (\S+)", r.stdout)
+        return m is not None and m.group(1) in {n.node_id for n in survivors}
+    wait_for(new_leader, 15.0, interval=0.2,
+             message=lambda: f"a survivor named leader:\n{last.get('out')}")
+
+
+def test_sessions_show_and_kick_through_another_node(cluster):
+    n1, n2, n3 = cluster.nodes
+    from support import Disconnect, Prop
+    c = n3.raw(5)
+    c.connect("cli-kick", properties={Prop.SESSION_EXPIRY_INTERVAL: 120})
+    c.subscribe("cli/kick/#", 1)
+    wait_for(lambda: (n1.session_view("cli-kick") or {}).get("holder") == "n3", 10,
+             message=lambda: f"n1 sees n3 hold cli-kick: {n1.session_view('cli-kick')}")
+
+    r = shoal_cli("sessions", "show", "cli-kick", "--admin", n1.admin_url)
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"^owner\s+n3$", r.stdout, re.M), r.stdout
+    assert re.search(r"^holder\s+n3$", r.stdout, re.M), r.stdout
+    assert re.search(r"^epoch\s+\d+$", r.stdout, re.M), r.stdout
+    assert "--admin of that node" in r.stdout, r.stdout
+    r = shoal_cli("sessions", "show", "cli-kick", "--admin", n3.admin_url, "--json")
+    view = json.loads(r.stdout)
+    assert view["here"] and view["owner"] == "n3" and view["connected"], view
+    assert [s["filter"] for s in view["subscriptions"]] == ["cli/kick/#"]
+
+    r = shoal_cli("kick", "cli-kick", "--admin", n1.admin_url)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "kicked cli-kick on n3 (forwarded)", r.stdout
+    got = c.wait_closed(5)
+    assert any(isinstance(p, Disconnect) and p.reason_code == 0x98 for p in got), got
+
+    r = shoal_cli("clients", "list", "--admin", n3.admin_url)
+    assert r.returncode == 0 and "0 of 0 clients" in r.stdout, r.stdout + r.stderr
+
+
+def test_cluster_join_checks_membership_and_says_how_to_join(cluster):
+    n1, n2, _ = cluster.nodes
+    r = shoal_cli("cluster", "join", n1.address, "--admin", n2.admin_url)
+    assert r.returncode == 0, r.stderr
+    assert "already a member" in r.stdout and "n1" in r.stdout, r.stdout
+    r = shoal_cli("cluster", "join", "127.0.0.1:1", "--admin", n2.admin_url)
+    assert r.returncode == 1, r.stdout
+    assert "--join 127.0.0.1:1" in r.stderr and len(r.stderr.strip().splitlines()) == 1, \
+        r.stderr
