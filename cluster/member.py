@@ -314,7 +314,7 @@ class ClusterMember:
                 self._send_batch(node, out.pop(node))
         if out and not self._outbox_scheduled:
             self._outbox_scheduled = True
-            self.loop.call_soon(self._flush_outbox)
+            self.loop.call_soon(self.flush_outbox)
         self.forwarded += len(targets)
         return len(targets)
 
@@ -338,7 +338,10 @@ class ClusterMember:
             else:
                 t[1].append(group.key)
 
-    def _flush_outbox(self) -> None:
+    def flush_outbox(self) -> None:
+        """Send every forward batch still waiting for the end of this loop iteration.
+        Called before a barrier goes out: a barrier must follow, on each link, every
+        message forwarded before it."""
         self._outbox_scheduled = False
         out, self._outbox = self._outbox, {}
         for node, batch in out.items():

@@ -358,7 +358,11 @@ class Takeovers:
     def on_moved(self, client_id: str, epoch: int, from_node: str, to_node: str) -> None:
         member = self.member
         me = self.node_id
-        # our barrier: what we forwarded before this point used the old routes
+        # our barrier: what we forwarded before this point used the old routes. Forwards
+        # wait in the outbox until the end of the loop iteration: flush them first, or the
+        # barrier overtakes them and the old holder ends the session before they arrive
+        # (the message is then lost).
+        member.flush_outbox()
         for target in (from_node, to_node):
             if target == me:
                 self.on_barrier(me, {"client_id": client_id, "epoch": epoch})

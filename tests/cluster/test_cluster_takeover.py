@@ -15,14 +15,15 @@ says, nothing by itself."""
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections import Counter
 
 import pytest
 
-from support import (Connack, Disconnect, Prop, Publish, Puback, Pubcomp, Pubrec, Pubrel,
-                     probe_until_seen, wait_for)
+from support import (Connack, Disconnect, PahoClient, Prop, Publish, Puback, Pubcomp, Pubrec,
+                     Pubrel, probe_until_seen, wait_for)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -305,3 +306,52 @@ def test_qos2_publisher_sends_pubrel_to_another_node(cluster, version):
     assert got == [b"exactly-once"], f"subscriber got the QoS 2 message {len(got)} times"
     views = wait_owned_by(cluster, cid, "n2")
     assert views["n1"]["here"] is False
+
+
+def test_rapid_moves_under_steady_publishing_lose_no_acknowledged_message(cluster):
+    """A persistent subscriber hops n1 -> n2 -> n3 -> n1 ... every few tens of ms while a
+    publisher on n2 sends numbered QoS 1 messages: every acknowledged one arrives. (A
+    barrier once overtook forwards still in the sender's outbox: the old holder ended the
+    session before they came, and they were lost.)"""
+    nodes = [cluster.node(i) for i in (1, 2, 3)]
+    t = uid()
+    topic = f"hop/{t}/m"
+    sub = PahoClient(nodes[0], f"hop-{t}", 5, connect=False, session_expiry=EXPIRY)
+    sub.connect()
+    sub.subscribe(f"hop/{t}/#", qos=1)
+    pub = PahoClient(nodes[1], f"hop-pub-{t}", 5)
+    probe_until_seen(lambda m: pub.publish(f"hop/{t}/probe", m, qos=0),
+                     lambda m: m in sub.payloads(f"hop/{t}/probe"))
+    acked: list[int] = []
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def publish_all() -> None:
+        try:
+            for k in range(100_000):  # bounded; stopped long before
+                if stop.is_set():
+                    return
+                pub.publish(topic, str(k).encode(), qos=1, wait=True, timeout=15.0)
+                acked.append(k)
+                stop.wait(0.003)  # pacing, not synchronisation
+        except BaseException as err:  # reported below
+            errors.append(err)
+
+    publisher = threading.Thread(target=publish_all, daemon=True)
+    publisher.start()
+    try:
+        for i in range(1, 31):
+            after = len(acked)
+            wait_for(lambda: errors or any(int(p) >= after for p in sub.payloads(topic)[-20:]),
+                     10.0, message=f"a message after move {i}")
+            sub.disconnect()
+            sub.port = nodes[i % 3].port
+            assert sub.connect(clean=False), f"move {i}: session present = 0"
+    finally:
+        stop.set()
+        publisher.join(30.0)
+    assert not errors, f"publisher failed: {errors[0]!r}"
+    want = set(acked)
+    wait_for(lambda: want <= {int(p) for p in sub.payloads(topic)}, 20.0,
+             message=lambda: f"every acknowledged message; missing "
+                             f"{sorted(want - {int(p) for p in sub.payloads(topic)})[:20]}")
