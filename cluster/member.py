@@ -238,6 +238,9 @@ class ClusterMember:
         self.leaving = True
         info = dict(self.info, status="leaving")
         await self.raft.run(("member", self.node_id, info), 10.0)
+        # /readyz answers 503 from now on: let the load balancer's health checks see it
+        # before the clients reconnect, or they may be sent back here
+        await asyncio.sleep(self.config.drain_delay)
         self.broker.kick_all(ReasonCode.USE_ANOTHER_SERVER, send_will=False)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and any(

@@ -197,6 +197,10 @@ class Config:
     barrier_timeout: float = _opt(3.0, "Seconds a session hand-over waits for every node's "
                                   "barrier before it completes without the missing ones.",
                                   _non_negative_number)
+    drain_delay: float = _opt(2.0, "Seconds a leaving node (`shoal cluster leave`) reports not "
+                              "ready (GET /readyz 503) before it disconnects its clients, so "
+                              "the load balancer stops sending it new ones first.",
+                              _non_negative_number)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
