@@ -1,5 +1,6 @@
 # The two commands of the README: `make run` and `make test`. Both create .venv and
-# install Shoal (editable, with its test extra) when pyproject.toml changed.
+# install Shoal (editable, with its test extra) when pyproject.toml changed; `make test`
+# also installs the Debian packages the tests use (tests/system-packages.sh).
 
 PYTHON ?= python3
 VENV   := .venv
@@ -8,7 +9,7 @@ STAMP  := $(VENV)/.installed
 ARGS        ?=
 PYTEST_ARGS ?=
 
-.PHONY: run run-node test docs clean
+.PHONY: run run-node test system-packages docs clean
 
 # A local 3-node cluster: MQTT on 127.0.0.1:1883-1885, admin API on 127.0.0.1:8080-8082,
 # node-to-node ports from 7001, data in ./data/nodeN; Ctrl-C stops it.
@@ -20,8 +21,12 @@ run: $(STAMP)
 run-node: $(STAMP)
 	$(VENV)/bin/shoal run $(ARGS)
 
-test: $(STAMP)
+# the Debian packages first: python3-venv is one of them
+test: system-packages $(STAMP)
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+system-packages:
+	tests/system-packages.sh
 
 # Rewrite the option table in README.md from node/config.py.
 docs: $(STAMP)
