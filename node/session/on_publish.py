@@ -53,6 +53,10 @@ def _acknowledge(broker, client, write_ack, pid: int, reached: int, mark: int) -
     """PUBACK / PUBREC once what the message changed on disk is durable: the queues of
     the persistent sessions it reached, a retained change, the QoS 2 packet id."""
     reason = 0x10 if reached == 0 and client.version == MQTT_5 else 0
+    journal = broker.journal
+    if client.acks is None and (journal is None or journal.writes == mark):
+        write_ack(pid, reason)  # nothing to wait for, nothing queued before it: at once
+        return
     client.ack_after(broker.commit_wait(mark), write_ack, pid, reason)
 
 
