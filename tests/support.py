@@ -777,6 +777,43 @@ def paho_modules():
     return mqtt, PacketTypes, Properties, SubscribeOptions
 
 
+class NumberedPublisher:
+    """Publishes "0", "1", "2"... at QoS 1 on ``topic`` from a thread, each waited for
+    (PUBACK) and recorded in ``acked``, ``pace`` seconds apart (pacing, not
+    synchronisation), until ``stop()``; bounded in count. ``errors`` holds what ended it
+    early. The workload of the tests that check no acknowledged message is lost."""
+
+    def __init__(self, client: "PahoClient", topic: str, pace: float,
+                 limit: int = 100_000) -> None:
+        self.client, self.topic, self.pace, self.limit = client, topic, pace, limit
+        self.acked: list[int] = []
+        self.errors: list[BaseException] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="numbered-publisher",
+                                        daemon=True)
+
+    def start(self) -> "NumberedPublisher":
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        try:
+            for k in range(self.limit):
+                if self._stop.is_set():
+                    return
+                self.client.publish(self.topic, str(k).encode(), qos=1, wait=True,
+                                    timeout=15.0)
+                self.acked.append(k)
+                self._stop.wait(self.pace)
+        except BaseException as err:  # noqa: BLE001 - reported by the test's thread
+            self.errors.append(err)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), "the publisher did not stop"
+
+
 class PahoClient:
     """paho-mqtt 2.x (CallbackAPIVersion.VERSION2) on its own network thread.
 

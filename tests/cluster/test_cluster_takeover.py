@@ -15,15 +15,14 @@ says, nothing by itself."""
 
 from __future__ import annotations
 
-import threading
 import time
 import uuid
 from collections import Counter
 
 import pytest
 
-from support import (Connack, Disconnect, PahoClient, Prop, Publish, Puback, Pubcomp, Pubrec,
-                     Pubrel, probe_until_seen, wait_for)
+from support import (Connack, Disconnect, NumberedPublisher, PahoClient, Prop, Publish, Puback,
+                     Pubcomp, Pubrec, Pubrel, probe_until_seen, wait_for)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -322,23 +321,8 @@ def test_rapid_moves_under_steady_publishing_lose_no_acknowledged_message(cluste
     pub = PahoClient(nodes[1], f"hop-pub-{t}", 5)
     probe_until_seen(lambda m: pub.publish(f"hop/{t}/probe", m, qos=0),
                      lambda m: m in sub.payloads(f"hop/{t}/probe"))
-    acked: list[int] = []
-    stop = threading.Event()
-    errors: list[BaseException] = []
-
-    def publish_all() -> None:
-        try:
-            for k in range(100_000):  # bounded; stopped long before
-                if stop.is_set():
-                    return
-                pub.publish(topic, str(k).encode(), qos=1, wait=True, timeout=15.0)
-                acked.append(k)
-                stop.wait(0.003)  # pacing, not synchronisation
-        except BaseException as err:  # reported below
-            errors.append(err)
-
-    publisher = threading.Thread(target=publish_all, daemon=True)
-    publisher.start()
+    publisher = NumberedPublisher(pub, topic, pace=0.003).start()
+    acked, errors = publisher.acked, publisher.errors
     try:
         for i in range(1, 31):
             after = len(acked)
@@ -348,8 +332,7 @@ def test_rapid_moves_under_steady_publishing_lose_no_acknowledged_message(cluste
             sub.port = nodes[i % 3].port
             assert sub.connect(clean=False), f"move {i}: session present = 0"
     finally:
-        stop.set()
-        publisher.join(30.0)
+        publisher.stop()
     assert not errors, f"publisher failed: {errors[0]!r}"
     want = set(acked)
     wait_for(lambda: want <= {int(p) for p in sub.payloads(topic)}, 20.0,

@@ -31,8 +31,8 @@ from pathlib import Path
 
 import pytest
 
-from support import REPO_ROOT, PahoClient, http_json, poll_until, probe_until_seen, \
-    unique_free_port, wait_for
+from support import (REPO_ROOT, NumberedPublisher, PahoClient, http_json, poll_until,
+                     probe_until_seen, unique_free_port, wait_for)
 
 HAPROXY = shutil.which("haproxy") or next(
     (p for p in ("/usr/sbin/haproxy", "/usr/local/sbin/haproxy") if os.access(p, os.X_OK)),
@@ -220,23 +220,8 @@ def test_persistent_subscriber_reconnects_30_times_through_haproxy(cluster_facto
                      lambda m: m in sub.payloads(f"lb/{t}/probe"),
                      what="the subscriber's route on the publisher's node")
 
-    acked: list[int] = []
-    stop = threading.Event()
-    errors: list[BaseException] = []
-
-    def publish_all() -> None:
-        try:
-            for k in range(100_000):  # bounded; stopped long before
-                if stop.is_set():
-                    return
-                pub.publish(topic, str(k).encode(), qos=1, wait=True, timeout=15.0)
-                acked.append(k)
-                stop.wait(0.005)  # pacing (~150 msg/s), not synchronisation
-        except BaseException as err:  # reported by the test thread below
-            errors.append(err)
-
-    publisher = threading.Thread(target=publish_all, name="lb-publisher", daemon=True)
-    publisher.start()
+    publisher = NumberedPublisher(pub, topic, pace=0.005).start()  # ~150 msg/s
+    acked, errors = publisher.acked, publisher.errors
 
     landed: list[str] = []
     try:
@@ -261,9 +246,7 @@ def test_persistent_subscriber_reconnects_30_times_through_haproxy(cluster_facto
             assert not errors, f"publisher failed: {errors[0]!r}"
             sub.disconnect()
     finally:
-        stop.set()
-        publisher.join(30.0)
-    assert not publisher.is_alive(), "the publisher did not stop"
+        publisher.stop()
     assert not errors, f"publisher failed: {errors[0]!r}"
 
     # the last of it: reconnect once more and collect everything acknowledged
