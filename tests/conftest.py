@@ -53,3 +53,61 @@ def _close_clients():
         clients, node.clients = node.clients, []
         for client in clients:
             client.close()
+
+
+@pytest.fixture
+def toxiproxy(tmp_path):
+    """A ``toxiproxy.Toxiproxy`` client (toxiproxy-python) pointed at a Toxiproxy server.
+
+    With ``TOXIPROXY_URL`` set (e.g. ``http://127.0.0.1:8474``) that is the real Toxiproxy
+    there: it must reach the upstreams the tests give it (127.0.0.1 ports), and the
+    proxies a test creates are deleted after it. Otherwise it is tests/toxiproxy_server.py,
+    started as a child process on a free port and stopped after the test. toxiproxy-python
+    keeps its server address in class attributes (``update_api_consumer``), not the env."""
+    import os
+    import signal
+    import subprocess
+    from urllib.parse import urlsplit
+
+    from toxiproxy import Toxiproxy
+
+    from support import free_port, wait_for
+
+    url = os.environ.get("TOXIPROXY_URL")
+    proc = None
+    log_path = tmp_path / "toxiproxy.log"
+    if url:
+        parts = urlsplit(url if "://" in url else "http://" + url)
+        host, port = parts.hostname or "127.0.0.1", parts.port or 8474
+    else:
+        host, port = "127.0.0.1", free_port()
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, str(TESTS_DIR / "toxiproxy_server.py"),
+                 "--host", host, "--port", str(port)],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    client = Toxiproxy()
+    client.update_api_consumer(host, port)
+
+    def up():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"toxiproxy_server.py exited with {proc.returncode}:\n"
+                                 f"{log_path.read_text(errors='replace')}")
+        return client.running()
+
+    wait_for(up, timeout=10, message=f"Toxiproxy API on {host}:{port}")
+    before = set(client.proxies()) if url else set()
+    try:
+        yield client
+    finally:
+        if proc is None:
+            for name, proxy in client.proxies().items():
+                if name not in before:
+                    proxy.destroy()
+        else:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=5)
