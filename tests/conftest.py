@@ -111,3 +111,11 @@ def toxiproxy(tmp_path):
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=5)
+
+
+def pytest_addoption(parser):
+    # here, not in tests/faults/conftest.py: options must be known before collection
+    parser.addoption("--faults-seconds", type=float, default=None,
+                     help="run the fault tests of tests/faults (workload + kill -9 nemesis + "
+                          "checker) for this many seconds; without it they are skipped "
+                          "(issue 6 in progress). 20 is a short run, 600+ a soak.")
