@@ -178,13 +178,22 @@ def _dash(value) -> str:
     return "-" if value is None else str(value)
 
 
-def cmd_clients(args: argparse.Namespace) -> int:
+def _page(args: argparse.Namespace, path: str) -> dict | None:
+    """One page of a paged endpoint (``--limit``, ``--after``); printed and None with
+    ``--json``."""
     query = {"limit": args.limit}
     if args.after:
         query["after"] = args.after
-    page = admin_call("GET", args.admin, "/api/v1/clients?" + urllib.parse.urlencode(query))
+    page = admin_call("GET", args.admin, f"{path}?{urllib.parse.urlencode(query)}")
     if args.json:
         print(json.dumps(page, indent=2))
+        return None
+    return page
+
+
+def cmd_clients(args: argparse.Namespace) -> int:
+    page = _page(args, "/api/v1/clients")
+    if page is None:
         return 0
     rows = [["CLIENT ID", "PEER", "PROTOCOL", "KEEPALIVE", "SUBS", "QUEUED", "INFLIGHT"]]
     for c in page["items"]:
@@ -197,12 +206,8 @@ def cmd_clients(args: argparse.Namespace) -> int:
 
 
 def cmd_sessions_list(args: argparse.Namespace) -> int:
-    query = {"limit": args.limit}
-    if args.after:
-        query["after"] = args.after
-    page = admin_call("GET", args.admin, "/api/v1/sessions?" + urllib.parse.urlencode(query))
-    if args.json:
-        print(json.dumps(page, indent=2))
+    page = _page(args, "/api/v1/sessions")
+    if page is None:
         return 0
     rows = [["CLIENT ID", "STATE", "SUBS", "QUEUED", "INFLIGHT", "EXPIRY"]]
     for s in page["items"]:

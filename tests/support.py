@@ -1041,6 +1041,21 @@ SHOAL_DEFAULTS_FOR_MOSQUITTO = {"max_inflight": 32, "max_queue": 1000}
 LIVE_NODES: list = []
 
 
+def option_flags(options: dict) -> list[str]:
+    """``shoal run`` flags for node options given with underscores: True/False give
+    ``--flag`` / ``--no-flag``, anything else ``--flag value``."""
+    flags: list[str] = []
+    for key, value in options.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            flags.append(flag)
+        elif value is False:
+            flags.append("--no-" + key.replace("_", "-"))
+        else:
+            flags += [flag, str(value)]
+    return flags
+
+
 class BrokerProcess:
     """The broker under test as a child process, with its log in a file."""
 
@@ -1075,14 +1090,7 @@ class BrokerProcess:
             cmd = [sys.executable, "-m", "node", "run", "--node-id", self.node_id,
                    "--host", self.host, "--mqtt-port", str(self.port),
                    "--admin-port", str(self.admin_port), "--data-dir", str(data_dir)]
-            for key, value in self.options.items():
-                flag = "--" + key.replace("_", "-")
-                if value is True:
-                    cmd.append(flag)
-                elif value is False:
-                    cmd.append("--no-" + key.replace("_", "-"))
-                else:
-                    cmd += [flag, str(value)]
+            cmd += option_flags(self.options)
             env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
             env.setdefault("PYTHONUNBUFFERED", "1")
             return cmd, env
@@ -1342,14 +1350,7 @@ class ClusterNodeProcess(BrokerProcess):
                "--cluster-name", self.cluster_name]
         if self.join:
             cmd += ["--join", self.join]
-        for key, value in self.options.items():
-            flag = "--" + key.replace("_", "-")
-            if value is True:
-                cmd.append(flag)
-            elif value is False:
-                cmd.append("--no-" + key.replace("_", "-"))
-            else:
-                cmd += [flag, str(value)]
+        cmd += option_flags(self.options)
         return cmd, env
 
     def start(self, timeout: float = 30.0) -> "ClusterNodeProcess":
