@@ -77,6 +77,12 @@ def let_time_pass(seconds: float) -> None:
 
 
 def free_port() -> int:
+    """A free port never handed out before in this test process, so two calls in a row
+    never give the same port to two listeners."""
+    return unique_free_port()
+
+
+def _kernel_free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -1247,7 +1253,7 @@ _HANDED_OUT: set[int] = set()
 def unique_free_port() -> int:
     """A free port never handed out before by this function or free_port_pair."""
     for _ in range(200):
-        port = free_port()
+        port = _kernel_free_port()
         if port not in _HANDED_OUT:
             _HANDED_OUT.add(port)
             return port
@@ -1258,7 +1264,7 @@ def free_port_pair() -> int:
     """A free port C whose neighbour C + 1 is free too (a cluster node's transport and
     Raft ports); neither was handed out before."""
     for _ in range(200):
-        port = free_port()
+        port = _kernel_free_port()
         if port < 65535 and not {port, port + 1} & _HANDED_OUT and \
                 ports_free([port, port + 1]):
             _HANDED_OUT.update((port, port + 1))
