@@ -8,6 +8,7 @@ protocol, the peer stats shown by ``GET /api/v1/cluster``, and the takeovers.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import secrets
 import time
@@ -63,7 +64,8 @@ class ClusterMember:
         self.transport = Transport(
             self.node_id, config.cluster_name, config.cluster_secret.encode(), config.host,
             config.cluster_port, on_message=self._on_message, on_request=self._on_request,
-            on_peer_up=self._on_peer_up, on_peer_down=self._on_peer_down)
+            on_peer_up=self._on_peer_up, on_peer_down=self._on_peer_down,
+            on_peer_restarted=lambda peer: self.takeovers.on_peer_restarted(peer))
         self.transport.info = self.info
         self.takeovers = Takeovers(self)
         self.snapshot_chunks: dict[tuple, dict] = {}
@@ -76,13 +78,22 @@ class ClusterMember:
         self.forwarded = 0
         self.forward_dropped = 0  # QoS 0 messages dropped at a full node-to-node queue
         self._dropping_to: set[str] = set()
-        self._outbox: dict[str, list] = {}  # node -> [[wire blobs...], must_arrive]
+        self._outbox: dict[str, list] = {}  # node -> [[wire blobs...], must_arrive, confirm]
+        # forward confirmations (durability safe): a batch holding QoS 1/2 messages asks
+        # its receiver to answer once what it stored for them is durable
+        self.confirm_forwards = config.durability == "safe"
+        self._forward_waits: list = []  # confirmation futures since take_forward_waits()
+        self._confirms: dict[int, tuple] = {}  # id -> (node, future, sent at)
+        self._confirm_ids = itertools.count(1)
         self._outbox_scheduled = False
         self.received = 0
         self.leader_changes = 0
         self._last_leader = None
         self.leaving = False
         self.ready = False  # a member of the routing table, serving
+        # the view has applied every entry committed before this node started serving (a
+        # restarted node replays the log first: its claims are history, not news)
+        self.caught_up = False
         self._join_lock = asyncio.Lock()
 
     # -- start / stop ------------------------------------------------------------------------
@@ -127,22 +138,45 @@ class ClusterMember:
         self.ready = True
         if self.discovery is not None:
             self.discovery.update_properties({"formed": "1"})
-        await self._adopt_stored_sessions()
+        synced = await self._catch_up()
+        await self._adopt_stored_sessions(synced)
         self.broker.attach_cluster(self)
         self._tasks.append(self.loop.create_task(self._gossip_loop()))
         self._tasks.append(self.loop.create_task(self._reconcile_loop()))
         log.info("cluster member up node=%s members=%s leader=%s", self.node_id,
                  sorted(self.view.members), self.raft.status()["leader"])
 
-    async def _adopt_stored_sessions(self) -> None:
+    async def _catch_up(self) -> bool:
+        """A read barrier: wait until the view holds every entry committed before now (a
+        joining node replays the log behind the leader). Until then the claims it applies
+        are old news: they freeze nothing here, and the stored sessions are not judged by
+        a holder the table no longer has."""
+        try:
+            await self.raft.run(("sync",), 20.0)
+        except RaftUnavailable as err:
+            log.warning("routing table not caught up node=%s: %s", self.node_id, err)
+            return False
+        finally:
+            self.caught_up = True
+        return True
+
+    async def _adopt_stored_sessions(self, synced: bool) -> None:
         """Sessions the store brought back (a restart): keep those the table says are held
         here; claim those it has no holder for (the whole cluster restarted: the table,
         kept in memory only, starts empty); drop the copies another node took over
         meanwhile (they live there now). Then announce the kept ones' routes."""
-        broker, me, holders = self.broker, self.node_id, self.view.holders
+        broker, me = self.broker, self.node_id
         if not broker.sessions:
             return
-        keep = {cid for cid in broker.sessions if holders.get(cid) == me}
+        if not synced:
+            log.warning("stored sessions kept as they are node=%s: the routing table could "
+                        "not be read; they are claimed at their next connect", me)
+            return
+        holders = self.view.holders
+        # a session being handed over right now (a claim that reached this node while it
+        # started) ends with its hand-over, not here
+        keep = {cid for cid in broker.sessions
+                if holders.get(cid) == me or cid in self.takeovers.outgoing}
         unheld = [cid for cid in broker.sessions if holders.get(cid) is None]
         if unheld:
             # one Raft entry for all of them (ops submitted in one loop iteration batch)
@@ -304,7 +338,7 @@ class ClusterMember:
         for node, (normal, groups) in targets.items():
             batch = out.get(node)
             if batch is None:
-                batch = out[node] = [[], False]
+                batch = out[node] = [[], False, None]
             if normal and not groups:
                 if plain_blob is None:
                     plain_blob = pack_forward(msg, True, None)
@@ -313,6 +347,11 @@ class ClusterMember:
                 batch[0].append(pack_forward(msg, normal, groups))
             if msg.qos:
                 batch[1] = True  # acknowledged to its publisher: must not be dropped
+                if self.confirm_forwards:
+                    if batch[2] is None:
+                        batch[2] = self.loop.create_future()
+                    if not self._forward_waits or self._forward_waits[-1] is not batch[2]:
+                        self._forward_waits.append(batch[2])
             if len(batch[0]) >= FORWARD_BATCH:
                 self._send_batch(node, out.pop(node))
         if out and not self._outbox_scheduled:
@@ -346,13 +385,24 @@ class ClusterMember:
         Called before a barrier goes out: a barrier must follow, on each link, every
         message forwarded before it."""
         self._outbox_scheduled = False
+        # the publish handlers of this iteration took theirs; the rest (wills) wait for none
+        self._forward_waits = []
         out, self._outbox = self._outbox, {}
         for node, batch in out.items():
             self._send_batch(node, batch)
 
+    def take_forward_waits(self) -> list:
+        waits, self._forward_waits = self._forward_waits, []
+        return waits
+
     def _send_batch(self, node: str, batch: list) -> None:
         """The messages forwarded to one node in one loop iteration go as one message."""
-        items, must_arrive = batch
+        items, must_arrive, confirm = batch
+        if confirm is not None:
+            cid = next(self._confirm_ids)
+            self._confirms[cid] = (node, confirm, time.monotonic())
+            self.transport.send(node, "pubc", [cid, items], True)
+            return
         if self.transport.send(node, "pubs", items, must_arrive):
             self._dropping_to.discard(node)
             return
@@ -388,16 +438,20 @@ class ClusterMember:
 
     def _on_message(self, peer: str, kind: str, body) -> None:
         if kind == "pubs":
-            route_remote = self.broker.route_remote
-            now = time.time()
-            for blob in body:
-                msg, normal, groups = unpack_forward(blob)
-                msg.via = peer
-                if msg.expires_at is not None and msg.expires_at <= now:
-                    self.broker.counters.expired_messages += 1  # expired in transit
-                    continue
-                route_remote(msg, normal, groups)
-            self.received += len(body)
+            self._route_forwarded(peer, body)
+        elif kind == "pubc":
+            cid, items = body
+            self._route_forwarded(peer, items)
+            wait = self.broker.durable_wait()
+            if wait is None:
+                self.transport.send(peer, "pubc_ok", cid, True)
+            else:
+                wait.add_done_callback(lambda w, peer=peer, cid=cid: self._confirm_stored(
+                    w, peer, cid))
+        elif kind == "pubc_ok":
+            entry = self._confirms.pop(body, None)
+            if entry is not None and not entry[1].done():
+                entry[1].set_result(None)
         elif kind == "barrier":
             self.takeovers.on_barrier(peer, body)
         elif kind == "late":
@@ -411,6 +465,31 @@ class ClusterMember:
             self.peer_stats[peer] = dict(body, received_at=time.time())
         else:
             log.warning("unknown message kind=%s from=%s node=%s", kind, peer, self.node_id)
+
+    def _route_forwarded(self, peer: str, blobs: list) -> None:
+        route_remote = self.broker.route_remote
+        now = time.time()
+        for blob in blobs:
+            msg, normal, groups = unpack_forward(blob)
+            msg.via = peer
+            if msg.expires_at is not None and msg.expires_at <= now:
+                self.broker.counters.expired_messages += 1  # expired in transit
+                continue
+            route_remote(msg, normal, groups)
+        self.received += len(blobs)
+
+    def _confirm_stored(self, wait: asyncio.Future, peer: str, cid: int) -> None:
+        if wait.cancelled() or wait.exception() is not None:
+            return  # the store failed: this node stops; the publisher gets no PUBACK
+        self.transport.send(peer, "pubc_ok", cid, True)
+
+    def _expire_confirms(self, older_than: float) -> None:
+        """Confirmations that never came (the receiver died before storing): the
+        PUBACKs waiting for them were given up long ago (their connections closed)."""
+        limit = time.monotonic() - older_than
+        for cid in [c for c, (_, _, t) in self._confirms.items() if t < limit]:
+            _node, fut, _t = self._confirms.pop(cid)
+            fut.cancel()
 
     async def _on_request(self, peer: str, kind: str, body):
         if kind == "snapshot":
@@ -492,14 +571,18 @@ class ClusterMember:
                 for f in removed:
                     self._remote_remove(node_id, f)
         elif kind == "claimed":
+            if not self.caught_up:
+                return  # replaying history: the stored sessions are adopted after it
             _, client_id, owner, epoch, _prev, holder, clean = ev
             self.takeovers.on_claimed(client_id, owner, epoch, holder, clean)
         elif kind == "released":
+            if not self.caught_up:
+                return
             _, client_id, node_id, _epoch = ev
             self.takeovers.on_released(client_id, node_id)
         elif kind == "moved":
             _, client_id, epoch, from_node, to_node, ok = ev
-            self.takeovers.on_moved(client_id, epoch, from_node, to_node)
+            self.takeovers.on_moved(client_id, epoch, from_node, to_node, ok)
         elif kind == "member":
             _, node_id, info = ev
             if node_id == self.node_id:
@@ -533,6 +616,7 @@ class ClusterMember:
     async def _gossip_loop(self) -> None:
         while True:
             await asyncio.sleep(STATS_PERIOD)
+            self._expire_confirms(60.0)
             st = {"sessions": len(self.broker.sessions),
                   "connections": len(self.broker.clients), "at": time.time()}
             for node in self.view.members:

@@ -118,12 +118,18 @@ class RoutingState(SyncObjConsumer):
             events.append(("routes", node_id, list(added), list(removed)))
             return None
         if kind == "moved":
+            # only for the claim that is still current: a move proposed for an older epoch
+            # (a newer claim was applied first) never happens, whatever holds the session
             _, client_id, epoch, from_node, to_node = op
-            ok = self.holders.get(client_id) == from_node
+            owner = self.owners.get(client_id)
+            ok = self.holders.get(client_id) == from_node and owner is not None and \
+                tuple(owner) == (to_node, epoch)
             if ok:
                 self.holders[client_id] = to_node
             events.append(("moved", client_id, epoch, from_node, to_node, ok))
             return ok
+        if kind == "sync":
+            return None  # applied here once every earlier entry is: a read barrier
         if kind == "member":
             _, node_id, info = op
             if info is None:

@@ -8,18 +8,22 @@ Client X connects to B; A holds X's session.
 3. B asks A for the session at that epoch (``snapshot``). A answers with the record
    (queue streamed in chunks first when it is long), moves to HANDING_OVER, and from now
    on keeps what still arrives for X in a ``late`` list, through a gate.
-4. B installs the record, sends CONNACK (session present 1), re-sends inflight messages,
-   then the queue, and proposes ``moved(X, epoch, A, B)`` in the same Raft entry as the
-   routes of X's filters on B.
+4. B installs the record and stores it (durable), then proposes ``moved(X, epoch, A, B)``
+   in the same Raft entry as the routes of X's filters on B, and only once that entry is
+   committed sends CONNACK (session present 1), re-sends inflight messages, then the
+   queue. ``moved`` applies only while ``epoch`` is the current claim: if B dies before
+   it commits, or a newer claim comes first, A's copy is still the session and A hands
+   it over again (``_hand_back``) to the newer claim; B's copy is dropped.
 5. Each node P, applying ``moved``, sends a ``barrier`` to A and to B on the same ordered
    link its forwarded PUBLISHes travel. So a message P forwarded before its barrier was
    routed with the old routes (A keeps it for X), and one after it with the new routes
-   (B delivers it). B's gate drops X's messages from nodes whose barrier has not arrived
-   (A has them) and holds the others; A's gate appends to ``late`` only messages from
-   nodes whose barrier has not arrived. When A has every barrier (or after
-   ``barrier_timeout`` for an unreachable node) it sends ``late`` to B and deletes its copy;
-   B delivers ``late``, then what it held, and removes its gate. Each message reaches X
-   once, and in the order its publisher's node forwarded it.
+   (B delivers it). Per node P: A's gate keeps what P forwarded before its barrier in
+   ``late[P]`` and, when P's barrier arrives, sends it to B; B's gate drops X's messages
+   from P until P's barrier arrives (A has them), then holds them until ``late[P]`` is
+   in, and delivers them after it. A node that is down or cut off delays only its own
+   messages; A deletes its copy once every node's barrier arrived (a node that left the
+   cluster is not waited for). Each message reaches X once, and in the order its
+   publisher's node forwarded it.
 
 Every message about X carries the epoch; an older epoch is refused (``stale``). Two claims
 racing for X both ask the holder: it hands the session only to the current owner's epoch;
@@ -38,11 +42,16 @@ from node.ownership import Claim, ConnectRefused
 from node.session.record import message_from_record, message_to_record
 from node.session.session import SessionState
 
+from .routing import RaftUnavailable
 from .transport import PeerUnreachable, RemoteError, RequestTimeout
 
 log = logging.getLogger("shoal.takeover")
 
 CHUNK = 2000  # queued messages per snapshot chunk
+#: seconds a new holder waits at most for the old holder's late messages (a node that is
+#: cut off that long delays the session's messages from it no longer: they are delivered
+#: out of order with what the old holder still has)
+INCOMING_LIMIT = 60.0
 #: upper bounds (seconds) of the takeover latency histogram (GET /metrics)
 TAKEOVER_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -50,7 +59,8 @@ TAKEOVER_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.
 class _Incoming:
     """B side: a snapshot being received, and then the gate of the installed session."""
 
-    __slots__ = ("client_id", "epoch", "holder", "chunks", "pending", "held", "done", "session")
+    __slots__ = ("client_id", "epoch", "holder", "chunks", "pending", "awaiting", "held",
+                 "done", "session", "started")
 
     def __init__(self, client_id: str, epoch: int, holder: str, members: set[str]) -> None:
         self.client_id = client_id
@@ -58,22 +68,26 @@ class _Incoming:
         self.holder = holder
         self.chunks: dict[int, list] = {}
         self.pending = set(members)  # nodes whose barrier has not arrived here
-        self.held: list = []
+        self.awaiting = set(members)  # nodes whose late messages A has not sent yet
+        self.held: dict[str, list] = {}  # per node: arrived after its barrier, before late
+        self.started = time.monotonic()
         self.done = asyncio.get_running_loop().create_future()  # set when late arrived
         self.session = None
 
 
 class _Outgoing:
-    """A side: a session handed over, waiting for barriers before sending ``late``."""
+    """A side: a session handed over; per node, what it forwarded here with the old
+    routes (``late``) goes to the new holder once that node's barrier arrived."""
 
-    __slots__ = ("client_id", "epoch", "to", "pending", "late", "session", "timer")
+    __slots__ = ("client_id", "epoch", "to", "pending", "late", "session", "timer", "moved")
 
     def __init__(self, client_id, epoch, to, members, session) -> None:
         self.client_id = client_id
         self.epoch = epoch
         self.to = to
         self.pending = set(members)
-        self.late: list = []
+        self.late: dict[str, list] = {}
+        self.moved = False  # ``moved`` applied here: the hand-over is certain
         self.session = session
         self.timer = None
 
@@ -114,14 +128,22 @@ class Takeovers:
             for key in [k for k in self._chunks if k[0] == client_id]:
                 del self._chunks[key]
             raise
-        inner = claim.opened
-
-        def opened(session) -> None:
-            if inner is not None:
-                inner(session)
-            self._settle(client_id, fut)
-
-        claim.opened = opened
+        inner, inner_confirm = claim.opened, claim.confirm
+        if inner_confirm is None:
+            def opened(session) -> None:
+                if inner is not None:
+                    inner(session)
+                self._settle(client_id, fut)
+            claim.opened = opened
+        else:
+            # a hand-over: the ClientID is decided here once its move is committed (or
+            # refused); a claim of another node applied meanwhile freezes it after that
+            async def confirm(session):
+                try:
+                    return await inner_confirm(session)
+                finally:
+                    self._settle(client_id, fut)
+            claim.confirm = confirm
         # bounded: if the session is never opened (a bug, a lost task), do not wait forever
         loop.call_later(self.config.takeover_timeout, self._settle, client_id, fut)
         return claim
@@ -186,9 +208,36 @@ class Takeovers:
         def opened(session) -> None:
             inc.session = session
             session.gate = self._incoming_gate(inc)
-            # X's routes on this node are proposed while the record is installed; "moved"
-            # joins them in the same Raft entry (one loop iteration, one batch).
-            member.raft.submit(("moved", client_id, epoch, holder, self.node_id))
+
+        async def confirm(session):
+            """CONNACK waits for this: the installed session durable here first, then
+            ``moved`` committed. Until then the old holder keeps its copy, so a crash of
+            this node before it (or a newer claim first) loses nothing. True: moved;
+            False: a newer claim came first (this copy must go); None: not known in time
+            (the copy stays, the move may still commit)."""
+            durable = self.broker.durable_wait()
+            if durable is not None:
+                await durable
+            # X's routes here in the same entry as the move (one loop iteration, one
+            # batch): the nodes' barriers switch them to routes that are really there
+            filters = sorted(session.subscriptions)
+            if filters:
+                member.raft.submit(("routes", self.node_id, filters, [])).add_done_callback(
+                    _retrieve)
+            try:
+                moved = await member.raft.run(("moved", client_id, epoch, holder, self.node_id),
+                                              self.config.takeover_timeout)
+            except RaftUnavailable as err:
+                log.warning("hand-over not confirmed client_id=%s node=%s from=%s epoch=%d: "
+                            "%r (the client is refused; the move may still commit)",
+                            client_id, self.node_id, holder, epoch, err)
+                return None
+            if not moved:
+                log.info("hand-over overtaken client_id=%s node=%s from=%s epoch=%d: a newer "
+                         "claim came first", client_id, self.node_id, holder, epoch)
+                if self.incoming.get(client_id) is inc:
+                    del self.incoming[client_id]
+                return False
             elapsed = time.monotonic() - t0
             self.stats["takeovers"] += 1
             self.stats["takeover_ms_total"] += elapsed * 1000
@@ -198,11 +247,12 @@ class Takeovers:
             log.info("session taken over client_id=%s node=%s from=%s epoch=%d queued=%d "
                      "inflight=%d ms=%.1f", client_id, self.node_id, holder, epoch,
                      len(session.queue), len(session.inflight_out), elapsed * 1000)
+            return True
 
         asyncio.get_running_loop().call_later(
             self.config.takeover_timeout + self.config.barrier_timeout + 5.0,
             self._incoming_expired, inc)
-        return Claim(epoch, record, opened=opened)
+        return Claim(epoch, record, opened=opened, confirm=confirm)
 
     def _give_back(self, client_id: str):
         def done(fut: asyncio.Future) -> None:
@@ -282,35 +332,82 @@ class Takeovers:
             via = msg.via or self.node_id
             if via in inc.pending:
                 return  # routed with the old routes: the old holder keeps it for X
-            inc.held.append((msg, qos, retain, sub_ids))
+            if via in inc.awaiting:
+                # after that node's barrier: behind what it sent the old holder before
+                inc.held.setdefault(via, []).append((msg, qos, retain, sub_ids))
+                return
+            session.admit(msg, qos, retain, sub_ids)
         return gate
 
     def _incoming_expired(self, inc: _Incoming) -> None:
-        if self.incoming.get(inc.client_id) is inc and not inc.done.done():
-            log.warning("no late messages from old holder client_id=%s node=%s holder=%s: "
-                        "completing without them", inc.client_id, self.node_id, inc.holder)
-            self._complete_incoming(inc, [])
+        if self.incoming.get(inc.client_id) is not inc or inc.done.done():
+            return
+        if self.member.transport.is_up(inc.holder) and inc.holder in self.member.view.members \
+                and time.monotonic() - inc.started < INCOMING_LIMIT:
+            # the old holder still waits for a node's barrier (one that is down or cut
+            # off): its messages come once that node is back
+            asyncio.get_running_loop().call_later(self.config.barrier_timeout,
+                                                  self._incoming_expired, inc)
+            return
+        self._force_complete(inc, "the old holder is gone")
+
+    def _force_complete(self, inc: _Incoming, why: str) -> None:
+        """End the gate without the late messages still missing (their node or the old
+        holder is gone, or the session moves on): what it holds is delivered."""
+        log.warning("hand-over completed without all late messages client_id=%s node=%s "
+                    "holder=%s: %s; missing from %s", inc.client_id, self.node_id, inc.holder,
+                    why, sorted(inc.awaiting))
+        inc.pending.clear()  # what went to the old holder went with it
+        for node in list(inc.awaiting):
+            self._late_from(inc, node, [])
+        self._maybe_done(inc)
 
     def on_late(self, sender: str, body: dict) -> None:
-        inc = self.incoming.get(body["client_id"])
-        if inc is None or inc.epoch != body["epoch"] or inc.holder != sender:
-            log.warning("late messages for an unknown hand-over client_id=%s from=%s epoch=%s",
-                        body["client_id"], sender, body["epoch"])
-            return
+        client_id = body["client_id"]
+        inc = self.incoming.get(client_id)
         late = [(message_from_record(m), q, r, tuple(s) if s else None)
                 for m, q, r, s in body["messages"]]
-        self._complete_incoming(inc, late)
+        if inc is None or inc.epoch != body["epoch"] or inc.holder != sender:
+            session = self.broker.sessions.get(client_id)
+            if late and session is not None and session.gate is None and \
+                    self.member.view.holders.get(client_id) == self.node_id:
+                # the hand-over's state went with a restart of this node; the session
+                # (stored) is here: better late and out of order than lost
+                log.warning("late messages of a forgotten hand-over delivered client_id=%s "
+                            "from=%s epoch=%s count=%d", client_id, sender, body["epoch"],
+                            len(late))
+                for item in late:
+                    session.deliver(*item)
+                return
+            log.warning("late messages for an unknown hand-over client_id=%s from=%s epoch=%s",
+                        client_id, sender, body["epoch"])
+            return
+        self._late_from(inc, body["source"], late)
 
-    def _complete_incoming(self, inc: _Incoming, late: list) -> None:
+    def _late_from(self, inc: _Incoming, source: str, late: list) -> None:
+        """What ``source`` forwarded to the old holder before its barrier (``late``), then
+        what it sent here after it; once every node's are in, the gate goes."""
+        session = inc.session
+        live = session is not None and session.state is not SessionState.ENDED
+        if live:
+            for item in late:
+                session.admit(*item)
+        held = inc.held.pop(source, [])
+        inc.awaiting.discard(source)
+        if live:
+            for item in held:
+                session.admit(*item)
+        self._maybe_done(inc)
+
+    def _maybe_done(self, inc: _Incoming) -> None:
+        """Every node's barrier arrived here and every node's late messages too: the gate
+        has nothing left to order."""
+        if inc.awaiting or inc.pending or self.incoming.get(inc.client_id) is not inc:
+            return
         del self.incoming[inc.client_id]
         session = inc.session
         if session is not None and session.state is not SessionState.ENDED:
             session.gate = None
-            for item in late:
-                session.deliver(*item)
-            for item in inc.held:
-                session.deliver(*item)
-        inc.held = []
         if not inc.done.done():
             inc.done.set_result(None)
 
@@ -338,9 +435,22 @@ class Takeovers:
         self._freeze(client_id, owner, epoch, clean)
 
     def _freeze(self, client_id: str, owner: str, epoch: int, clean: bool) -> None:
-        cur = self.member.view.owners.get(client_id)
+        view = self.member.view
+        cur = view.owners.get(client_id)
         if cur is not None and cur[0] == self.node_id:
             return  # we claimed it again meanwhile
+        session = self.broker.sessions.get(client_id)
+        if session is not None and view.holders.get(client_id) != self.node_id \
+                and client_id not in self.incoming \
+                and session.state in (SessionState.ONLINE, SessionState.OFFLINE):
+            # a copy installed for a hand-over whose move never committed: the table says
+            # another node holds the session, and a move to here can no longer be applied
+            # (it needs the current epoch), so this copy is not the session
+            log.warning("stale copy dropped client_id=%s node=%s holder=%s", client_id,
+                        self.node_id, view.holders.get(client_id))
+            self.broker.end_session(session, f"stale copy (claimed by {owner} epoch {epoch})",
+                                    release=False, will=False)
+            return
         session = self.broker.freeze_session(client_id, f"claimed by {owner} epoch {epoch}")
         if session is not None and clean:
             # clean start elsewhere: this copy ends here (a pending will goes out from here)
@@ -355,9 +465,19 @@ class Takeovers:
                 and self.member.view.holders.get(client_id) == self.node_id:
             self.broker.unfreeze(session, f"claim of {node_id} given back")
 
-    def on_moved(self, client_id: str, epoch: int, from_node: str, to_node: str) -> None:
+    def on_moved(self, client_id: str, epoch: int, from_node: str, to_node: str,
+                 ok: bool = True) -> None:
+        if not ok:
+            return  # refused (an older claim's move, or the holder changed): no switch
         member = self.member
         me = self.node_id
+        out = self.outgoing.get(client_id)
+        if from_node == me and out is not None and out.epoch == epoch and out.timer is None:
+            out.moved = True
+            # the move is committed: from now on the missing barriers are waited for a
+            # bounded time only (a node that went down sends none)
+            out.timer = asyncio.get_running_loop().call_later(
+                self.config.barrier_timeout, self._barrier_timeout, out)
         # our barrier: what we forwarded before this point used the old routes. Forwards
         # wait in the outbox until the end of the loop iteration: flush them first, or the
         # barrier overtakes them and the old holder ends the session before they arrive
@@ -375,11 +495,39 @@ class Takeovers:
         inc = self.incoming.get(client_id)
         if inc is not None and inc.epoch == epoch:
             inc.pending.discard(sender)
+            self._maybe_done(inc)
         out = self.outgoing.get(client_id)
-        if out is not None and out.epoch == epoch:
-            out.pending.discard(sender)
+        if out is not None and out.epoch == epoch and sender in out.pending:
+            self._send_late(out, sender)
             if not out.pending:
                 self._finish_outgoing(out)
+
+    def on_peer_restarted(self, peer: str) -> None:
+        """``peer`` is a new process: what its old one forwarded before its barrier has
+        arrived or never will, so it counts as arrived for every hand-over waiting."""
+        for out in list(self.outgoing.values()):
+            # (before its move is applied a hand-over is not certain: everything stays)
+            if out.moved and peer in out.pending:
+                self._send_late(out, peer)
+                if not out.pending:
+                    self._finish_outgoing(out)
+        for inc in list(self.incoming.values()):
+            if inc.holder == peer and inc.session is not None:
+                # the old holder restarted: its late messages went with its old process
+                self._force_complete(inc, "the old holder restarted")
+            elif peer in inc.pending:
+                inc.pending.discard(peer)
+            self._maybe_done(inc)
+
+    def _send_late(self, out: _Outgoing, source: str) -> None:
+        """``source``'s barrier arrived: everything it forwarded here with the old routes
+        did too; hand those messages to the new holder."""
+        out.pending.discard(source)
+        late = out.late.pop(source, [])
+        self.member.transport.send(out.to, "late", {"client_id": out.client_id,
+                                                    "epoch": out.epoch, "source": source,
+                                                    "messages": late}, True)
+        self.stats["late_sent"] += len(late)
 
     # -- A side: handing a session over ----------------------------------------------------
 
@@ -402,13 +550,22 @@ class Takeovers:
         inc = self.incoming.get(client_id)
         if inc is not None:
             await asyncio.wait({inc.done}, timeout=self.config.barrier_timeout + 1.0)
+            if self.incoming.get(client_id) is inc:
+                # our own hand-over still waits for a node's late messages: what it holds
+                # goes into the session now, so the record carries it
+                self._force_complete(inc, f"handed on to {sender}")
         if view.owners.get(client_id) != (sender, epoch):
             return {"stale": True}  # claimed again while we waited
         session = self.broker.sessions.get(client_id)
         if session is None:
             return {"none": True}
         if session.state is SessionState.HANDING_OVER:
-            return {"retry": True}
+            out = self.outgoing.get(client_id)
+            if out is None or out.epoch >= epoch or view.holders.get(client_id) != self.node_id:
+                return {"retry": True}
+            # handed to an older claim whose move was never applied: it can no longer be
+            # (``moved`` needs the current epoch), so this copy is still the session
+            self._hand_back(out, f"epoch {out.epoch} to {out.to} not moved; epoch {epoch} asks")
         if session.state is not SessionState.FROZEN:
             # not frozen yet (the claim's listener runs right after the view update)
             self._freeze(client_id, sender, epoch, False)
@@ -420,9 +577,8 @@ class Takeovers:
         out = _Outgoing(client_id, epoch, sender, set(view.members), session)
         self.outgoing[client_id] = out
         session.gate = self._outgoing_gate(out)
-        out.timer = asyncio.get_running_loop().call_later(
-            self.config.takeover_timeout + self.config.barrier_timeout,
-            self._barrier_timeout, out)
+        # no timer yet: until ``moved`` is applied here this copy is the session (the new
+        # node may die before its move commits); on_moved starts the barrier timeout
         queue = record["queue"]
         nchunks = 0
         if len(queue) > CHUNK:
@@ -439,26 +595,52 @@ class Takeovers:
         def gate(session, msg, qos, retain, sub_ids) -> None:
             via = msg.via or self.node_id
             if via in out.pending:
-                out.late.append([message_to_record(msg), qos, retain,
-                                 list(sub_ids) if sub_ids else None])
+                out.late.setdefault(via, []).append([message_to_record(msg), qos, retain,
+                                                     list(sub_ids) if sub_ids else None])
             # else: routed with the new routes, the new holder has it
         return gate
 
+    def _hand_back(self, out: _Outgoing, why: str) -> None:
+        """The hand-over ``out`` will never complete: the session is frozen here again,
+        with what arrived for it meanwhile appended to its queue."""
+        del self.outgoing[out.client_id]
+        if out.timer is not None:
+            out.timer.cancel()
+        session = out.session
+        session.gate = None
+        session.hand_back(why)
+        # per node in arrival order; messages of different nodes have no order between them
+        late = [item for items in out.late.values() for item in items]
+        for m, qos, retain, sub_ids in late:
+            session.deliver(message_from_record(m), qos, retain,
+                            tuple(sub_ids) if sub_ids else None)
+        log.warning("hand-over taken back client_id=%s node=%s: %s (%d late messages "
+                    "queued again)", out.client_id, self.node_id, why, len(late))
+
     def _barrier_timeout(self, out: _Outgoing) -> None:
-        if self.outgoing.get(out.client_id) is out:
+        """Barriers still missing ``barrier_timeout`` after the move: a node that left the
+        cluster sends none (its late messages, if any, go now). A member that is down or
+        cut off is waited for: what it forwarded here before its barrier is still to come,
+        and the new holder already has everything from the other nodes."""
+        if self.outgoing.get(out.client_id) is not out:
+            return
+        gone = [n for n in out.pending if n not in self.member.view.members]
+        if gone:
             self.stats["barrier_timeouts"] += 1
-            log.warning("barriers missing client_id=%s node=%s from=%s: completing hand-over",
-                        out.client_id, self.node_id, sorted(out.pending))
-            self._finish_outgoing(out)
+            log.warning("barriers missing client_id=%s node=%s from=%s: nodes left the "
+                        "cluster", out.client_id, self.node_id, sorted(gone))
+            for node in gone:
+                self._send_late(out, node)
+            if not out.pending:
+                self._finish_outgoing(out)
+                return
+        out.timer = asyncio.get_running_loop().call_later(self.config.barrier_timeout,
+                                                          self._barrier_timeout, out)
 
     def _finish_outgoing(self, out: _Outgoing) -> None:
         del self.outgoing[out.client_id]
         if out.timer is not None:
             out.timer.cancel()
-        self.member.transport.send(out.to, "late", {"client_id": out.client_id,
-                                                    "epoch": out.epoch,
-                                                    "messages": out.late})
-        self.stats["late_sent"] += len(out.late)
         session = out.session
         if session.state is not SessionState.ENDED:
             session.gate = None
@@ -468,6 +650,13 @@ class Takeovers:
         lat = sorted(self.latencies)
         return dict(self.stats, incoming=len(self.incoming), outgoing=len(self.outgoing),
                     takeover_ms_p50=round(lat[len(lat) // 2] * 1000, 2) if lat else None)
+
+
+def _retrieve(fut: asyncio.Future) -> None:
+    """The routes proposed with a move: the move's own outcome is what is looked at (the
+    reconciliation loop repairs routes either way)."""
+    if not fut.cancelled():
+        fut.exception()
 
 
 class _Retry(Exception):

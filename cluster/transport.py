@@ -161,6 +161,7 @@ class Transport:
                  on_request: Callable[[str, str, Any], Awaitable[Any]],
                  on_peer_up: Callable[[str], None] | None = None,
                  on_peer_down: Callable[[str], None] | None = None,
+                 on_peer_restarted: Callable[[str], None] | None = None,
                  queue_limit: int = 100_000, max_frame: int = 16 * 1024 * 1024) -> None:
         if not secret:
             raise ValueError("the cluster secret must not be empty")
@@ -179,6 +180,8 @@ class Transport:
         self._on_request = on_request
         self._on_peer_up = on_peer_up
         self._on_peer_down = on_peer_down
+        # a peer came back as a new process: nothing its old one queued will arrive now
+        self._on_peer_restarted = on_peer_restarted
         self._peers: dict[str, _Peer] = {}
         self._pending: dict[int, tuple[str, asyncio.Future]] = {}
         self._rids = itertools.count(1)
@@ -756,6 +759,7 @@ class Transport:
                 self._call(self._on_peer_down, peer_id)
                 was_up = False
             self._fail_requests(st, PeerUnreachable(f"peer {peer_id} restarted"))
+            self._call(self._on_peer_restarted, peer_id)
         if st.inc != peer_inc:
             st.inc = peer_inc
             st.rx_last = 0

@@ -49,6 +49,7 @@ class Broker:
                                     config.queue_qos0_offline)
         self.filter_refs: dict[str, int] = {}  # filter -> local subscriptions (cluster routes)
         self.route_waits: list = []  # route announcements not yet acknowledged (cluster)
+        self._all_done_last = None  # (futures, combined): all_done()'s last answer
         self.journal: SessionJournal | None = None  # once attach_store() ran
         self.store_report = None  # what recovery found when the store opened
         self.started_at = time.time()
@@ -135,6 +136,41 @@ class Broker:
         if journal is None or journal.writes == mark:
             return None
         return journal.commit_wait()
+
+    def all_done(self, *waits):
+        """One future for several (None entries skipped): done when all are, failed or
+        cancelled as the first of them that is. Consecutive calls with the same futures
+        share the result (one PUBACK queue entry per batch, not per message)."""
+        waits = tuple(w for w in waits if w is not None)
+        if len(waits) == 1:
+            return waits[0]
+        last = self._all_done_last
+        if last is not None and last[0] == waits and not last[1].done():
+            return last[1]
+        fut = asyncio.get_running_loop().create_future()
+        left = [len(waits)]
+
+        def one_done(w) -> None:
+            if fut.done():
+                return
+            if w.cancelled():
+                fut.cancel()
+            elif w.exception() is not None:
+                fut.set_exception(w.exception())
+            else:
+                left[0] -= 1
+                if not left[0]:
+                    fut.set_result(None)
+        for w in waits:
+            w.add_done_callback(one_done)
+        self._all_done_last = (waits, fut)
+        return fut
+
+    def durable_wait(self):
+        """A future done once every store change made so far is durable, or None when
+        nothing has to be waited for (no store, all durable, or the fast mode)."""
+        journal = self.journal
+        return None if journal is None else journal.commit_wait()
 
     def attach_cluster(self, cluster: ClusterHooks) -> None:
         """Replace the single-node hooks (before the listeners open)."""

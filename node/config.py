@@ -188,9 +188,10 @@ class Config:
                                    "another node (or for a Raft quorum) before the "
                                    "`unreachable_owner` policy applies.", _non_negative_number)
     unreachable_owner: str = _opt(
-        "fresh", "When the node holding a session cannot be reached in time: `fresh` starts a "
-        "new session (CONNACK session present = 0), `refuse` answers CONNACK 0x88 (server "
-        "unavailable) so the client retries later.", _one_of("fresh", "refuse"))
+        "refuse", "When the node holding a session cannot be reached in time: `refuse` answers "
+        "CONNACK 0x88 (server unavailable) so the client retries and the session survives "
+        "until its node is back; `fresh` starts a new session (CONNACK session present = 0) "
+        "and loses what the old one held.", _one_of("fresh", "refuse"))
     minority_clean_sessions: bool = _opt(
         False, "In a Raft minority, accept clean sessions (clean start, expiry 0) without a "
         "ClientID claim: they work, but ClientID uniqueness is not enforced for them.")

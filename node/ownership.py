@@ -16,14 +16,18 @@ from typing import Awaitable, Protocol
 class Claim:
     """The outcome of claiming a ClientID for a new connection on this node."""
 
-    __slots__ = ("epoch", "record", "fresh_reason", "opened")
+    __slots__ = ("epoch", "record", "fresh_reason", "opened", "confirm")
 
     def __init__(self, epoch: int, record: dict | None = None,
-                 fresh_reason: str | None = None, opened=None) -> None:
+                 fresh_reason: str | None = None, opened=None, confirm=None) -> None:
         self.epoch = epoch
         # called with the session once it is opened for this claim (resumed, installed from
         # ``record`` or new), before CONNACK
         self.opened = opened
+        # async, called with the opened session; CONNACK waits for it. True: go on; False:
+        # the claim was overtaken (the session is dropped, CONNACK 0x89); None: not
+        # decided in time (the session stays, CONNACK 0x88 so the client retries)
+        self.confirm = confirm
         # the session record handed over by the previous owner (another node), if any
         self.record = record
         # set when a previous session existed elsewhere but could not be taken over and the
@@ -59,6 +63,11 @@ class ClusterHooks(Protocol):
         ``handled_groups`` (their ``$share/...`` filter) were served here. Returns the
         number of nodes it went to."""
 
+    def take_forward_waits(self) -> list:
+        """Futures of the QoS 1/2 messages ``forward`` sent since the last call: each is
+        done once the receiving node has stored what the message changed there (its
+        persistent sessions' queues). A PUBACK / PUBREC waits for them."""
+
     def retained_changed(self, topic: str, msg) -> None:
         """A retained message was set (``msg``) or cleared (``None``) by a local client."""
 
@@ -87,6 +96,9 @@ class LocalCluster:
 
     def forward(self, msg, handled_groups) -> int:
         return 0
+
+    def take_forward_waits(self) -> list:
+        return []
 
     def retained_changed(self, topic: str, msg) -> None:
         return None

@@ -33,7 +33,7 @@ from .ownership import ConnectRefused
 from .persist import STORE_COMMIT_TIMEOUT
 from .proxy_protocol import NEED_DATA as PROXY_NEED_DATA
 from .proxy_protocol import ProxyHeaderReader, ProxyProtocolError, looks_like_header
-from .session.on_connect import finish_connect
+from .session.on_connect import finish_connect, open_connect_session
 from .store import SessionStore, StoreError
 from .tls import HANDSHAKE_TIMEOUT as TLS_HANDSHAKE_TIMEOUT, server_ssl_context
 from .websocket import WsListeners
@@ -259,24 +259,58 @@ class MqttProtocol(asyncio.Protocol):
             if not self.closing:
                 self._refuse(ConnectRefused(ReasonCode.SERVER_UNAVAILABLE, "claim failed"))
             return
+        try:
+            opened = open_connect_session(broker, plan, claim)
+            if claim.confirm is not None and not await self._confirm(claim, opened[0]):
+                return
+        except Exception:
+            self.waiting = False
+            log.exception("internal error client_id=%s peer=%s node=%s", plan.client_id,
+                          self.peer, broker.node_id)
+            if not self.closing:
+                self._refuse(ConnectRefused(ReasonCode.SERVER_UNAVAILABLE, "claim failed"))
+            return
         self.waiting = False
         if self.closing:
             # The client left while its claim was decided: the claim is ours all the same,
             # so the session is opened and at once treated as disconnected.
-            session, _ = broker.open_session(plan.client_id, plan.clean_start, plan.expiry,
-                                             plan.version, claim)
-            session.will = plan.will
-            session.will_delay = plan.will_delay
-            broker.orphaned(session)  # stored (or not) by its disconnection
+            broker.orphaned(opened[0])  # stored (or not) by its disconnection
             return
         try:
-            finish_connect(broker, self, plan, claim)
+            finish_connect(broker, self, plan, claim, opened)
             self.transport.resume_reading()
             self._process()  # packets the client sent right after CONNECT
         except Exception:
             log.exception("internal error client_id=%s peer=%s node=%s", plan.client_id,
                           self.peer, broker.node_id)
             self._close(ReasonCode.IMPLEMENTATION_SPECIFIC_ERROR, send_will=True)
+
+    async def _confirm(self, claim, session) -> bool:
+        """A hand-over's CONNACK waits for ``claim.confirm``; False when the connection
+        is refused instead (and the session dropped, or kept for a move that may still
+        commit)."""
+        broker = self.broker
+        try:
+            verdict = await asyncio.wait_for(claim.confirm(session),
+                                             2 * broker.config.takeover_timeout + 10.0)
+        except asyncio.TimeoutError:
+            verdict = None
+        if verdict:
+            return True
+        self.waiting = False
+        session.will = None  # this connection never started: no will of its own
+        if verdict is False:
+            broker.end_session(session, "a newer claim overtook its hand-over",
+                               release=False, will=False)
+            refused = ConnectRefused(ReasonCode.SERVER_BUSY,
+                                     "a newer connection of this ClientID took over")
+        else:
+            broker.orphaned(session)
+            refused = ConnectRefused(ReasonCode.SERVER_UNAVAILABLE,
+                                     "session hand-over not confirmed by the cluster in time")
+        if not self.closing:
+            self._refuse(refused)
+        return False
 
     def eof_received(self) -> bool:
         return False  # close the transport

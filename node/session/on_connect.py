@@ -85,16 +85,24 @@ def plan_connect(broker, pkt: Connect) -> ConnectPlan:
         else 0, connack_props=connack_props)
 
 
-def finish_connect(broker, client, plan: ConnectPlan, claim: Claim) -> None:
-    """Open (or resume) the session, answer CONNACK, re-send, then the queue."""
-    config = broker.config
-    v5 = plan.version == MQTT_5
-    client.accept(plan.client_id, plan.keep_alive)  # before attach: re-sends use its version
+def open_connect_session(broker, plan: ConnectPlan, claim: Claim):
+    """Open (or resume) the session of the claimed ClientID, with the CONNECT's will,
+    and store it: ``(session, present)``."""
     session, present = broker.open_session(plan.client_id, plan.clean_start, plan.expiry,
                                            plan.version, claim)
     session.will = plan.will
     session.will_delay = plan.will_delay
     broker.persist(session)
+    return session, present
+
+
+def finish_connect(broker, client, plan: ConnectPlan, claim: Claim, opened=None) -> None:
+    """Answer CONNACK for the session ``opened`` (opened here when None), re-send, then
+    the queue."""
+    config = broker.config
+    v5 = plan.version == MQTT_5
+    client.accept(plan.client_id, plan.keep_alive)  # before attach: re-sends use its version
+    session, present = opened or open_connect_session(broker, plan, claim)
     client.session = session
     connack_props = plan.connack_props
     if v5:

@@ -51,13 +51,18 @@ def on_publish(broker, client, pkt) -> None:
 
 def _acknowledge(broker, client, write_ack, pid: int, reached: int, mark: int) -> None:
     """PUBACK / PUBREC once what the message changed on disk is durable: the queues of
-    the persistent sessions it reached, a retained change, the QoS 2 packet id."""
+    the persistent sessions it reached (on this node, and on the nodes it was forwarded
+    to), a retained change, the QoS 2 packet id."""
     reason = 0x10 if reached == 0 and client.version == MQTT_5 else 0
     journal = broker.journal
-    if client.acks is None and (journal is None or journal.writes == mark):
+    remote = broker.cluster.take_forward_waits() if broker.clustered else ()
+    if client.acks is None and not remote and (journal is None or journal.writes == mark):
         write_ack(pid, reason)  # nothing to wait for, nothing queued before it: at once
         return
-    client.ack_after(broker.commit_wait(mark), write_ack, pid, reason)
+    wait = broker.commit_wait(mark)
+    if remote:
+        wait = broker.all_done(wait, *remote)
+    client.ack_after(wait, write_ack, pid, reason)
 
 
 def on_puback(broker, client, pkt) -> None:

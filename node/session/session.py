@@ -45,6 +45,7 @@ class Trigger(enum.Enum):
     CLAIMED = "claimed"
     SNAPSHOT_ASKED = "snapshot_asked"
     RECLAIMED = "reclaimed"
+    HANDED_BACK = "handed_back"
     ENDED = "ended"
 
 
@@ -58,6 +59,9 @@ TRANSITIONS: dict[tuple[SessionState, Trigger], SessionState] = {
     (S.OFFLINE, T.CLAIMED): S.FROZEN,
     (S.FROZEN, T.SNAPSHOT_ASKED): S.HANDING_OVER,
     (S.FROZEN, T.RECLAIMED): S.OFFLINE,  # the claim that froze it was given up or lost
+    # the node it was handed to never became its holder (its move was not committed) and
+    # a newer claim asks for it: frozen again, to be handed over once more
+    (S.HANDING_OVER, T.HANDED_BACK): S.FROZEN,
     (S.ONLINE, T.ENDED): S.ENDED,
     (S.OFFLINE, T.ENDED): S.ENDED,
     (S.FROZEN, T.ENDED): S.ENDED,
@@ -196,6 +200,9 @@ class Session:
 
     def hand_over(self, why: str) -> None:
         self._transition(Trigger.SNAPSHOT_ASKED, why)
+
+    def hand_back(self, why: str) -> None:
+        self._transition(Trigger.HANDED_BACK, why)
 
     def end(self, why: str) -> None:
         self._transition(Trigger.ENDED, why)

@@ -156,14 +156,22 @@ def test_kill_leader_new_leader_connects_and_takeovers_resume(cluster):
         f"{leader.node_id} not shown down by both survivors within {DOWN_WITHIN_S}s: "
         f"{down.last}")
 
-    # the routing table agrees on the new owner on both survivors
+    # the routing table agrees on the new owner on both survivors; a keeps its copy, not
+    # serving, while the dead node's barrier is missing (what it forwarded to a before it
+    # could still be on its way, were it only cut off)
     def owned_by_b():
         vs = [n.session_view(old_cid) for n in survivors]
         return all(v and v["owner"] == b.node_id and v["holder"] == b.node_id for v in vs) \
-            and not vs[0]["here"] and vs[1]["here"]
+            and vs[1]["here"] and vs[1]["connected"] and \
+            (not vs[0]["here"] or vs[0]["state"] == "handing_over")
     wait_for(owned_by_b, 10.0, interval=0.1,
              message=lambda: f"{b.node_id} owner everywhere: "
                              f"{[n.session_view(old_cid) for n in survivors]}")
+    # the dead node comes back as a new process: nothing of its old one is on its way
+    # any more, and a deletes its copy
+    cluster.restart(cluster.nodes.index(leader) + 1)
+    wait_for(lambda: not a.session_view(old_cid)["here"], 20.0, interval=0.1,
+             message=lambda: f"{a.node_id}'s copy deleted: {a.session_view(old_cid)}")
 
 
 def test_subscription_made_as_the_leader_dies_is_routed_after_recovery(cluster):

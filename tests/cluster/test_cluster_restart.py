@@ -76,7 +76,8 @@ def test_restarted_node_serves_its_stored_sessions_again(cluster):
 
 
 def test_a_session_taken_over_while_its_node_was_down_is_not_brought_back(cluster_factory):
-    cluster = cluster_factory(3, takeover_timeout=1.0)
+    # the policy that starts a session afresh while its holder is down (not the default)
+    cluster = cluster_factory(3, takeover_timeout=1.0, unreachable_owner="fresh")
     a, b, c = cluster.nodes
     cid, topic = f"tw-{uid()}", f"tw/{uid()}"
     queue_offline(cluster, a, b, cid, topic)
