@@ -116,6 +116,6 @@ def toxiproxy(tmp_path):
 def pytest_addoption(parser):
     # here, not in tests/faults/conftest.py: options must be known before collection
     parser.addoption("--faults-seconds", type=float, default=None,
-                     help="run the fault tests of tests/faults (workload + kill -9 nemesis + "
-                          "checker) for this many seconds; without it they are skipped "
-                          "(issue 6 in progress). 20 is a short run, 600+ a soak.")
+                     help="how long the end-to-end fault run of tests/faults (workload + "
+                          "kill -9 / partition / toxic nemesis + checker) lasts; default 60 "
+                          "(the CI run), 600 for a soak.")

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The Debian packages some tests use: mosquitto-clients (real MQTT clients), haproxy (the
-# load-balancer test), chromium (the dashboard test), python3-venv (make's .venv).
+# load-balancer test), chromium (the dashboard test), python3-venv (make's .venv), iptables
+# and iproute2 (the network partitions of tests/faults: iptables in network namespaces).
 # Installs the missing ones with apt-get (sudo when not root). `make test` and `.ci/run`
 # both call it. Outside CI a failed install is a warning: the tests that need a missing
 # program are skipped and say so; under CI (CI set) it is an error.
 set -uo pipefail
-packages=(mosquitto-clients python3-venv haproxy chromium)
+packages=(mosquitto-clients python3-venv haproxy chromium iptables iproute2)
 missing=()
 for pkg in "${packages[@]}"; do
     if ! dpkg -s "$pkg" 2>/dev/null | grep -q '^Status: install ok installed'; then

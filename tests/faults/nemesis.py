@@ -1,63 +1,261 @@
-"""The nemesis of the fault tests: kill -9 of a random node (the Raft leader included when
-the draw falls on it), restart after a pause; never more than one node down, and the
-cluster formed again before the next kill. Records ``kill``/``restart`` events."""
+"""The nemesis of the fault tests: one run mixes node faults and link faults.
+
+Node faults (one thread, one fault at a time, never more than one node down or cut off,
+and the cluster formed again before the next one):
+
+* ``kill``: kill -9 of a node (the Raft leader when the slot asks for it, or when the draw
+  falls on it), restart after a pause of ``down_for`` seconds; events ``kill``/``restart``.
+* ``partition`` (needs ``lab``, a tests/faults/netns.py NetnsLab): node i cut off from the
+  other nodes for ``isolate_for`` seconds (clients still reach it: it is a minority of
+  one), then healed; events ``partition``/``heal``. While it lasts, the nemesis watches the
+  cluster views and logs what they show (the minority losing its leader and its quorum,
+  the majority's leader, whether the majority shows the node down).
+
+The schedule starts with the faults a run must have, in random order: ``min_kills`` kills
+(the first of them aimed at the leader) and ``min_partitions`` partitions; then random
+faults until stopped. While some of the required faults are still to come and the time
+left (``seconds``) gets short, the pause between faults shrinks so that they fit.
+
+Link faults (a second thread, needs ``proxies``: toxiproxy-python Proxy objects that some
+clients go through): every ``toxic_every`` seconds a ``latency`` toxic (100-300 ms, both
+directions) or a ``reset_peer`` toxic on one proxy for ``toxic_for`` seconds, then removed;
+the first two are one of each. Events ``toxic``/``toxic_end``.
+
+Every loop is bounded (count ``limit`` and the stop event); the pauses are Event.wait
+pacing (the length of a fault), never synchronisation: what must be true before the next
+step (a node ready, the cluster formed) is waited for as a condition with a deadline.
+"""
 
 from __future__ import annotations
 
 import random
 import threading
+import time
 
 import checker as ev
 
+KILL, KILL_LEADER, PARTITION = "kill", "kill-leader", "partition"
+#: rough seconds one node fault takes (pause + fault + recovery), to fit the schedule
+FAULT_SECONDS = 8.0
 
-class KillRestartNemesis:
-    def __init__(self, cluster, history, rng: random.Random, every: tuple = (4.0, 6.0),
-                 down_for: tuple = (1.0, 2.0), limit: int = 10_000) -> None:
+
+class Nemesis:
+    def __init__(self, cluster, history, rng: random.Random, *, lab=None, proxies=(),
+                 seconds: float | None = None, every: tuple = (1.5, 3.0),
+                 down_for: tuple = (1.0, 2.0), isolate_for: tuple = (2.0, 4.0),
+                 min_kills: int = 3, min_partitions: int = 1,
+                 toxic_every: tuple = (2.0, 4.0), toxic_for: tuple = (1.5, 3.0),
+                 latency_ms: tuple = (100, 300), reset_share: float = 0.3,
+                 limit: int = 10_000) -> None:
         self.cluster, self.history, self.rng = cluster, history, rng
-        self.every, self.down_for, self.limit = every, down_for, limit
+        self.lab, self.proxies = lab, list(proxies)
+        self.seconds = seconds
+        self.every, self.down_for, self.isolate_for = every, down_for, isolate_for
+        self.toxic_every, self.toxic_for = toxic_every, toxic_for
+        self.latency_ms, self.reset_share, self.limit = latency_ms, reset_share, limit
+        required = [KILL_LEADER] + [KILL] * (min_kills - 1) if min_kills else []
+        if lab is not None:
+            required += [PARTITION] * min_partitions
+        rng.shuffle(required)
+        self.required = required
+        self.counts = {KILL: 0, PARTITION: 0, "toxic": 0}
         self.stop_event = threading.Event()
         self.errors: list = []
         self.log: list[str] = []
-        self.thread = threading.Thread(target=self._guarded, name="nemesis", daemon=True)
+        self._log_lock = threading.Lock()
+        self._started = 0.0
+        self.threads = [threading.Thread(target=self._guarded, args=(self._node_faults,),
+                                         name="nemesis", daemon=True)]
+        if self.proxies:
+            self.threads.append(threading.Thread(target=self._guarded,
+                                                 args=(self._link_faults,),
+                                                 name="nemesis-toxics", daemon=True))
 
-    def start(self) -> "KillRestartNemesis":
-        self.thread.start()
+    # -- life cycle
+    def start(self) -> "Nemesis":
+        self._started = time.monotonic()
+        for t in self.threads:
+            t.start()
         return self
 
-    def stop(self, timeout: float = 90.0) -> None:
-        self.stop_event.set()
-        self.thread.join(timeout)
-        assert not self.thread.is_alive(), "the nemesis did not stop"
+    @property
+    def thread(self) -> threading.Thread:
+        """The node-fault thread (the one the run's length depends on)."""
+        return self.threads[0]
 
-    def _guarded(self) -> None:
+    def alive(self) -> bool:
+        return all(t.is_alive() for t in self.threads)
+
+    def stop(self, timeout: float = 120.0) -> None:
+        """Stop after the fault in progress: a killed node is restarted, a partition healed,
+        a toxic removed, and the cluster formed again."""
+        self.stop_event.set()
+        deadline = time.monotonic() + timeout
+        for t in self.threads:
+            t.join(max(deadline - time.monotonic(), 0.1))
+        assert not any(t.is_alive() for t in self.threads), "the nemesis did not stop"
+
+    def _guarded(self, body) -> None:
         try:
-            self._run()
+            body()
         except BaseException as err:  # noqa: BLE001 - reported by the test's thread
             self.errors.append(err)
 
+    def _log(self, text: str) -> None:
+        with self._log_lock:
+            self.log.append(f"{self.history.now():7.2f} {text}")
+
     def _leader_id(self) -> str | None:
+        """The leader the running nodes name (the most named; None if none names one)."""
+        named: dict = {}
         for view in self.cluster.views().values():
             if view.get("leader"):
-                return view["leader"]
-        return None
+                named[view["leader"]] = named.get(view["leader"], 0) + 1
+        return max(named, key=named.get) if named else None
 
-    def _run(self) -> None:
-        n = len(self.cluster.nodes)
-        for _ in range(self.limit):
-            if self.stop_event.wait(self.rng.uniform(*self.every)):
+    # -- node faults
+    def _next_fault(self, i: int) -> str:
+        if i < len(self.required):
+            return self.required[i]
+        return self.rng.choice([KILL, PARTITION] if self.lab is not None else [KILL])
+
+    def _pause(self, i: int) -> float:
+        """Seconds before fault i: ``every``, less while required faults must still fit."""
+        pause = self.rng.uniform(*self.every)
+        left = len(self.required) - i
+        if self.seconds is not None and left > 0:
+            time_left = self.seconds - (time.monotonic() - self._started)
+            if time_left < left * FAULT_SECONDS:
+                pause = self.rng.uniform(0.2, 0.5)
+        return pause
+
+    def _node_faults(self) -> None:
+        for i in range(self.limit):
+            if self.stop_event.wait(self._pause(i)):
                 return
+            fault = self._next_fault(i)
+            if fault == PARTITION:
+                self._partition()
+            else:
+                self._kill(aim_at_leader=fault == KILL_LEADER)
+
+    def _kill(self, aim_at_leader: bool) -> None:
+        n = len(self.cluster.nodes)
+        leader = self._leader_id()
+        ids = [node.node_id for node in self.cluster.nodes]
+        if aim_at_leader and leader in ids:
+            i = ids.index(leader) + 1
+        else:
             i = self.rng.randrange(1, n + 1)
-            node = self.cluster.node(i)
-            leader = self._leader_id()
-            self.cluster.kill(i)
-            self.history.add(ev.kill, node.node_id, leader == node.node_id)
-            self.log.append(f"{self.history.now():7.2f} kill -9 {node.node_id}"
-                            f"{' (leader)' if leader == node.node_id else ''}")
-            # the pause is part of the fault (down time), not a wait for anything;
-            # the restart happens even when the run is stopping: leave all nodes up
-            self.stop_event.wait(self.rng.uniform(*self.down_for))
-            self.cluster.restart(i, timeout=60.0)
-            self.history.add(ev.restart, node.node_id)
-            self.log.append(f"{self.history.now():7.2f} {node.node_id} ready again")
-            self.cluster.wait_formed(timeout=60.0)
-            self.log.append(f"{self.history.now():7.2f} cluster formed")
+        node = self.cluster.node(i)
+        self.cluster.kill(i)
+        self.history.add(ev.kill, node.node_id, leader == node.node_id)
+        self.counts[KILL] += 1
+        self._log(f"kill -9 {node.node_id}{' (leader)' if leader == node.node_id else ''}"
+                  f"{' [aimed at the leader: none known]' if aim_at_leader and not leader else ''}")
+        # the pause is part of the fault (down time), not a wait for anything; the
+        # restart happens even when the run is stopping: leave all nodes up
+        self.stop_event.wait(self.rng.uniform(*self.down_for))
+        self.cluster.restart(i, timeout=60.0)
+        self.history.add(ev.restart, node.node_id)
+        self._log(f"{node.node_id} ready again")
+        self.cluster.wait_formed(timeout=60.0)
+        self._log("cluster formed")
+
+    def _partition(self) -> None:
+        n = len(self.cluster.nodes)
+        i = self.rng.randrange(1, n + 1)
+        node = self.cluster.node(i)
+        others = [m for m in self.cluster.nodes if m is not node]
+        leader = self._leader_id()
+        hold = self.rng.uniform(*self.isolate_for)
+        start = time.monotonic()
+        try:
+            self.lab.isolate(i)   # inside: a half-made cut is removed too
+            self.history.add(ev.partition, node.node_id, leader == node.node_id)
+            self.counts[PARTITION] += 1
+            self._log(f"partition: {node.node_id}"
+                      f"{' (leader)' if leader == node.node_id else ''} cut off from "
+                      f"{[m.node_id for m in others]} for {hold:.1f} s")
+            seen = self._watch_partition(node, others, start + hold)
+            self._log(f"during the partition: {seen}")
+        finally:
+            self.lab.heal(i)
+        self.history.add(ev.heal, node.node_id)
+        self._log(f"heal {node.node_id} after {time.monotonic() - start:.1f} s")
+        self.cluster.wait_formed(timeout=60.0)
+        self._log("cluster formed")
+
+    def _watch_partition(self, node, others, until: float) -> str:
+        """Poll the views until ``until`` (or the stop): when the cut-off node lost its
+        leader and its quorum, which leader the majority has, whether it shows the node
+        down. Returns a summary for the log."""
+        start = time.monotonic()
+        no_leader = no_quorum = shown_down = None
+        majority_leaders: set = set()
+        for _ in range(1000):
+            now = time.monotonic()
+            if now >= until:
+                break
+            views = self.cluster.views([node, *others])
+            mine = views.get(node.node_id)
+            if mine is not None:
+                if no_leader is None and not mine.get("leader"):
+                    no_leader = now - start
+                if no_quorum is None and mine.get("has_quorum") is False:
+                    no_quorum = now - start
+            for other in others:
+                view = views.get(other.node_id)
+                if view is None:
+                    continue
+                if view.get("leader"):
+                    majority_leaders.add(view["leader"])
+                status = {m["id"]: m["status"] for m in view.get("nodes", [])}
+                if shown_down is None and status.get(node.node_id) == "down":
+                    shown_down = now - start
+            if self.stop_event.wait(min(0.2, max(until - time.monotonic(), 0.0))):
+                break
+
+        def when(t):
+            return f"after {t:.1f} s" if t is not None else "never"
+        return (f"{node.node_id} without leader {when(no_leader)}, without quorum "
+                f"{when(no_quorum)}; majority leader(s) {sorted(majority_leaders)}; "
+                f"majority shows {node.node_id} down {when(shown_down)}")
+
+    # -- link faults
+    def _link_faults(self) -> None:
+        first = ["latency", "reset_peer"]
+        self.rng.shuffle(first)
+        for i in range(self.limit):
+            if self.stop_event.wait(self.rng.uniform(*self.toxic_every)):
+                return
+            kind = first[i] if i < len(first) else (
+                "reset_peer" if self.rng.random() < self.reset_share else "latency")
+            proxy = self.rng.choice(self.proxies)
+            if kind == "latency":
+                ms = self.rng.randint(*self.latency_ms)
+                toxics = [(f"nemesis_latency_{stream}", "latency", stream,
+                           {"latency": ms, "jitter": ms // 5})
+                          for stream in ("upstream", "downstream")]
+                detail = f"latency {ms}ms +-{ms // 5}ms both ways"
+            else:
+                timeout = self.rng.choice([0, 200, 500])
+                toxics = [("nemesis_reset_peer", "reset_peer", "downstream",
+                           {"timeout": timeout})]
+                detail = f"reset_peer timeout={timeout}ms"
+            hold = self.rng.uniform(*self.toxic_for)
+            added = []
+            try:
+                for name, type_, stream, attributes in toxics:
+                    proxy.add_toxic(name=name, type=type_, stream=stream,
+                                    attributes=attributes)
+                    added.append(name)
+                self.history.add(ev.toxic, proxy.name, detail)
+                self.counts["toxic"] += 1
+                self._log(f"toxic on {proxy.name}: {detail} for {hold:.1f} s")
+                self.stop_event.wait(hold)   # the fault's length
+            finally:
+                for name in added:
+                    proxy.destroy_toxic(name)
+            self.history.add(ev.toxic_end, proxy.name, kind)
+            self._log(f"toxic removed from {proxy.name}: {kind}")

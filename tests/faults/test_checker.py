@@ -1,7 +1,8 @@
 """The fault checker on hand-made histories: each rule once satisfied, once broken."""
 
-from checker import (acked, check, connected, disconnected, kill, received, restart, sent,
-                     subscribed, topic_matches)
+from checker import (acked, check, connected, disconnected, heal, kill, partition, received,
+                     restart, sent, stale_received, subscribed, toxic, toxic_end,
+                     topic_matches)
 
 T = "f/a"
 
@@ -95,8 +96,39 @@ def test_resumes_with_session_present_are_clean():
     assert (r.resumes, r.sessions_lost) == (5, 0) and r.ok
 
 
+def test_partitions_and_toxics_are_counted_and_explain_losses():
+    h = base(n=4) + [partition(2.5, "n2", leader=True), heal(3.5, "n2"),   # #1 in it
+                     partition(7.0, "n3"),                                  # never healed
+                     toxic(1.0, "px-n1", "latency 200ms"), toxic_end(2.0, "px-n1", "latency"),
+                     toxic(4.0, "px-n2", "reset_peer timeout=0"),
+                     received(9, "s1", T, 0, 1), received(9.1, "s1", T, 2, 1),
+                     received(9.2, "s1", T, 3, 1)]
+    r = check(h)
+    assert (r.partitions, r.leader_partitions, r.toxics) == (2, 1, 2)
+    assert r.toxic_types == {"latency": 1, "reset_peer": 1}
+    assert (r.lost, r.lost_in_partition) == (1, 1), r.report()
+    assert "sent during a partition" in r.lost_examples[0]
+    assert "last partition before: n2 (leader) 2.50-3.50" in r.lost_examples[0]
+    assert "partitions=2" in r.report() and "toxics=2" in r.report()
+    # a loss after the heal is not a partition's
+    late = base(n=1) + [partition(0.1, "n2"), heal(0.2, "n2")]
+    assert (check(late).lost, check(late).lost_in_partition) == (1, 0)
+
+
 def test_topic_matching():
     assert topic_matches("f/#", "f/a") and topic_matches("f/+", "f/a")
     assert topic_matches("#", "x/y") and topic_matches("f/a", "f/a")
     assert not topic_matches("f/+", "f/a/b") and not topic_matches("g/#", "f/a")
     assert not topic_matches("f/a/b", "f/a")
+
+
+def test_a_superseded_connection_delivering_what_was_sent_after_the_takeover_is_a_double_owner():
+    # s1 resumed on n2 at 2.5 with its old connection to n1 left open: seq 0 (sent at 2,
+    # before the takeover) may still arrive there; seq 1 (sent at 3) must not
+    h = base() + [connected(2.5, "s1", "n2", True, True),
+                  received(2.6, "s1", T, 0, 1), stale_received(2.6, "s1", T, 0, 2.5),
+                  received(3.2, "s1", T, 1, 1), stale_received(3.2, "s1", T, 1, 2.5),
+                  received(4.2, "s1", T, 2, 1)]
+    r = check(h)
+    assert (r.double_owners, r.stale_deliveries, r.lost) == (1, 1, 0)
+    assert "f/a #1" in r.double_owner_examples[0] and not r.ok

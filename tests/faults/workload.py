@@ -9,12 +9,23 @@ from __future__ import annotations
 import random
 import threading
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import checker as ev
 from support import PahoClient
 
 EXPIRY = 3600
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where a client connects when not straight to a node: e.g. a toxiproxy proxy in front
+    of one (``node_id`` then names both, say ``n1~px``). Workers take nodes and endpoints
+    alike: all they use is ``node_id``, ``host`` and ``port``."""
+    node_id: str
+    host: str
+    port: int
 
 
 class History:
@@ -142,40 +153,56 @@ class Publisher(_Worker):
 class Subscriber(_Worker):
     """A persistent session (v5, Session Expiry ``EXPIRY``) on ``topic_filter`` at ``qos``
     that disconnects and reconnects to a random node every ``dwell`` seconds (a range).
-    A resume answered with session present = 0 is recorded and subscribed again."""
+    A resume answered with session present = 0 is recorded and subscribed again.
+
+    A QoS 1 subscriber makes some of its hops (``overlap``) without closing the old
+    connection first, as a client behind a dead NAT entry or a half-open link does: the
+    broker must end the old one (takeover). What the old connection still receives after
+    the new one's CONNACK is recorded as ``stale_received`` (two live owners when the
+    message was sent after that CONNACK)."""
 
     def __init__(self, name, history, nodes, rng, topic_filter: str, qos: int,
-                 dwell: tuple = (0.05, 0.2), limit: int = 1_000_000) -> None:
+                 dwell: tuple = (0.05, 0.2), limit: int = 1_000_000,
+                 overlap: float = 0.3) -> None:
         super().__init__(name, history, nodes, rng)
         self.topic_filter, self.qos, self.dwell, self.limit = topic_filter, qos, dwell, limit
+        self.overlap = overlap if qos == 1 else 0.0
         self.client: PahoClient | None = None
         self.moves = 0
+        self.overlaps = 0
         self.hopping = True
         self._paho = None
+        self._old: PahoClient | None = None   # an overlap hop's old connection, left open
         self.other_payloads: set = set()
 
     def _make(self, node) -> PahoClient:
         client = PahoClient(node, self.name, 5, connect=False, session_expiry=EXPIRY)
-        if self._paho is not None:
+        if self.qos == 2:
             # one paho Client for the whole life: it keeps incoming QoS 2 state (PUBREC
             # sent, PUBREL awaited) across reconnects, as a real persistent client does
-            client.client = self._paho
-        else:
-            self._paho = client.client
+            if self._paho is not None:
+                client.client = self._paho
+            else:
+                self._paho = client.client
+        # QoS 1 keeps no client state across connections: a paho Client per connection,
+        # so an overlap hop can keep the old one open beside the new one
+        client.superseded_at = None
         client.client.on_connect = client._on_connect
         client.client.on_disconnect = client._on_disconnect
         client.client.on_subscribe = client._on_subscribe
         client.client.on_unsubscribe = client._on_unsubscribe
-        client.client.on_message = self._on_message
+        client.client.on_message = lambda _c, _u, msg, conn=client: self._on_message(conn, msg)
         return client
 
-    def _on_message(self, _client, _userdata, msg) -> None:
+    def _on_message(self, conn, msg) -> None:
         try:
             seq = int(msg.payload)
         except ValueError:
             self.other_payloads.add(msg.payload)   # probes
             return
         self.history.add(ev.received, self.name, msg.topic, seq, msg.qos, bool(msg.dup))
+        if conn.superseded_at is not None:
+            self.history.add(ev.stale_received, self.name, msg.topic, seq, conn.superseded_at)
 
     def _subscribe(self) -> None:
         self.client.subscribe(self.topic_filter, qos=self.qos, timeout=15.0)
@@ -195,12 +222,25 @@ class Subscriber(_Worker):
                 return
             self._hop()
 
-    def _hop(self) -> None:
-        reason = "hop" if self.client.is_connected() else \
-            f"lost connection {self.client.disconnects[-1:]}"
-        _close(self.client)
-        self.history.add(ev.disconnected, self.name, reason)
+    def _hop(self, overlap: bool | None = None) -> None:
+        if overlap is None:
+            overlap = self.rng.random() < self.overlap
+        _close(self._old)  # the previous overlap hop's old connection: done with it
+        self._old = None
+        old = self.client
+        reason = "hop" if old.is_connected() else f"lost connection {old.disconnects[-1:]}"
+        if overlap and old.is_connected():
+            self.overlaps += 1
+            self.history.add(ev.disconnected, self.name, "overlap hop: the old connection "
+                             "stays open")
+        else:
+            overlap = False
+            _close(old)
+            self.history.add(ev.disconnected, self.name, reason)
         self.client = self._connect(self._make, resume=True)
+        if overlap:
+            old.superseded_at = self.history.now()  # after the new connection's CONNACK
+            self._old = old
         self.moves += 1
         if not self.client.session_present:
             self._subscribe()
@@ -208,4 +248,9 @@ class Subscriber(_Worker):
     def settle(self) -> None:
         """After the run (hopping stopped): reconnect once more so that what the session
         still holds is delivered."""
-        self._hop()
+        self._hop(overlap=False)
+
+    def close(self) -> None:
+        _close(self._old)
+        self._old = None
+        _close(self.client)
