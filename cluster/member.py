@@ -454,8 +454,6 @@ class ClusterMember:
                 entry[1].set_result(None)
         elif kind == "barrier":
             self.takeovers.on_barrier(peer, body)
-        elif kind == "late":
-            self.takeovers.on_late(peer, body)
         elif kind == "snap_chunk":
             key = (body["client_id"], body["epoch"])
             self.snapshot_chunks.setdefault(key, {})[body["i"]] = body["items"]
@@ -494,6 +492,8 @@ class ClusterMember:
     async def _on_request(self, peer: str, kind: str, body):
         if kind == "snapshot":
             return await self.takeovers.on_snapshot_request(peer, body)
+        if kind == "late":
+            return await self.takeovers.on_late(peer, body)
         if kind == "members":
             if not self.ready:
                 # still founding or joining: a joiner must not start Raft from a partial list

@@ -52,6 +52,8 @@ CHUNK = 2000  # queued messages per snapshot chunk
 #: cut off that long delays the session's messages from it no longer: they are delivered
 #: out of order with what the old holder still has)
 INCOMING_LIMIT = 60.0
+#: seconds an old holder keeps trying to hand its late messages to the new holder
+LATE_DELIVERY_LIMIT = 120.0
 #: upper bounds (seconds) of the takeover latency histogram (GET /metrics)
 TAKEOVER_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -79,7 +81,8 @@ class _Outgoing:
     """A side: a session handed over; per node, what it forwarded here with the old
     routes (``late``) goes to the new holder once that node's barrier arrived."""
 
-    __slots__ = ("client_id", "epoch", "to", "pending", "late", "session", "timer", "moved")
+    __slots__ = ("client_id", "epoch", "to", "pending", "late", "session", "timer", "moved",
+                 "unconfirmed")
 
     def __init__(self, client_id, epoch, to, members, session) -> None:
         self.client_id = client_id
@@ -88,6 +91,7 @@ class _Outgoing:
         self.pending = set(members)
         self.late: dict[str, list] = {}
         self.moved = False  # ``moved`` applied here: the hand-over is certain
+        self.unconfirmed = 0  # late batches the new holder has not yet stored
         self.session = session
         self.timer = None
 
@@ -362,25 +366,36 @@ class Takeovers:
             self._late_from(inc, node, [])
         self._maybe_done(inc)
 
-    def on_late(self, sender: str, body: dict) -> None:
+    async def on_late(self, sender: str, body: dict) -> dict:
+        """The old holder's late messages (a request): answered once they are stored
+        here, so that it keeps them until then."""
+        self._take_late(sender, body)
+        durable = self.broker.durable_wait()
+        if durable is not None:
+            await durable
+        return {"stored": True}
+
+    def _take_late(self, sender: str, body: dict) -> None:
         client_id = body["client_id"]
         inc = self.incoming.get(client_id)
         late = [(message_from_record(m), q, r, tuple(s) if s else None)
                 for m, q, r, s in body["messages"]]
         if inc is None or inc.epoch != body["epoch"] or inc.holder != sender:
             session = self.broker.sessions.get(client_id)
-            if late and session is not None and session.gate is None and \
-                    self.member.view.holders.get(client_id) == self.node_id:
-                # the hand-over's state went with a restart of this node; the session
-                # (stored) is here: better late and out of order than lost
-                log.warning("late messages of a forgotten hand-over delivered client_id=%s "
+            if late and session is not None and session.state is not SessionState.ENDED:
+                # the hand-over's state went with a restart of this node, or it completed
+                # without these: the session is here (or passing through, its gate decides):
+                # better late and out of order than lost
+                log.warning("late messages of a finished hand-over delivered client_id=%s "
                             "from=%s epoch=%s count=%d", client_id, sender, body["epoch"],
                             len(late))
                 for item in late:
                     session.deliver(*item)
                 return
-            log.warning("late messages for an unknown hand-over client_id=%s from=%s epoch=%s",
-                        client_id, sender, body["epoch"])
+            if late:
+                log.error("late messages for a session not here client_id=%s from=%s "
+                          "epoch=%s count=%d: dropped", client_id, sender, body["epoch"],
+                          len(late))
             return
         self._late_from(inc, body["source"], late)
 
@@ -499,7 +514,7 @@ class Takeovers:
         out = self.outgoing.get(client_id)
         if out is not None and out.epoch == epoch and sender in out.pending:
             self._send_late(out, sender)
-            if not out.pending:
+            if not out.pending and not out.unconfirmed:
                 self._finish_outgoing(out)
 
     def on_peer_restarted(self, peer: str) -> None:
@@ -509,7 +524,7 @@ class Takeovers:
             # (before its move is applied a hand-over is not certain: everything stays)
             if out.moved and peer in out.pending:
                 self._send_late(out, peer)
-                if not out.pending:
+                if not out.pending and not out.unconfirmed:
                     self._finish_outgoing(out)
         for inc in list(self.incoming.values()):
             if inc.holder == peer and inc.session is not None:
@@ -521,13 +536,39 @@ class Takeovers:
 
     def _send_late(self, out: _Outgoing, source: str) -> None:
         """``source``'s barrier arrived: everything it forwarded here with the old routes
-        did too; hand those messages to the new holder."""
+        did too; hand those messages to the new holder. This copy stays until the new
+        holder has stored them (they were acknowledged to their publishers)."""
         out.pending.discard(source)
         late = out.late.pop(source, [])
-        self.member.transport.send(out.to, "late", {"client_id": out.client_id,
-                                                    "epoch": out.epoch, "source": source,
-                                                    "messages": late}, True)
+        out.unconfirmed += 1
         self.stats["late_sent"] += len(late)
+        asyncio.get_running_loop().create_task(self._deliver_late(out, {
+            "client_id": out.client_id, "epoch": out.epoch, "source": source,
+            "messages": late}))
+
+    async def _deliver_late(self, out: _Outgoing, body: dict) -> None:
+        """Until the new holder answers that it stored them (bounded: a holder that stays
+        away that long has lost the session's newest messages with its disk anyway)."""
+        transport = self.member.transport
+        deadline = time.monotonic() + LATE_DELIVERY_LIMIT
+        try:
+            for attempt in range(10_000):
+                try:
+                    await transport.request(out.to, "late", body, 10.0)
+                    break
+                except (PeerUnreachable, RequestTimeout, RemoteError) as err:
+                    if time.monotonic() >= deadline:
+                        log.error("late messages not delivered client_id=%s node=%s to=%s "
+                                  "count=%d after %d attempts: %r", out.client_id,
+                                  self.node_id, out.to, len(body["messages"]), attempt + 1,
+                                  err)
+                        break
+                    await asyncio.sleep(0.2)  # the new holder restarting: try again
+        finally:
+            out.unconfirmed -= 1
+            # (cancelled at shutdown: the copy stays, in the store too)
+        if not out.pending and not out.unconfirmed and self.outgoing.get(out.client_id) is out:
+            self._finish_outgoing(out)
 
     # -- A side: handing a session over ----------------------------------------------------
 
@@ -631,7 +672,7 @@ class Takeovers:
                         "cluster", out.client_id, self.node_id, sorted(gone))
             for node in gone:
                 self._send_late(out, node)
-            if not out.pending:
+            if not out.pending and not out.unconfirmed:
                 self._finish_outgoing(out)
                 return
         out.timer = asyncio.get_running_loop().call_later(self.config.barrier_timeout,

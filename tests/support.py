@@ -9,6 +9,8 @@ it encodes, and lenient enough in what it decodes to report what the broker sent
 from __future__ import annotations
 
 import dataclasses
+import csv
+import io
 import json
 import os
 import shutil
@@ -16,6 +18,7 @@ import signal
 import socket
 import struct
 import subprocess
+import tempfile
 import sys
 import threading
 import time
@@ -1412,3 +1415,127 @@ def probe_until_seen(publish: Callable[[bytes], Any], seen: Callable[[bytes], bo
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout:.1f}s waiting for {what} "
                                  f"({i} probes published, none arrived)")
+
+
+# --------------------------------------------------------------------------- HAProxy
+
+#: Debian's haproxy (tests/system-packages.sh installs it), or None
+HAPROXY = shutil.which("haproxy") or next(
+    (p for p in ("/usr/sbin/haproxy", "/usr/local/sbin/haproxy") if os.access(p, os.X_OK)),
+    None)
+HAPROXY_CONFIG = REPO_ROOT / "deploy" / "haproxy" / "haproxy.cfg"
+
+
+class Balancer:
+    """HAProxy with deploy/haproxy/haproxy.cfg in the foreground (``-db``), its ports
+    filled in through the environment variables the file documents. Duck-types as a
+    node for PahoClient (``host``, ``port``, ``node_id``).
+
+    ``send_proxy=False``: the shipped file with ``send-proxy-v2`` taken out, written to
+    ``workdir``, for nodes that also take direct connections (proxy_protocol off)."""
+
+    node_id = "lb"
+
+    def __init__(self, workdir: Path, nodes, send_proxy: bool = True) -> None:
+        assert HAPROXY is not None, "haproxy is not installed (CI installs it: .ci/run)"
+        self.config = HAPROXY_CONFIG
+        if not send_proxy:
+            self.config = workdir / "haproxy-no-proxy-protocol.cfg"
+            text = HAPROXY_CONFIG.read_text()
+            assert " send-proxy-v2" in text
+            self.config.write_text(text.replace(" send-proxy-v2", ""))
+        self.host = "127.0.0.1"
+        self.port = unique_free_port()
+        self.stats_port = unique_free_port()
+        # a unix socket path must stay under 108 bytes: not below pytest's tmp_path
+        self.sockdir = tempfile.mkdtemp(prefix="shoal-lb-")
+        self.stats_socket = os.path.join(self.sockdir, "stats.sock")
+        self.log_path = workdir / "haproxy.log"
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("SHOAL_")}
+        self.env.update(SHOAL_LB_HOST=self.host, SHOAL_LB_PORT=str(self.port),
+                        SHOAL_LB_STATS_PORT=str(self.stats_port),
+                        SHOAL_LB_STATS_SOCKET=self.stats_socket)
+        for i, node in enumerate(nodes, 1):
+            self.env[f"SHOAL_NODE{i}_HOST"] = node.host
+            self.env[f"SHOAL_NODE{i}_MQTT"] = str(node.port)
+            self.env[f"SHOAL_NODE{i}_ADMIN"] = str(node.admin_port)
+        self.proc: subprocess.Popen | None = None
+        self.clients: list = []
+
+    def check_config(self) -> subprocess.CompletedProcess:
+        return subprocess.run([HAPROXY, "-c", "-f", str(self.config)], env=self.env,
+                              capture_output=True, text=True, timeout=30)
+
+    def start(self) -> "Balancer":
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([HAPROXY, "-db", "-f", str(self.config)], env=self.env,
+                                     stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        wait_for(self._listening, 10.0, interval=0.05,
+                 message=lambda: f"haproxy to listen on {self.port}\n{self.log_tail()}")
+        return self
+
+    def _listening(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"haproxy exited with {self.proc.returncode}:\n"
+                                 f"{self.log_tail()}")
+        return os.path.exists(self.stats_socket) and bool(self.servers())
+
+    def command(self, line: str) -> str:
+        """One command on HAProxy's stats socket (its CLI); the answer's text."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(3.0)
+            s.connect(self.stats_socket)
+            s.sendall(line.encode() + b"\n")
+            chunks = []
+            for _ in range(10_000):  # HAProxy closes after one answer
+                data = s.recv(65536)
+                if not data:
+                    break
+                chunks.append(data)
+        return b"".join(chunks).decode(errors="replace")
+
+    def servers(self) -> dict[str, str]:
+        """Server name -> status (UP, DOWN, "UP 1/2"...) in the MQTT backend."""
+        try:
+            text = self.command("show stat")
+        except OSError:
+            return {}
+        rows = csv.DictReader(io.StringIO(text.lstrip("# ")))
+        return {r["svname"]: r["status"] for r in rows
+                if r.get("pxname") == "shoal_mqtt" and r["svname"] not in ("FRONTEND",
+                                                                          "BACKEND")}
+
+    def wait_status(self, want: dict[str, str], timeout: float = 15.0) -> None:
+        last = {}
+
+        def matches():
+            last.update(self.servers())
+            return all(last.get(name) == status for name, status in want.items())
+        wait_for(matches, timeout, interval=0.1,
+                 message=lambda: f"haproxy to show {want}: {last}\n{self.log_tail()}")
+
+    def paho(self, client_id: str, **kw) -> PahoClient:
+        client = PahoClient(self, client_id, 5, connect=False, **kw)
+        self.clients.append(client)
+        return client
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no haproxy log)"
+
+    def stop(self) -> None:
+        for client in self.clients:
+            client.close()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        if getattr(self, "_log", None):
+            self._log.close()
+        shutil.rmtree(self.sockdir, ignore_errors=True)

@@ -5,6 +5,7 @@ back (one live copy of a ClientID)."""
 
 from __future__ import annotations
 
+import signal
 import uuid
 
 import pytest
@@ -125,3 +126,35 @@ def test_a_restart_of_the_whole_cluster_keeps_the_stored_sessions(cluster):
     again = c.raw(5)
     assert again.connect(cid, clean_start=False, properties=EXPIRY).session_present
     assert take_all(again, N) == [f"m{i}".encode() for i in range(N)]
+
+
+def test_a_forwarded_message_is_acknowledged_only_once_the_remote_holder_stored_it(cluster):
+    """Cross-node durability: a QoS 1 message published on b for a persistent session held
+    on a gets its PUBACK only after a stored it. With a frozen (SIGSTOP) no PUBACK comes;
+    once a runs again the PUBACK arrives, and a kill -9 of a right after it loses nothing:
+    the session resumed after a's restart has the message."""
+    a, b, c = cluster.nodes
+    cid, topic = f"xd-{uid()}", f"xd/{uid()}"
+    sub = a.raw(5)
+    sub.connect(cid, clean_start=False, properties=EXPIRY)
+    sub.subscribe(f"{topic}/#", qos=1)
+    sub.disconnect()
+    wait_for(lambda: (b.session_view(cid) or {}).get("holder") == a.node_id, 10)
+    pub = b.raw(5)
+    pub.connect(f"pub-{uid()}")
+    pub.publish(f"{topic}/t", b"warm-up", qos=1)   # the route from b to a is in use
+
+    a.kill(signal.SIGSTOP)
+    try:
+        pub.publish(f"{topic}/t", b"stored-first", qos=1, complete=False)
+        assert not [p for p in pub.recv_nothing_for(1.0) if isinstance(p, Puback)], \
+            "PUBACK before the holder could store the message"
+    finally:
+        a.kill(signal.SIGCONT)
+    ack = pub.expect(Puback, timeout=10)
+    assert ack.reason_code == 0
+    a.kill()  # kill -9 right after the PUBACK: the message is on a's disk
+    cluster.restart(1)
+    again = c.raw(5)
+    assert again.connect(cid, clean_start=False, properties=EXPIRY).session_present
+    assert take_all(again, 2) == [b"warm-up", b"stored-first"]

@@ -1,7 +1,8 @@
 """Issue 6, end to end: hopping persistent subscribers and numbered publishers on a real
 3-node cluster in network namespaces (tests/faults/netns.py) while a nemesis kill -9's and
 restarts nodes, cuts one node off from the others (iptables) and heals it, and puts
-latency and reset_peer toxics on the toxiproxy proxies some client links go through; the
+latency and reset_peer toxics on the toxiproxy proxies some client links go through
+(clients connect straight to a node, through its toxiproxy proxy, or through HAProxy); the
 history goes through checker.check and the figures are printed and asserted.
 
 Part of the suite: a 60 s run by default; ``--faults-seconds N`` makes it N seconds (600
@@ -16,6 +17,7 @@ subscriber migrations.
 
 from __future__ import annotations
 
+import os
 import random
 import socket
 import subprocess
@@ -28,7 +30,7 @@ import pytest
 import checker
 from conftest import faults_seconds
 from nemesis import Nemesis
-from support import PahoClient, poll_until, probe_until_seen, wait_for
+from support import HAPROXY, Balancer, PahoClient, poll_until, probe_until_seen, wait_for
 from workload import Endpoint, History, Publisher, Subscriber
 
 #: the minimum figures of a run of at least MIN_SECONDS
@@ -104,16 +106,33 @@ def test_partition_cuts_a_node_off_from_the_others_only(seconds, netns_cluster):
     assert poll_until(lambda: _tcp_from(lab.ns(1), n2.host, n2.cluster_port), 5.0)
 
 
+@pytest.fixture
+def balancer(netns_cluster, tmp_path):
+    """HAProxy in front of the 3 nodes (deploy/haproxy/haproxy.cfg without send-proxy-v2:
+    the same nodes take direct connections too), health checks on /readyz included: a
+    node that is down, starting or in a minority gets no new clients through it."""
+    if HAPROXY is None and not os.environ.get("CI"):
+        pytest.skip("haproxy is not installed (apt-get install haproxy; .ci/run does it)")
+    lb = Balancer(tmp_path, netns_cluster.nodes, send_proxy=False)
+    lb.start()
+    try:
+        lb.wait_status({"node1": "UP", "node2": "UP", "node3": "UP"}, timeout=20.0)
+        yield lb
+    finally:
+        lb.stop()
+
+
 @pytest.mark.slow
 @pytest.mark.faults
 def test_kills_partitions_and_toxics_under_hopping_persistent_subscribers(
-        seconds, netns_cluster, toxiproxy, tmp_path):
+        seconds, netns_cluster, toxiproxy, balancer, tmp_path):
     cluster = netns_cluster
     seed = int(time.time())
     t = uuid.uuid4().hex[:8]
     nodes = list(cluster.nodes)
     proxies, via_proxies = _proxies(toxiproxy, nodes, t)
-    endpoints = nodes + via_proxies     # direct to a node, or through its proxy
+    # direct to a node, through its toxiproxy proxy, or through HAProxy
+    endpoints = nodes + via_proxies + [balancer]
     history = History()
     prefix = f"faults/{t}"
 
