@@ -72,12 +72,16 @@ def on_puback(broker, client, pkt) -> None:
 
 
 def on_pubrec(broker, client, pkt) -> None:
+    mark = broker.store_mark()
     result = client.session.on_pubrec(pkt.packet_id, pkt.reason_code)
     if result:
-        client.write_pubrel(pkt.packet_id, 0)
+        # PUBREL once the new stage is durable: after a crash before it the PUBLISH would
+        # be sent again to a client that got PUBREL and delivered it (a QoS 2 duplicate)
+        client.ack_after(broker.commit_wait(mark), client.write_pubrel, pkt.packet_id, 0)
     elif result is False:
-        client.write_pubrel(pkt.packet_id, ReasonCode.PACKET_IDENTIFIER_NOT_FOUND
-                            if client.version == MQTT_5 else 0)
+        client.ack_after(None, client.write_pubrel, pkt.packet_id,
+                         ReasonCode.PACKET_IDENTIFIER_NOT_FOUND if client.version == MQTT_5
+                         else 0)
 
 
 def on_pubrel(broker, client, pkt) -> None:

@@ -12,9 +12,15 @@ and the cluster formed again before the next one):
   the majority's leader, whether the majority shows the node down).
 
 The schedule starts with the faults a run must have, in random order: ``min_kills`` kills
-(the first of them aimed at the leader) and ``min_partitions`` partitions; then random
+(the first of them aimed at the leader), ``min_partitions`` partitions and
+``min_link_faults`` of each node link fault; then random
 faults until stopped. While some of the required faults are still to come and the time
 left (``seconds``) gets short, the pause between faults shrinks so that they fit.
+
+* ``reset`` / ``slow`` (need ``lab``): node i's TCP connections to the other nodes reset
+  (iptables REJECT with tcp-reset) for 0.5-1.5 s, or node i's egress to nodes and clients
+  slowed (tc tbf: 256 kbit/s, up to 300 ms queued) for 2-4 s; events ``toxic``/
+  ``toxic_end`` with the types ``tcp_reset`` and ``slow_link``.
 
 Link faults (a second thread, needs ``proxies``: toxiproxy-python Proxy objects that some
 clients go through): every ``toxic_every`` seconds a ``latency`` toxic (100-300 ms, both
@@ -35,6 +41,7 @@ import time
 import checker as ev
 
 KILL, KILL_LEADER, PARTITION = "kill", "kill-leader", "partition"
+RESET, SLOW = "reset", "slow"  # node-to-node connections reset; a node's links slowed
 #: rough seconds one node fault takes (pause + fault + recovery), to fit the schedule
 FAULT_SECONDS = 8.0
 
@@ -43,7 +50,7 @@ class Nemesis:
     def __init__(self, cluster, history, rng: random.Random, *, lab=None, proxies=(),
                  seconds: float | None = None, every: tuple = (1.5, 3.0),
                  down_for: tuple = (1.0, 2.0), isolate_for: tuple = (2.0, 4.0),
-                 min_kills: int = 3, min_partitions: int = 1,
+                 min_kills: int = 3, min_partitions: int = 1, min_link_faults: int = 1,
                  toxic_every: tuple = (2.0, 4.0), toxic_for: tuple = (1.5, 3.0),
                  latency_ms: tuple = (100, 300), reset_share: float = 0.3,
                  limit: int = 10_000) -> None:
@@ -55,10 +62,10 @@ class Nemesis:
         self.latency_ms, self.reset_share, self.limit = latency_ms, reset_share, limit
         required = [KILL_LEADER] + [KILL] * (min_kills - 1) if min_kills else []
         if lab is not None:
-            required += [PARTITION] * min_partitions
+            required += [PARTITION] * min_partitions + [RESET, SLOW] * min_link_faults
         rng.shuffle(required)
         self.required = required
-        self.counts = {KILL: 0, PARTITION: 0, "toxic": 0}
+        self.counts = {KILL: 0, PARTITION: 0, "toxic": 0, RESET: 0, SLOW: 0}
         self.stop_event = threading.Event()
         self.errors: list = []
         self.log: list[str] = []
@@ -117,7 +124,8 @@ class Nemesis:
     def _next_fault(self, i: int) -> str:
         if i < len(self.required):
             return self.required[i]
-        return self.rng.choice([KILL, PARTITION] if self.lab is not None else [KILL])
+        return self.rng.choice([KILL, KILL, PARTITION, RESET, SLOW] if self.lab is not None
+                               else [KILL])
 
     def _pause(self, i: int) -> float:
         """Seconds before fault i: ``every``, less while required faults must still fit."""
@@ -136,6 +144,8 @@ class Nemesis:
             fault = self._next_fault(i)
             if fault == PARTITION:
                 self._partition()
+            elif fault in (RESET, SLOW):
+                self._node_link_fault(fault)
             else:
                 self._kill(aim_at_leader=fault == KILL_LEADER)
 
@@ -183,6 +193,34 @@ class Nemesis:
             self.lab.heal(i)
         self.history.add(ev.heal, node.node_id)
         self._log(f"heal {node.node_id} after {time.monotonic() - start:.1f} s")
+        self.cluster.wait_formed(timeout=60.0)
+        self._log("cluster formed")
+
+    def _node_link_fault(self, kind: str) -> None:
+        """``reset``: node i's TCP connections to the other nodes answered with RST for
+        0.5-1.5 s (every link breaks and is dialled again); ``slow``: node i's egress, to
+        nodes and clients, through a 256 kbit/s token bucket (up to 300 ms of queueing)
+        for 2-4 s. Recorded as ``toxic`` events (type ``tcp_reset`` / ``slow_link``)."""
+        i = self.rng.randrange(1, len(self.cluster.nodes) + 1)
+        node = self.cluster.node(i)
+        if kind == RESET:
+            hold = self.rng.uniform(0.5, 1.5)
+            detail = f"tcp_reset node-to-node links of {node.node_id}"
+            apply, undo = (lambda: self.lab.isolate(i, reset=True)), (lambda: self.lab.heal(i))
+        else:
+            hold = self.rng.uniform(2.0, 4.0)
+            detail = f"slow_link {node.node_id}: 256kbit/s, up to 300 ms queued"
+            apply, undo = (lambda: self.lab.slow(i)), (lambda: self.lab.unslow(i))
+        try:
+            apply()
+            self.history.add(ev.toxic, node.node_id, detail)
+            self.counts[kind] += 1
+            self._log(f"{detail} for {hold:.1f} s")
+            self.stop_event.wait(hold)   # the fault's length
+        finally:
+            undo()
+        self.history.add(ev.toxic_end, node.node_id, kind)
+        self._log(f"{kind} on {node.node_id} removed")
         self.cluster.wait_formed(timeout=60.0)
         self._log("cluster formed")
 

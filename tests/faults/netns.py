@@ -39,6 +39,7 @@ from support import LIVE_NODES, ClusterNodeProcess
 
 IP = "ip"
 IPTABLES = "iptables"
+TC = "tc"
 
 
 class NetnsError(RuntimeError):
@@ -49,10 +50,10 @@ def unavailable() -> str | None:
     """None when this process can build a NetnsLab; otherwise why not."""
     if os.geteuid() != 0:
         return "network namespaces need root (ip netns add, iptables)"
-    missing = [p for p in (IP, IPTABLES) if shutil.which(p) is None]
+    missing = [p for p in (IP, IPTABLES, TC) if shutil.which(p) is None]
     if missing:
         return (f"{' and '.join(missing)} not installed (Debian: apt-get install "
-                f"{' '.join('iproute2' if p == IP else p for p in missing)})")
+                f"{' '.join(sorted({'iptables' if p == IPTABLES else 'iproute2' for p in missing}))})")
     return None
 
 
@@ -109,6 +110,7 @@ class NetnsLab:
         self.tag = ""
         self.subnet: ipaddress.IPv4Network | None = None
         self.isolated: set[int] = set()
+        self.slowed: set[int] = set()
         self._rules: dict[int, list[list[str]]] = {}
         self._made_bridge = False
         self._made_ns: list[str] = []
@@ -236,15 +238,18 @@ class NetnsLab:
     def _iptables(self, i: int, *args: str, check: bool = True):
         return run(IP, "netns", "exec", self.ns(i), IPTABLES, "-w", "5", *args, check=check)
 
-    def isolate(self, i: int) -> None:
+    def isolate(self, i: int, reset: bool = False) -> None:
         """Cut node i from every other node (both directions); the root namespace still
-        reaches it."""
+        reaches it. ``reset``: TCP between them is answered with RST instead of silence
+        (every node-to-node connection of node i breaks at its next packet)."""
         assert 1 <= i <= self.n and i not in self.isolated, (i, self.isolated)
+        target = ["-p", "tcp", "-j", "REJECT", "--reject-with", "tcp-reset"] if reset \
+            else ["-j", "DROP"]
         rules = []
         for j in range(1, self.n + 1):
             if j != i:
-                rules.append(["INPUT", "-s", f"{self.address(j)}/32", "-j", "DROP"])
-                rules.append(["OUTPUT", "-d", f"{self.address(j)}/32", "-j", "DROP"])
+                rules.append(["INPUT", "-s", f"{self.address(j)}/32", *target])
+                rules.append(["OUTPUT", "-d", f"{self.address(j)}/32", *target])
         self._rules[i] = []
         self.isolated.add(i)
         for rule in rules:
@@ -265,6 +270,20 @@ class NetnsLab:
     def heal_all(self) -> None:
         for i in sorted(self.isolated):
             self.heal(i)
+        for i in sorted(self.slowed):
+            self.unslow(i)
+
+    def slow(self, i: int, rate: str = "256kbit", latency_ms: int = 300) -> None:
+        """Node i's egress (to the other nodes and to its clients) through a token bucket
+        of ``rate``: what exceeds it queues up to ``latency_ms`` (then it is dropped)."""
+        assert i not in self.slowed, i
+        run(IP, "netns", "exec", self.ns(i), TC, "qdisc", "add", "dev", self.peer(i), "root",
+            "tbf", "rate", rate, "burst", "16kb", "latency", f"{latency_ms}ms")
+        self.slowed.add(i)
+
+    def unslow(self, i: int) -> None:
+        self.slowed.discard(i)
+        run(IP, "netns", "exec", self.ns(i), TC, "qdisc", "del", "dev", self.peer(i), "root")
 
     def rules(self, i: int) -> list[str]:
         """``iptables -S`` inside node i's namespace (for checks and reports)."""
