@@ -181,7 +181,15 @@ class Takeovers:
         epoch, holder = fut.result()
         if holder == self.node_id and not clean_start:
             local = self.broker.sessions.get(client_id)
-            if local is not None and local.state is SessionState.HANDING_OVER:
+            out = self.outgoing.get(client_id)
+            if local is not None and local.state is SessionState.HANDING_OVER and \
+                    out is not None and out.epoch < epoch and \
+                    self.member.view.holders.get(client_id) == self.node_id:
+                # handed to an older claim whose move was never applied (our claim came
+                # first: it never will be): this copy is still the session
+                self._hand_back(out, f"epoch {out.epoch} to {out.to} not moved; claimed "
+                                     f"here with epoch {epoch}")
+            elif local is not None and local.state is SessionState.HANDING_OVER:
                 # handed to another node a moment ago: fetch it back from there
                 holder = await self._wait_holder_change(client_id, self.node_id, deadline)
                 if holder is None:
@@ -638,6 +646,9 @@ class Takeovers:
             if via in out.pending:
                 out.late.setdefault(via, []).append([message_to_record(msg), qos, retain,
                                                      list(sub_ids) if sub_ids else None])
+                # and into this copy's queue, on disk: until the new holder has them (or
+                # the hand-over is taken back) they exist nowhere else
+                session.admit(msg, qos, retain, sub_ids)
             # else: routed with the new routes, the new holder has it
         return gate
 
@@ -650,13 +661,11 @@ class Takeovers:
         session = out.session
         session.gate = None
         session.hand_back(why)
-        # per node in arrival order; messages of different nodes have no order between them
-        late = [item for items in out.late.values() for item in items]
-        for m, qos, retain, sub_ids in late:
-            session.deliver(message_from_record(m), qos, retain,
-                            tuple(sub_ids) if sub_ids else None)
+        # the late messages are in the queue already (the gate put them there too)
+        late = sum(len(items) for items in out.late.values())
+        out.late.clear()
         log.warning("hand-over taken back client_id=%s node=%s: %s (%d late messages "
-                    "queued again)", out.client_id, self.node_id, why, len(late))
+                    "kept in the queue)", out.client_id, self.node_id, why, late)
 
     def _barrier_timeout(self, out: _Outgoing) -> None:
         """Barriers still missing ``barrier_timeout`` after the move: a node that left the
