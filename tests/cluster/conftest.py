@@ -55,8 +55,7 @@ class Cluster:
         if join is True:
             running = self.running()
             join = running[0].address if running else None
-        node = ClusterNodeProcess(self.workdir, node_id, self.secret, self.name,
-                                  join=join or None, options={**self.options, **options})
+        node = self._make_node(node_id, join or None, {**self.options, **options})
         self.nodes.append(node)
         LIVE_NODES.append(node)
         if wait:
@@ -64,6 +63,11 @@ class Cluster:
         else:
             self._spawn(node)
         return node
+
+    def _make_node(self, node_id: str, join: str | None, options: dict) -> ClusterNodeProcess:
+        """The process object of the next node (a subclass may place it elsewhere)."""
+        return ClusterNodeProcess(self.workdir, node_id, self.secret, self.name, join=join,
+                                  options=options)
 
     @staticmethod
     def _spawn(node: ClusterNodeProcess) -> None:

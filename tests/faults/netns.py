@@ -35,7 +35,7 @@ import random
 import shutil
 import subprocess
 
-from support import LIVE_NODES, ClusterNodeProcess
+from support import ClusterNodeProcess
 
 IP = "ip"
 IPTABLES = "iptables"
@@ -316,24 +316,12 @@ def netns_cluster_class(base):
             super().__init__(workdir, **kw)
             self.lab = lab
 
-        def add_node(self, join: bool | str = True, wait: bool = True,
-                     timeout: float = 30.0, **options) -> ClusterNodeProcess:
+        def _make_node(self, node_id: str, join: str | None,
+                       options: dict) -> ClusterNodeProcess:
             i = len(self.nodes) + 1
             assert i <= self.lab.n, f"the lab has {self.lab.n} namespaces"
-            node_id = f"{self.id_prefix}n{i}"
-            if join is True:
-                running = self.running()
-                join = running[0].address if running else None
-            node = NetnsNode(self.workdir, node_id, self.secret, self.name,
-                             join=join or None, options={**self.options, **options},
-                             ns=self.lab.ns(i), host=self.lab.address(i))
-            self.nodes.append(node)
-            LIVE_NODES.append(node)
-            if wait:
-                node.start(timeout)
-            else:
-                self._spawn(node)
-            return node
+            return NetnsNode(self.workdir, node_id, self.secret, self.name, join=join,
+                             options=options, ns=self.lab.ns(i), host=self.lab.address(i))
 
         def isolate(self, i: int) -> None:
             self.lab.isolate(i)
