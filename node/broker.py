@@ -55,7 +55,10 @@ class Broker:
         self.started_at = time.time()
         # True once serve() opened the listeners, False again when it stops (GET /readyz)
         self.listening = False
-        self._timers: list = []  # heap of (deadline, seq, kind, client_id, timer_gen)
+        # heap of (monotonic deadline, seq, kind, client_id, timer_gen): sessions keep
+        # wall-clock deadlines (stored, so time spent down counts), but a step of the
+        # wall clock while running must not fire a will or an expiry early
+        self._timers: list = []
         self._seq = itertools.count()
         self._housekeeping: asyncio.Task | None = None
 
@@ -180,7 +183,7 @@ class Broker:
     def start(self) -> None:
         """Run what came due while the node was down (expired sessions, wills), before
         the first connection is handled, then the housekeeping task."""
-        self.run_timers(time.time())
+        self.run_timers(time.monotonic())
         self._housekeeping = asyncio.get_running_loop().create_task(self._housekeeping_loop())
 
     async def stop(self) -> None:
@@ -195,30 +198,34 @@ class Broker:
         while True:
             await asyncio.sleep(HOUSEKEEPING_PERIOD)
             try:
-                self.run_timers(time.time())
+                self.run_timers(time.monotonic())
             except Exception:  # a bug in one timer must not stop expiry for everyone
                 log.exception("housekeeping failed node=%s", self.node_id)
 
     def run_timers(self, now: float) -> None:
+        """Fire the timers due at ``now`` (``time.monotonic()``)."""
         timers = self._timers
         while timers and timers[0][0] <= now:
-            _, _, kind, client_id, gen = heapq.heappop(timers)
+            _, _, kind, client_id, gen, deadline = heapq.heappop(timers)
             session = self.sessions.get(client_id)
             if session is None or session.timer_gen != gen:
                 continue  # the session attached, detached again or ended since
+            # (and the deadline check: a session handed over and back is a new object)
             if kind == _WILL:
                 if session.state is SessionState.OFFLINE and session.will_at is not None \
-                        and session.will_at <= now:
+                        and session.will_at <= deadline:
                     self._publish_will(session)
                     self.persist(session)
             elif kind == _EXPIRE:
                 if session.state is SessionState.OFFLINE and session.expires_at is not None \
-                        and session.expires_at <= now:
+                        and session.expires_at <= deadline:
                     self.end_session(session, "expired")
 
     def _add_timer(self, deadline: float, kind: int, session: Session) -> None:
-        heapq.heappush(self._timers, (deadline, next(self._seq), kind, session.client_id,
-                                      session.timer_gen))
+        """A timer for the wall-clock ``deadline``, kept on the monotonic clock."""
+        due = time.monotonic() + (deadline - time.time())
+        heapq.heappush(self._timers, (due, next(self._seq), kind, session.client_id,
+                                      session.timer_gen, deadline))
 
     # -- sessions --------------------------------------------------------------------------
 

@@ -346,18 +346,51 @@ def test_wait_for_peers_is_bounded_when_alone():
     run(main())
 
 
+DUP_SCRIPT = """
+import asyncio, sys
+sys.path.insert(0, sys.argv[1])
+from cluster.discovery import MdnsDiscovery
+cluster, node_id, address, hold = sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5] == "hold"
+async def main():
+    d = MdnsDiscovery(cluster, node_id, address, 17600, interfaces=[address])
+    try:
+        await d.start()
+    except RuntimeError as exc:
+        print("refused:", exc, flush=True)
+        await d.stop()  # harmless after a failed start
+        return
+    print("started", flush=True)
+    if hold:  # advertise until the test closes our stdin
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    await d.stop()
+asyncio.run(main())
+"""
+
+
 def test_same_node_id_twice_on_one_link_is_refused():
+    """Two hosts on one link (two network namespaces on a bridge, each with its own
+    port 5353, so mDNS answers reach the asking host as on a real LAN; in one namespace
+    the kernel hands a unicast probe answer to either socket bound to 5353)."""
+    netns = pytest.importorskip("faults.netns")
+    why = netns.unavailable()
+    if why:
+        pytest.skip(why)
     t = tag()
-
-    async def main():
-        a = MdnsDiscovery(f"a-{t}", f"dup{t}", "127.0.0.1", 17600, interfaces=LOOPBACK)
-        b = MdnsDiscovery(f"b-{t}", f"dup{t}", "127.0.0.1", 17601, interfaces=LOOPBACK)
-        await a.start()
+    with netns.NetnsLab(nodes=2) as lab:
+        def child(i, cluster, hold):
+            return subprocess.Popen(
+                ["ip", "netns", "exec", lab.ns(i), sys.executable, "-c", DUP_SCRIPT,
+                 str(REPO_ROOT), cluster, f"dup{t}", lab.address(i),
+                 "hold" if hold else "once"],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                text=True)
+        first = child(1, f"a-{t}", hold=True)
         try:
-            with pytest.raises(RuntimeError, match="already advertises"):
-                await b.start()
-            await b.stop()  # harmless after a failed start
+            assert first.stdout.readline().strip() == "started", first.stderr.read()
+            second = child(2, f"b-{t}", hold=False)
+            out, err = second.communicate(timeout=30)
+            assert second.returncode == 0, err
+            assert out.startswith("refused:") and "already advertises" in out, out + err
         finally:
-            await a.stop()
-
-    run(main())
+            first.stdin.close()
+            first.wait(timeout=30)
