@@ -207,6 +207,14 @@ class MqttProtocol(asyncio.Protocol):
             wait.add_done_callback(self._acks_ready)  # once per future (shared by a batch)
         acks.append((wait, write, pid, reason, self.loop.time()))
 
+    def write_after(self, wait, frame: bytes) -> None:
+        """Write ``frame`` once ``wait`` (a store commit future, or None) is done, in
+        order with the acknowledgements queued before it (``ack_after``)."""
+        self.ack_after(wait, self._write_queued, 0, frame)
+
+    def _write_queued(self, _pid: int, frame: bytes) -> None:
+        self.write(frame)
+
     def _acks_ready(self, _fut=None) -> None:
         acks = self.acks
         if acks is None or self.closing:

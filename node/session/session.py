@@ -246,9 +246,17 @@ class Session:
                 journal.remove(self, key)
             return
         e = self.inflight_out[pid] = OutFlight(msg, qos, retain, sub_ids, key)
-        if journal is not None:
+        if journal is None:
+            client.write(frame)
+        else:
             journal.sent(self, pid, e)
-        client.write(frame)
+            if qos == 2:
+                # Exactly once across a crash: the packet id goes to disk before the
+                # PUBLISH leaves. A restart would otherwise send the message again under
+                # a new id, and the client would deliver it twice [MQTT-4.3.3].
+                client.write_after(journal.commit_wait(), frame)
+            else:
+                client.write(frame)
         counters = self.counters
         counters.messages_out += 1
         if qos == 1:

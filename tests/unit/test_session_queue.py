@@ -118,3 +118,49 @@ def test_session_record_round_trip_keeps_everything():
     assert [(m.payload, q, r_) for m, q, r_, *_ in s2.queue] == [(b"3", 1, True)]
     assert s2.inflight_in == {42} and s2.will == s.will and s2.expiry_interval == 3600
     assert subs == [["a/#", 2, False, False, 0, 7, None]]
+
+
+class OrderedClient(RecordingClient):
+    """Like the connection: ``write_after(wait, frame)`` holds a frame until ``wait``."""
+
+    def __init__(self):
+        super().__init__()
+        self.held = []  # (wait, frame) handed to write_after
+
+    def write_after(self, wait, frame):
+        self.held.append((wait, frame))
+
+
+def test_a_qos2_publish_to_a_stored_session_leaves_only_once_its_packet_id_is_durable(tmp_path):
+    """A crash between the PUBLISH and the fsync of its packet id would make the restarted
+    node send the message again under a new packet id: a QoS 2 duplicate at the client.
+    QoS 1 (duplicates allowed) is written at once."""
+    import asyncio
+
+    from node.persist import SessionJournal
+    from node.store import SessionStore
+
+    async def go():
+        store = SessionStore(str(tmp_path / "store"))
+        store.open()
+        journal = SessionJournal(store)
+        s = offline_session(max_queue=100)
+        s.expiry_interval = 60
+        journal.track(s)
+        await store.commit()
+        c = OrderedClient()
+        s.attach(c, 65535)
+        s.deliver(msg(1, 1), 1, False, None)
+        s.deliver(msg(2, 2), 2, False, None)
+        assert [f[:2] for f in c.frames] == [(b"1", 1)]  # QoS 1: at once
+        [(wait, frame)] = c.held
+        assert frame[:2] == (b"2", 2)
+        assert wait is not None and not wait.done()  # the packet id is not on disk yet
+        await wait
+        await store.close()
+        again = SessionStore(str(tmp_path / "store"))
+        state, _ = again.open()
+        await again.close()
+        stored = {entry[3]: entry[0] for entry, _ in state.sessions["c"].messages.values()}
+        assert stored.get(frame[3]) == 2, stored  # durable under the id the client gets
+    asyncio.run(go())
