@@ -117,5 +117,5 @@ def pytest_addoption(parser):
     # here, not in tests/faults/conftest.py: options must be known before collection
     parser.addoption("--faults-seconds", type=float, default=None,
                      help="how long the end-to-end fault run of tests/faults (workload + "
-                          "kill -9 / partition / toxic nemesis + checker) lasts, e.g. 60; "
-                          "600 for a soak. Without it that run is skipped.")
+                          "kill -9 / partition / toxic nemesis + checker) lasts: 60 by "
+                          "default (the acceptance run), 600 for a soak.")
