@@ -194,11 +194,24 @@ class ClusterMember:
                     broker.sessions[cid].epoch = epoch
             log.info("stored sessions claimed node=%s count=%d not_committed=%d", me,
                      len(unheld) - failed, failed)
-        dropped = broker.keep_sessions(lambda cid: cid in keep,
+        # a copy this node was handing over when it went down, whose move committed: the
+        # messages that reached it after the snapshot go to the new holder before it ends
+        late = {}
+        for cid, session in broker.sessions.items():
+            if cid in keep:
+                if session.handed is not None and cid not in self.takeovers.outgoing:
+                    session.handed = None  # the move never committed: it is ours again
+                    broker.persist(session)
+            elif session.handed is not None and holders.get(cid) is not None \
+                    and any(key >= session.handed[2] for *_, key in session.queue):
+                late[cid] = holders[cid]
+        dropped = broker.keep_sessions(lambda cid: cid in keep or cid in late,
                                        "held by another node since this one went down")
         if dropped:
             log.info("stored sessions taken over while down, dropped node=%s count=%d",
                      me, dropped)
+        for cid, holder in late.items():
+            self.takeovers.resend_after_restart(broker.sessions[cid], holder)
         if broker.filter_refs:
             try:
                 await self.raft.run(("routes", me, sorted(broker.filter_refs), []), 10.0)

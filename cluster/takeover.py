@@ -36,6 +36,7 @@ import asyncio
 import logging
 import time
 
+from node import failpoints
 from node.metrics import Histogram
 from node.mqtt.codes import ReasonCode
 from node.ownership import Claim, ConnectRefused
@@ -230,6 +231,7 @@ class Takeovers:
             durable = self.broker.durable_wait()
             if durable is not None:
                 await durable
+            await failpoints.pause("takeover.before_moved")
             # X's routes here in the same entry as the move (one loop iteration, one
             # batch): the nodes' barriers switch them to routes that are really there
             filters = sorted(session.subscriptions)
@@ -386,10 +388,10 @@ class Takeovers:
     def _take_late(self, sender: str, body: dict) -> None:
         client_id = body["client_id"]
         inc = self.incoming.get(client_id)
-        late = [(message_from_record(m), q, r, tuple(s) if s else None)
-                for m, q, r, s in body["messages"]]
+        items = body["messages"]
         if inc is None or inc.epoch != body["epoch"] or inc.holder != sender:
             session = self.broker.sessions.get(client_id)
+            late = self._unseen(session, sender, body["epoch"], items)
             if late and session is not None and session.state is not SessionState.ENDED:
                 # the hand-over's state went with a restart of this node, or it completed
                 # without these: the session is here (or passing through, its gate decides):
@@ -405,7 +407,28 @@ class Takeovers:
                           "epoch=%s count=%d: dropped", client_id, sender, body["epoch"],
                           len(late))
             return
+        late = self._unseen(inc.session, sender, body["epoch"], items)
         self._late_from(inc, body["source"], late)
+
+    def _unseen(self, session, sender: str, epoch: int, items: list) -> list:
+        """The late messages of ``items`` this session has not taken yet, decoded; their
+        keys are remembered with the session (stored, and in its record), so that an old
+        holder that restarted before it saw our answer, and sends them again, causes no
+        duplicate."""
+        seen = session.late_seen.get(sender) if session is not None else None
+        known = set(seen[1]) if seen is not None and seen[0] == epoch else set()
+        late, keys = [], []
+        for m, q, r, s, *rest in items:
+            key = rest[0] if rest else 0
+            if key:
+                if key in known:
+                    continue
+                keys.append(key)
+            late.append((message_from_record(m), q, r, tuple(s) if s else None))
+        if keys and session is not None and session.state is not SessionState.ENDED:
+            session.late_seen[sender] = [epoch, sorted(known.union(keys))]
+            self.broker.persist(session)
+        return late
 
     def _late_from(self, inc: _Incoming, source: str, late: list) -> None:
         """What ``source`` forwarded to the old holder before its barrier (``late``), then
@@ -542,6 +565,29 @@ class Takeovers:
                 inc.pending.discard(peer)
             self._maybe_done(inc)
 
+    def resend_after_restart(self, session, holder: str) -> None:
+        """A restart found this copy handed over (``session.handed``) and ``holder``
+        holding the session: the move committed. Queued messages that reached the copy
+        after its snapshot may never have reached the new holder (the crash came before
+        it answered that it stored them): they go to ``holder`` now, as the hand-over's
+        late messages (named by their keys, so a second copy is recognised there). The
+        copy stays, not serving, until the holder has stored them."""
+        _to, epoch, first = session.handed
+        late = [[message_to_record(m), q, r, list(s) if s else None, key]
+                for m, q, r, s, key in session.queue if key >= first]
+        session.freeze("restarted during a hand-over")
+        session.hand_over(f"late messages to {holder}")
+        out = _Outgoing(session.client_id, epoch, holder, set(), session)
+        out.moved = True
+        self.outgoing[session.client_id] = out
+        session.gate = self._outgoing_gate(out)  # (nothing is late any more: no source)
+        log.warning("late messages of a hand-over sent again after a restart client_id=%s "
+                    "node=%s to=%s epoch=%s count=%d", session.client_id, self.node_id,
+                    holder, epoch, len(late))
+        out.late["restart"] = late
+        out.pending.add("restart")
+        self._send_late(out, "restart")
+
     def _send_late(self, out: _Outgoing, source: str) -> None:
         """``source``'s barrier arrived: everything it forwarded here with the old routes
         did too; hand those messages to the new holder. This copy stays until the new
@@ -560,6 +606,7 @@ class Takeovers:
         transport = self.member.transport
         deadline = time.monotonic() + LATE_DELIVERY_LIMIT
         try:
+            await failpoints.pause("takeover.before_late")
             for attempt in range(10_000):
                 try:
                     await transport.request(out.to, "late", body, 10.0)
@@ -572,6 +619,7 @@ class Takeovers:
                                   err)
                         break
                     await asyncio.sleep(0.2)  # the new holder restarting: try again
+            await failpoints.pause("takeover.after_late")
         finally:
             out.unconfirmed -= 1
             # (cancelled at shutdown: the copy stays, in the store too)
@@ -623,6 +671,10 @@ class Takeovers:
                 return {"none": True}
         record = self.broker.snapshot(session)
         session.hand_over(f"snapshot for {sender} epoch {epoch}")
+        # on disk before any late message (the log keeps order): after a crash, the
+        # queued messages from this key on are the ones the new holder may lack
+        session.handed = [sender, epoch, session.seq]
+        self.broker.persist(session)
         out = _Outgoing(client_id, epoch, sender, set(view.members), session)
         self.outgoing[client_id] = out
         session.gate = self._outgoing_gate(out)
@@ -644,11 +696,13 @@ class Takeovers:
         def gate(session, msg, qos, retain, sub_ids) -> None:
             via = msg.via or self.node_id
             if via in out.pending:
+                # into this copy's queue, on disk: until the new holder has them (or the
+                # hand-over is taken back) they exist nowhere else; the store key names
+                # the message for the new holder (a resend after a restart is recognised)
+                key = session.admit(msg, qos, retain, sub_ids)
                 out.late.setdefault(via, []).append([message_to_record(msg), qos, retain,
-                                                     list(sub_ids) if sub_ids else None])
-                # and into this copy's queue, on disk: until the new holder has them (or
-                # the hand-over is taken back) they exist nowhere else
-                session.admit(msg, qos, retain, sub_ids)
+                                                     list(sub_ids) if sub_ids else None,
+                                                     key])
             # else: routed with the new routes, the new holder has it
         return gate
 
@@ -661,6 +715,8 @@ class Takeovers:
         session = out.session
         session.gate = None
         session.hand_back(why)
+        session.handed = None
+        self.broker.persist(session)
         # the late messages are in the queue already (the gate put them there too)
         late = sum(len(items) for items in out.late.values())
         out.late.clear()

@@ -1337,6 +1337,8 @@ class ClusterNodeProcess(BrokerProcess):
         self.join = join
         self.data_dir = workdir / f"data-{node_id}"
         self.log_path = workdir / f"{node_id}.log"
+        #: extra environment of the next start(), e.g. SHOAL_FAILPOINTS (node/failpoints.py)
+        self.env_extra: dict[str, str] = {}
 
     @property
     def address(self) -> str:
@@ -1352,6 +1354,7 @@ class ClusterNodeProcess(BrokerProcess):
         env = {k: v for k, v in os.environ.items() if not k.startswith("SHOAL_")}
         env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")
         env["PYTHONUNBUFFERED"] = "1"
+        env.update(self.env_extra)
         cmd = [sys.executable, "-m", "cluster", "run", "--node-id", self.node_id,
                "--host", self.host, "--mqtt-port", str(self.port),
                "--admin-port", str(self.admin_port), "--cluster-port", str(self.cluster_port),

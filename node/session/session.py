@@ -121,7 +121,7 @@ class Session:
         "client_id", "state", "client", "subscriptions", "inflight_out", "queue", "queued_qos0",
         "inflight_in", "window", "limits", "counters", "next_pid", "expiry_interval",
         "expires_at", "will", "will_delay", "will_at", "version", "dropping", "created_at",
-        "timer_gen", "epoch", "gate", "journal", "seq", "__weakref__",
+        "timer_gen", "epoch", "gate", "journal", "seq", "handed", "late_seen", "__weakref__",
     )
 
     def __init__(self, client_id: str, limits: SessionLimits, counters: Counters) -> None:
@@ -153,6 +153,12 @@ class Session:
         self.gate = None
         self.journal = None  # node.persist.SessionJournal while the session is stored
         self.seq = 1  # the next message key in the store
+        # [to, epoch, first key] while this copy is handed over (cluster): queued messages
+        # from that key on arrived after the snapshot ("late"), the new holder lacks them
+        self.handed = None
+        # {old holder: [epoch, [its keys]]}: late messages of a hand-over to here already
+        # taken (an old holder restarted before it saw our answer sends them again)
+        self.late_seen: dict = {}
 
     # -- state ---------------------------------------------------------------------------
 
@@ -221,8 +227,9 @@ class Session:
             return
         self.admit(msg, qos, retain, sub_ids)
 
-    def admit(self, msg, qos: int, retain: bool, sub_ids) -> None:
-        """Send now, queue or drop (the gate's way in, too)."""
+    def admit(self, msg, qos: int, retain: bool, sub_ids) -> int:
+        """Send now, queue or drop (the gate's way in, too). Returns the store key of the
+        message when it was queued in a stored session, else 0."""
         client = self.client
         if client is not None and client.writable and not self.queue:
             if qos == 0:
@@ -230,11 +237,11 @@ class Session:
                 if frame is not None:
                     client.write(frame)
                     self.counters.messages_out += 1
-                return
+                return 0
             if len(self.inflight_out) < self.window:
                 self._send_new(client, msg, qos, retain, sub_ids, None, 0)
-                return
-        self._enqueue(msg, qos, retain, sub_ids)
+                return 0
+        return self._enqueue(msg, qos, retain, sub_ids)
 
     def _send_new(self, client, msg, qos, retain, sub_ids, now, key: int) -> None:
         pid = self._allocate_pid()
@@ -273,10 +280,10 @@ class Session:
         self.next_pid = pid + 1 if pid < 65535 else 1
         return pid
 
-    def _enqueue(self, msg, qos: int, retain: bool, sub_ids) -> None:
+    def _enqueue(self, msg, qos: int, retain: bool, sub_ids) -> int:
         if qos == 0 and self.client is None and not self.limits.queue_qos0_offline:
             self.counters.qos0_offline_discarded += 1
-            return
+            return 0
         queue = self.queue
         if len(queue) >= self.limits.max_queue:
             # Drop policy: the oldest QoS 0 message (the new one counts as the newest),
@@ -293,7 +300,7 @@ class Session:
                 self.queued_qos0 -= 1
             elif qos == 0:
                 self._dropped(1)
-                return
+                return 0
             else:
                 key = queue.popleft()[4]
                 if key:
@@ -305,6 +312,7 @@ class Session:
         queue.append((msg, qos, retain, sub_ids, key))
         if qos == 0:
             self.queued_qos0 += 1
+        return key
 
     def _dropped(self, n: int) -> None:
         self.counters.dropped_messages += n
