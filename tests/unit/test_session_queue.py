@@ -164,3 +164,22 @@ def test_a_qos2_publish_to_a_stored_session_leaves_only_once_its_packet_id_is_du
         stored = {entry[3]: entry[0] for entry, _ in state.sessions["c"].messages.values()}
         assert stored.get(frame[3]) == 2, stored  # durable under the id the client gets
     asyncio.run(go())
+
+
+def test_hand_over_marks_travel_with_the_stored_record_but_not_the_snapshot():
+    """``handed`` (this copy's own hand-over) is stored, never sent to the new holder;
+    ``late_seen`` (late messages already taken) is both. Older records have neither."""
+    from node.session.record import pack, session_from_record, session_meta, \
+        session_to_record, unpack
+
+    s = offline_session()
+    s.handed = ["n2", 7, 40]
+    s.late_seen = {"n1": [3, [5, 6]]}
+    stored, _ = session_from_record(unpack(pack(session_meta(s))), s.limits, s.counters)
+    assert stored.handed == ["n2", 7, 40] and stored.late_seen == {"n1": [3, [5, 6]]}
+    sent, _ = session_from_record(unpack(pack(session_to_record(s))), s.limits, s.counters)
+    assert sent.handed is None and sent.late_seen == {"n1": [3, [5, 6]]}
+    old = session_meta(offline_session())
+    del old["handed"], old["late_seen"]
+    before, _ = session_from_record(old, s.limits, s.counters)
+    assert before.handed is None and before.late_seen == {}
