@@ -220,6 +220,7 @@ class Takeovers:
 
         def opened(session) -> None:
             inc.session = session
+            self._take_back_late(client_id, session)
             session.gate = self._incoming_gate(inc)
 
         async def confirm(session):
@@ -341,6 +342,43 @@ class Takeovers:
     def _chunks(self) -> dict:
         return self.member.snapshot_chunks
 
+    def _take_back_late(self, client_id: str, session) -> None:
+        """This node handed the session away (``out``) and takes it back now, while that
+        hand-over still waits for some node's barrier. What that node forwarded here
+        before its barrier is in no snapshot (the holder we take the session from gave
+        up waiting for it, to hand it on to us): it goes into the session taken back,
+        after what the snapshot holds. (Before, a later hand-over from here replaced
+        ``out`` and these messages were lost.)"""
+        out = self.outgoing.get(client_id)
+        if out is None or out.session is session:
+            return
+        del self.outgoing[client_id]
+        if out.timer is not None:
+            out.timer.cancel()
+        late = [item for source in sorted(out.late) for item in out.late[source]]
+        waiting = sorted(out.pending)
+        out.late.clear()
+        out.pending.clear()
+        for m, q, r, s, *_ in late:
+            session.admit(message_from_record(m), q, r, tuple(s) if s else None)
+        log.warning("hand-over of epoch %d to %s superseded before barriers from %s: %d "
+                    "late messages kept client_id=%s node=%s", out.epoch, out.to, waiting,
+                    len(late), client_id, self.node_id)
+
+    def _relay_late(self, out: _Outgoing, late: list) -> None:
+        """Late messages for a copy handed on meanwhile: they follow the session to its
+        next holder (kept in this copy's queue, on disk, until it has them)."""
+        session = out.session
+        items = []
+        for msg, q, r, s in late:
+            key = session.admit(msg, q, r, s)
+            items.append([message_to_record(msg), q, r, list(s) if s else None, key])
+        out.unconfirmed += 1
+        self.stats["late_sent"] += len(items)
+        asyncio.get_running_loop().create_task(self._deliver_late(out, {
+            "client_id": out.client_id, "epoch": out.epoch, "source": "relay",
+            "messages": items}))
+
     def _incoming_gate(self, inc: _Incoming):
         def gate(session, msg, qos, retain, sub_ids) -> None:
             via = msg.via or self.node_id
@@ -392,6 +430,16 @@ class Takeovers:
         if inc is None or inc.epoch != body["epoch"] or inc.holder != sender:
             session = self.broker.sessions.get(client_id)
             late = self._unseen(session, sender, body["epoch"], items)
+            out = self.outgoing.get(client_id)
+            if late and out is not None and out.session is session \
+                    and session.state is SessionState.HANDING_OVER:
+                # handed on meanwhile (its gate would take them for routed ones and drop
+                # them): they follow the session
+                log.warning("late messages of an earlier hand-over relayed client_id=%s "
+                            "from=%s epoch=%s to=%s count=%d", client_id, sender,
+                            body["epoch"], out.to, len(late))
+                self._relay_late(out, late)
+                return
             if late and session is not None and session.state is not SessionState.ENDED:
                 # the hand-over's state went with a restart of this node, or it completed
                 # without these: the session is here (or passing through, its gate decides):
