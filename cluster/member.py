@@ -220,8 +220,10 @@ class ClusterMember:
                             "(the reconciliation retries)", me, err)
 
     def _start_raft(self, partners: list[str]) -> None:
-        self.raft = RaftNode(self.info["raft"], partners, self.config.cluster_secret,
-                             self.config.host, self.view, self.loop)
+        config = self.config
+        self.raft = RaftNode(self.info["raft"], partners, config.cluster_secret, config.host,
+                             self.view, self.loop, (config.raft_compaction_entries,
+                                                    config.raft_compaction_seconds))
 
     async def _join(self, addrs: list[tuple[str, int]]) -> None:
         """Join through any reachable member: learn the members, start our Raft node with
@@ -467,6 +469,8 @@ class ClusterMember:
                 entry[1].set_result(None)
         elif kind == "barrier":
             self.takeovers.on_barrier(peer, body)
+        elif kind == "switched":
+            self.takeovers.on_peer_switched(peer)
         elif kind == "snap_chunk":
             key = (body["client_id"], body["epoch"])
             self.snapshot_chunks.setdefault(key, {})[body["i"]] = body["items"]
@@ -615,6 +619,7 @@ class ClusterMember:
                 if node_id != self.node_id:
                     host, port = info["transport"].rsplit(":", 1)
                     self.transport.set_peer(node_id, host, int(port))
+            self.takeovers.on_reset()
 
     def _remote_add(self, node_id: str, topic_filter: str) -> None:
         group, levels = parse_shared(topic_filter)

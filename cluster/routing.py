@@ -214,7 +214,8 @@ class RoutingView:
         return self.owners.get(client_id)
 
 
-def raft_conf(secret: str, bind_addr: str, journal: str | None = None) -> SyncObjConf:
+def raft_conf(secret: str, bind_addr: str, journal: str | None = None,
+              compaction_entries: int = 20_000, compaction_seconds: float = 60.0) -> SyncObjConf:
     """The settings measured on this kind of machine (DESIGN.md). ``bind_addr`` is
     "host:port": pysyncobj binds 0.0.0.0 unless told."""
     return SyncObjConf(
@@ -229,8 +230,8 @@ def raft_conf(secret: str, bind_addr: str, journal: str | None = None) -> SyncOb
         connectionTimeout=1.0,
         leaderFallbackTimeout=1.0,
         useFork=False,  # we run asyncio and threads: never fork to serialize
-        logCompactionMinEntries=20_000,
-        logCompactionMinTime=60,
+        logCompactionMinEntries=compaction_entries,
+        logCompactionMinTime=compaction_seconds,
         commandsWaitLeader=True,
         journalFile=journal,
     )
@@ -241,14 +242,16 @@ class RaftNode:
     bridges results and events into the loop."""
 
     def __init__(self, self_addr: str, partners: list[str], secret: str, bind_host: str,
-                 view: RoutingView, loop: asyncio.AbstractEventLoop) -> None:
+                 view: RoutingView, loop: asyncio.AbstractEventLoop,
+                 compaction: tuple[int, float] = (20_000, 60.0)) -> None:
         self.view = view
         self.loop = loop
         self.self_addr = self_addr
         self.state = RoutingState(self._events_from_raft)
         port = self_addr.rsplit(":", 1)[1]
-        self.syncobj = SyncObj(self_addr, partners, conf=raft_conf(secret, f"{bind_host}:{port}"),
-                               consumers=[self.state])
+        conf = raft_conf(secret, f"{bind_host}:{port}", compaction_entries=compaction[0],
+                         compaction_seconds=compaction[1])
+        self.syncobj = SyncObj(self_addr, partners, conf=conf, consumers=[self.state])
         self._pending: list[tuple[tuple, asyncio.Future]] = []
         self._flush_scheduled = False
         self.commits = 0  # batches committed through this node

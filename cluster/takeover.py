@@ -596,9 +596,23 @@ class Takeovers:
             if not out.pending and not out.unconfirmed:
                 self._finish_outgoing(out)
 
-    def on_peer_restarted(self, peer: str) -> None:
-        """``peer`` is a new process: what its old one forwarded before its barrier has
-        arrived or never will, so it counts as arrived for every hand-over waiting."""
+    def on_reset(self) -> None:
+        """A Raft snapshot replaced this node's view (it lagged behind a log compaction,
+        e.g. after a partition): the ``moved`` events inside it never came, so this node
+        sent no barriers for them, and the hand-overs waiting for them would wait until
+        it restarts. Its forwards from now on use the new routes: it tells every node so,
+        on the same ordered links, after what it forwarded so far."""
+        member = self.member
+        member.flush_outbox()
+        log.warning("routing table replaced by a Raft snapshot node=%s: barriers for every "
+                    "hand-over sent", self.node_id)
+        for peer in list(member.view.members):
+            if peer != self.node_id:
+                member.transport.send(peer, "switched", {})
+        self.on_peer_switched(self.node_id)
+
+    def on_peer_switched(self, peer: str) -> None:
+        """``peer`` routes with every move applied here (a barrier for all of them)."""
         for out in list(self.outgoing.values()):
             # (before its move is applied a hand-over is not certain: everything stays)
             if out.moved and peer in out.pending:
@@ -606,11 +620,18 @@ class Takeovers:
                 if not out.pending and not out.unconfirmed:
                     self._finish_outgoing(out)
         for inc in list(self.incoming.values()):
+            if peer in inc.pending:
+                inc.pending.discard(peer)
+                self._maybe_done(inc)
+
+    def on_peer_restarted(self, peer: str) -> None:
+        """``peer`` is a new process: what its old one forwarded before its barrier has
+        arrived or never will, so it counts as arrived for every hand-over waiting."""
+        self.on_peer_switched(peer)
+        for inc in list(self.incoming.values()):
             if inc.holder == peer and inc.session is not None:
                 # the old holder restarted: its late messages went with its old process
                 self._force_complete(inc, "the old holder restarted")
-            elif peer in inc.pending:
-                inc.pending.discard(peer)
             self._maybe_done(inc)
 
     def resend_after_restart(self, session, holder: str) -> None:

@@ -57,6 +57,12 @@ def _non_negative_number(value: Any) -> str | None:
     return None
 
 
+def _positive_number(value: Any) -> str | None:
+    if not math.isfinite(value) or value <= 0:
+        return "use a number of seconds > 0"
+    return None
+
+
 def _one_of(*choices: str) -> Callable[[Any], str | None]:
     def check(value: Any) -> str | None:
         return None if value in choices else "use one of " + ", ".join(choices)
@@ -195,6 +201,14 @@ class Config:
     minority_clean_sessions: bool = _opt(
         False, "In a Raft minority, accept clean sessions (clean start, expiry 0) without a "
         "ClientID claim: they work, but ClientID uniqueness is not enforced for them.")
+    raft_compaction_entries: int = _opt(
+        20_000, "Raft log entries after which (and `raft_compaction_seconds` after the last "
+        "time) the routing table's log is compacted into a snapshot; a node that lags "
+        "further behind (after a partition) gets the snapshot instead of the entries.",
+        _int_range(10))
+    raft_compaction_seconds: float = _opt(60.0, "Seconds between two Raft log compactions, "
+                                          "at least (see `raft_compaction_entries`).",
+                                          _positive_number)
     barrier_timeout: float = _opt(3.0, "Seconds a session hand-over waits for every node's "
                                   "barrier before it completes without the missing ones.",
                                   _non_negative_number)
