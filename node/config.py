@@ -209,8 +209,11 @@ class Config:
     raft_compaction_seconds: float = _opt(60.0, "Seconds between two Raft log compactions, "
                                           "at least (see `raft_compaction_entries`).",
                                           _positive_number)
-    barrier_timeout: float = _opt(3.0, "Seconds a session hand-over waits for every node's "
-                                  "barrier before it completes without the missing ones.",
+    barrier_timeout: float = _opt(3.0, "Seconds between two checks of a session hand-over for "
+                                  "nodes whose barrier is missing: one that left the cluster "
+                                  "is not waited for any more (one that is down or cut off is, "
+                                  "until it is back); a new claim waits this long plus 1 s "
+                                  "for the previous hand-over before it takes the session on.",
                                   _non_negative_number)
     drain_delay: float = _opt(2.0, "Seconds a leaving node (`shoal cluster leave`) reports not "
                               "ready (GET /readyz 503) before it disconnects its clients, so "
