@@ -361,9 +361,10 @@ class Takeovers:
         out.pending.clear()
         for m, q, r, s, *_ in late:
             session.admit(message_from_record(m), q, r, tuple(s) if s else None)
-        log.warning("hand-over of epoch %d to %s superseded before barriers from %s: %d "
-                    "late messages kept client_id=%s node=%s", out.epoch, out.to, waiting,
-                    len(late), client_id, self.node_id)
+        if late or waiting:
+            log.warning("hand-over of epoch %d to %s superseded before barriers from %s: "
+                        "%d late messages kept client_id=%s node=%s", out.epoch, out.to,
+                        waiting, len(late), client_id, self.node_id)
 
     def _relay_late(self, out: _Outgoing, late: list) -> None:
         """Late messages for a copy handed on meanwhile: they follow the session to its
