@@ -359,8 +359,8 @@ class Takeovers:
         waiting = sorted(out.pending)
         out.late.clear()
         out.pending.clear()
-        for m, q, r, s, *_ in late:
-            session.admit(message_from_record(m), q, r, tuple(s) if s else None)
+        for item in late:
+            session.admit(*_late_message(item))
         if late or waiting:
             log.warning("hand-over of epoch %d to %s superseded before barriers from %s: "
                         "%d late messages kept client_id=%s node=%s", out.epoch, out.to,
@@ -373,7 +373,7 @@ class Takeovers:
         items = []
         for msg, q, r, s in late:
             key = session.admit(msg, q, r, s)
-            items.append([message_to_record(msg), q, r, list(s) if s else None, key])
+            items.append(_late_item(msg, q, r, s, key))
         out.unconfirmed += 1
         self.stats["late_sent"] += len(items)
         asyncio.get_running_loop().create_task(self._deliver_late(out, {
@@ -467,13 +467,13 @@ class Takeovers:
         seen = session.late_seen.get(sender) if session is not None else None
         known = set(seen[1]) if seen is not None and seen[0] == epoch else set()
         late, keys = [], []
-        for m, q, r, s, *rest in items:
-            key = rest[0] if rest else 0
+        for item in items:
+            key = item[4] if len(item) > 4 else 0  # (a node of an older version: no key)
             if key:
                 if key in known:
                     continue
                 keys.append(key)
-            late.append((message_from_record(m), q, r, tuple(s) if s else None))
+            late.append(_late_message(item))
         if keys and session is not None and session.state is not SessionState.ENDED:
             session.late_seen[sender] = [epoch, sorted(known.union(keys))]
             self.broker.persist(session)
@@ -643,8 +643,8 @@ class Takeovers:
         late messages (named by their keys, so a second copy is recognised there). The
         copy stays, not serving, until the holder has stored them."""
         _to, epoch, first = session.handed
-        late = [[message_to_record(m), q, r, list(s) if s else None, key]
-                for m, q, r, s, key in session.queue if key >= first]
+        late = [_late_item(m, q, r, s, key) for m, q, r, s, key in session.queue
+                if key >= first]
         session.freeze("restarted during a hand-over")
         session.hand_over(f"late messages to {holder}")
         out = _Outgoing(session.client_id, epoch, holder, set(), session)
@@ -770,9 +770,8 @@ class Takeovers:
                 # hand-over is taken back) they exist nowhere else; the store key names
                 # the message for the new holder (a resend after a restart is recognised)
                 key = session.admit(msg, qos, retain, sub_ids)
-                out.late.setdefault(via, []).append([message_to_record(msg), qos, retain,
-                                                     list(sub_ids) if sub_ids else None,
-                                                     key])
+                out.late.setdefault(via, []).append(_late_item(msg, qos, retain, sub_ids,
+                                                               key))
             # else: routed with the new routes, the new holder has it
         return gate
 
@@ -826,6 +825,18 @@ class Takeovers:
         lat = sorted(self.latencies)
         return dict(self.stats, incoming=len(self.incoming), outgoing=len(self.outgoing),
                     takeover_ms_p50=round(lat[len(lat) // 2] * 1000, 2) if lat else None)
+
+
+def _late_item(msg, qos: int, retain: bool, sub_ids, key: int) -> list:
+    """A late message on the wire: [message record, qos, retain, sub_ids, store key on
+    the old holder (0: not stored there)]."""
+    return [message_to_record(msg), qos, retain, list(sub_ids) if sub_ids else None, key]
+
+
+def _late_message(item: list) -> tuple:
+    """(msg, qos, retain, sub_ids) of a ``_late_item``."""
+    m, qos, retain, sub_ids = item[:4]
+    return message_from_record(m), qos, retain, tuple(sub_ids) if sub_ids else None
 
 
 def _retrieve(fut: asyncio.Future) -> None:
