@@ -30,6 +30,8 @@ from node.config import ConfigError
 from node.metrics import Exposition
 
 from .member import ClusterError, ClusterMember, new_secret
+from .membership import MembershipError
+from .stored import StoredMembership, StoredStateError, describe
 from .transport import PeerUnreachable, RemoteError, RequestTimeout
 
 DEFAULT_ADMIN = node_cli.DEFAULT_ADMIN
@@ -68,6 +70,7 @@ def add_admin_routes(app: web.Application, member: ClusterMember) -> None:
     app[CLUSTER_ADMIN] = MemberAdmin(member)
     app.router.add_get("/api/v1/cluster", _cluster)
     app.router.add_post("/api/v1/cluster/leave", _leave)
+    app.router.add_delete("/api/v1/nodes/{node_id}", _forget)
 
 
 async def _cluster(request: web.Request) -> web.Response:
@@ -75,11 +78,44 @@ async def _cluster(request: web.Request) -> web.Response:
 
 
 async def _leave(request: web.Request) -> web.Response:
+    """POST /api/v1/cluster/leave[?force=1]: THIS node leaves. A body naming another node
+    is refused: each node leaves through its own admin API (a dead one is forgotten)."""
     member = request.app[MEMBER]
-    if member.leaving:
-        return web.json_response({"error": f"{member.node_id} is already leaving the cluster; "
-                                           "stop its process once it has left"}, status=409)
-    return web.json_response(await member.leave())
+    body = {}
+    if request.can_read_body:
+        try:
+            body = await request.json()
+        except ValueError:
+            return web.json_response({"error": "the body is not JSON; send none, or "
+                                      '{"node": "<this node id>", "force": false}'},
+                                     status=400)
+        if not isinstance(body, dict):
+            return web.json_response({"error": "the body must be a JSON object"}, status=400)
+    named = body.get("node")
+    if named is not None and named != member.node_id:
+        admin = (member.view.members.get(named) or {}).get("admin")
+        where = f" (its admin API: http://{admin})" if admin else ""
+        return web.json_response({"error": (
+            f"this is {member.node_id}: POST /api/v1/cluster/leave makes the node it is sent "
+            f"to leave. Send it to {named}{where}; a node that is gone for good is removed "
+            f"with DELETE /api/v1/nodes/{named} (`shoal cluster forget {named}`)")},
+            status=400)
+    force = body.get("force", request.query.get("force", "") in ("1", "true", "yes"))
+    try:
+        return web.json_response(await member.membership.leave(force=bool(force)))
+    except MembershipError as err:
+        return web.json_response(dict(err.extra, left=False, node=member.node_id,
+                                      error=str(err)), status=err.status)
+
+
+async def _forget(request: web.Request) -> web.Response:
+    """DELETE /api/v1/nodes/{id}: remove a dead node (or a ghost voter's Raft address)
+    from the Raft voters and the routing table; a live node is refused."""
+    member = request.app[MEMBER]
+    try:
+        return web.json_response(await member.membership.forget(request.match_info["node_id"]))
+    except MembershipError as err:
+        return web.json_response(dict(err.extra, error=str(err)), status=err.status)
 
 
 class MemberAdmin:
@@ -113,15 +149,26 @@ class MemberAdmin:
     def metrics(self, expo: Exposition) -> None:
         member = self.member
         status = member.cluster_status()
-        raft = member.raft.status()
-        expo.gauge("shoal_raft_term", "Current Raft term.", raft["term"])
-        expo.gauge("shoal_raft_commit_index", "Raft commit index.", raft["commit_index"])
-        expo.gauge("shoal_raft_last_applied", "Last Raft log index applied here.",
-                   raft["last_applied"])
-        expo.gauge("shoal_raft_is_leader", "1 when this node is the Raft leader.",
-                   raft["is_leader"])
+        if member.raft is not None:
+            raft = member.raft.status()
+            expo.gauge("shoal_raft_term", "Current Raft term.", raft["term"])
+            expo.gauge("shoal_raft_commit_index", "Raft commit index.", raft["commit_index"])
+            expo.gauge("shoal_raft_last_applied", "Last Raft log index applied here.",
+                       raft["last_applied"])
+            expo.gauge("shoal_raft_is_leader", "1 when this node is the Raft leader.",
+                       raft["is_leader"])
         expo.gauge("shoal_raft_has_quorum", "1 when this node sees a Raft majority.",
-                   raft["has_quorum"])
+                   status["has_quorum"])
+        voters = status["raft"]
+        expo.gauge("shoal_raft_voters", "Raft voters in this node's configuration (every "
+                   "commit needs a majority of them).", voters["voter_count"])
+        expo.gauge("shoal_raft_voters_reachable", "Raft voters this node is connected to, "
+                   "itself included.", voters["reachable"])
+        expo.gauge("shoal_raft_quorum_needed", "Raft voters a commit needs (a majority).",
+                   voters["needed"])
+        expo.gauge("shoal_raft_ghost_voters", "Raft voters that no member of the routing "
+                   "table names (remove them with `shoal cluster forget ADDRESS`).",
+                   len(voters["ghost_voters"]))
         expo.counter("shoal_raft_leader_changes_total",
                      "Leader changes seen by this node (checked once a second).",
                      member.leader_changes)
@@ -166,25 +213,130 @@ def cmd_cluster_status(args) -> int:
     if args.json:
         print(json.dumps(status, indent=2))
         return 0
-    rows = [["NODE", "MQTT", "ADMIN", "ROLE", "STATUS", "SESSIONS", "CONNECTIONS", "UPTIME"]]
+    rows = [["NODE", "MQTT", "ADMIN", "ROLE", "STATUS", "VOTER", "SESSIONS", "CONNECTIONS",
+             "UPTIME"]]
     for n in status["nodes"]:
         up = n["status"] != "down"  # a down node's last gossiped numbers are stale
         rows.append([n["id"], n["addresses"]["mqtt"], n["addresses"]["admin"] or "-",
-                     n["role"], n["status"],
+                     n["role"], n["status"], "yes" if n.get("voter") else "NO",
                      "-" if n["sessions"] is None or not up else n["sessions"],
                      "-" if n["connections"] is None or not up else n["connections"],
                      f"{n['uptime_s']:.0f}s" if up else "-"])
+    raft = status.get("raft") or {}
+    for addr in raft.get("ghost_voters", []):
+        reachable = any(v["address"] == addr and v["reachable"] for v in raft["voters"])
+        rows.append([f"? ({addr})", "-", "-", "-", "GHOST", "yes",
+                     "-", "-", "up" if reachable else "-"])
     print(f"cluster {status['cluster']}  leader {status['leader']}  term {status['term']}  "
           f"commit {status['commit_index']}")
+    if raft:
+        ok = "ok" if raft.get("has_quorum") else "LOST"
+        print(f"raft voters {raft['voter_count']}  reachable {raft['reachable']}  "
+              f"quorum needs {raft['needed']}: {ok}")
     print(format_table(rows))
+    for addr in raft.get("ghost_voters", []):
+        print(f"warning: Raft voter {addr} is no member (a ghost: it still counts in every "
+              f"majority); remove it with `shoal cluster forget {addr}`", file=sys.stderr)
+    for node in raft.get("members_not_voting", []):
+        print(f"warning: member {node} is not a Raft voter", file=sys.stderr)
     return 0
 
 
+def _admin_json(method: str, base: str, path: str, timeout: float,
+                body: dict | None = None) -> tuple[int, dict]:
+    """(HTTP status, decoded JSON) of an admin call whose error answers matter too."""
+    if "://" not in base:
+        base = "http://" + base
+    url = base.rstrip("/") + path
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, method=method, data=data,
+                                 headers={"Content-Type": "application/json"} if data else {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        text = err.read().decode(errors="replace")
+        try:
+            return err.code, json.loads(text)
+        except ValueError:
+            return err.code, {"error": text.strip() or str(err.reason)}
+    except (urllib.error.URLError, OSError) as err:
+        raise SystemExit(f"shoal: cannot reach the admin API at {base} "
+                         f"({getattr(err, 'reason', err)}); is the node running? pass --admin "
+                         "http://HOST:PORT of a node (or set SHOAL_ADMIN)") from None
+    except ValueError as err:
+        raise SystemExit(f"shoal: {url} did not answer JSON ({err})") from None
+
+
 def cmd_cluster_leave(args) -> int:
-    print(f"asking {args.admin} to leave the cluster (its clients are disconnected and "
-          "reconnect elsewhere)...", file=sys.stderr)
-    result = _admin_call("POST", args.admin, "/api/v1/cluster/leave", 60.0)
+    view = _try_admin_json(args.admin.rstrip("/") + "/api/v1/cluster") or {}
+    me = next((n for n in view.get("nodes", []) if n["id"] == view.get("node_id")), None)
+    sessions = me.get("sessions") if me else None
+    print(f"asking {view.get('node_id') or args.admin} to leave the cluster: its clients are "
+          "disconnected (they reconnect elsewhere), its "
+          f"{sessions if sessions is not None else ''} sessions move to the other nodes, "
+          "then it is removed from the Raft voters. This takes a few seconds per thousand "
+          "sessions...", file=sys.stderr, flush=True)
+    status, result = _admin_json("POST", args.admin, "/api/v1/cluster/leave",
+                                 args.timeout, {"force": args.force})
     print(json.dumps(result))
+    if status != 200 or not result.get("left"):
+        print(f"shoal: the node did not leave: {result.get('error', status)}",
+              file=sys.stderr)
+        return 1
+    print(f"left: {result.get('sessions_moved', 0)} sessions moved, "
+          f"{result.get('sessions_not_moved', 0)} left behind; Raft voters now "
+          f"{', '.join(result.get('voters') or [])}. Stop the node's process now.",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_cluster_forget(args) -> int:
+    from urllib.parse import quote
+    status, result = _admin_json("DELETE", args.admin, f"/api/v1/nodes/{quote(args.node, safe='')}",
+                                 60.0)
+    print(json.dumps(result))
+    if status != 200:
+        print(f"shoal: {args.node} was not forgotten: {result.get('error', status)}",
+              file=sys.stderr)
+        return 1
+    print(f"forgotten: {result['forgotten']}; Raft voters now {', '.join(result['voters'])}; "
+          f"{result['sessions_released']} of its sessions released (their clients start new "
+          "ones)", file=sys.stderr)
+    return 0
+
+
+def cmd_cluster_reset(args) -> int:
+    """Drop a stopped node's stored cluster membership (data_dir/cluster.json)."""
+    import fcntl
+    stored = StoredMembership(args.data_dir)
+    try:
+        state = stored.load()
+    except StoredStateError as err:
+        state = None
+        print(f"shoal: {err}", file=sys.stderr)
+    lock_path = os.path.join(args.data_dir, "store", "LOCK")
+    if os.path.exists(lock_path):
+        fd = os.open(lock_path, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            print(f"shoal: a node is running on {args.data_dir}: stop it first (or make it "
+                  "leave with `shoal cluster leave`)", file=sys.stderr)
+            return 1
+        finally:
+            os.close(fd)
+    if state is None and not os.path.exists(stored.path):
+        print(f"nothing to reset: {args.data_dir} holds no cluster membership")
+        return 0
+    what = describe(state) if state else "a damaged membership file"
+    print(f"this drops {stored.path}: {what}. The node's stored sessions stay; at its next "
+          "start it joins (--join) or founds a cluster as a new node.")
+    if not args.yes:
+        print("shoal: nothing changed; run again with --yes to drop it", file=sys.stderr)
+        return 1
+    stored.remove()
+    print("dropped")
     return 0
 
 
@@ -224,13 +376,16 @@ def _try_admin_json(url: str):
 
 
 def cmd_cluster_up(args) -> int:
-    """Start N local nodes in one command; Ctrl-C stops them all."""
+    """Start N local nodes in one command; Ctrl-C stops them all. They start at once
+    with the same --join list naming all of them (the initial members); started again on
+    the same data directories they rejoin through the membership each stored."""
     n = args.nodes
     base = args.base_port
     secret = os.environ.get("SHOAL_CLUSTER_SECRET") or new_secret()
     data = os.path.abspath(args.data_dir)
     procs: list[subprocess.Popen] = []
     nodes = []
+    seeds = ",".join(f"127.0.0.1:{args.cluster_base_port + 2 * i}" for i in range(n))
     for i in range(1, n + 1):
         mqtt = base + i - 1
         admin = args.admin_base_port + i - 1
@@ -239,9 +394,7 @@ def cmd_cluster_up(args) -> int:
         cmd = [sys.executable, "-m", "cluster", "run", "--node-id", node_id,
                "--mqtt-port", str(mqtt), "--admin-port", str(admin),
                "--cluster-port", str(cport), "--data-dir", os.path.join(data, node_id),
-               "--log-level", args.log_level]
-        if i > 1:
-            cmd += ["--join", f"127.0.0.1:{args.cluster_base_port}"]
+               "--log-level", args.log_level, "--join", seeds]
         env = dict(os.environ, SHOAL_CLUSTER_SECRET=secret)
         os.makedirs(os.path.join(data, node_id), exist_ok=True)
         log_path = os.path.join(data, f"{node_id}.log")
@@ -250,8 +403,6 @@ def cmd_cluster_up(args) -> int:
         nodes.append((node_id, mqtt, admin, log_path))
         print(f"starting {node_id}: mqtt 127.0.0.1:{mqtt}  admin http://127.0.0.1:{admin}  "
               f"log {log_path}", file=sys.stderr, flush=True)
-        if i == 1:
-            _wait_ready(procs[0], admin, 30.0, nodes[0])
     try:
         for p, nd in zip(procs, nodes):
             _wait_ready(p, nd[2], 60.0, nd)
@@ -306,7 +457,7 @@ def _wait_ready(proc, admin_port: int, timeout: float, node) -> None:
         time.sleep(0.1)
 
 
-def _add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_cluster_arguments(parser: argparse.ArgumentParser) -> None:  # noqa: C901
     sub = parser.add_subparsers(dest="cluster_command", metavar="ACTION", required=True)
     up = sub.add_parser("up", help="start a local cluster of N nodes (Ctrl-C stops it)")
     up.add_argument("--nodes", type=int, default=3)
@@ -321,15 +472,33 @@ def _add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
             ("status", cmd_cluster_status, "show the cluster's nodes as a table"),
             ("join", cmd_cluster_join, "check that the node at --admin is in SEED's cluster, "
                                        "or say how to make it join (nodes join at start)"),
-            ("leave", cmd_cluster_leave, "make the node at --admin leave the cluster")):
+            ("leave", cmd_cluster_leave, "make the node at --admin leave the cluster (its "
+                                         "sessions move to the other nodes)"),
+            ("forget", cmd_cluster_forget, "remove a dead node (or a ghost Raft voter) from "
+                                           "the cluster, through the node at --admin")):
         p = sub.add_parser(name, help=help_text)
         node_cli.add_admin_argument(p)
+        if name == "leave":
+            p.add_argument("--force", action="store_true",
+                           help="leave even if some sessions could not be moved (their "
+                                "clients then start new sessions)")
+            p.add_argument("--timeout", type=float, default=120.0,
+                           help="seconds to wait for the answer (default 120)")
+        if name == "forget":
+            p.add_argument("node", metavar="NODE",
+                           help="node id, or the Raft address (host:port) of a ghost voter")
         if name == "status":
             p.add_argument("--json", action="store_true", help="print JSON instead of a table")
         if name == "join":
             p.add_argument("seed", metavar="SEED",
                            help="host:port (node-to-node port) of a member of the cluster")
         p.set_defaults(cluster_handler=handler)
+    reset = sub.add_parser("reset", help="drop a stopped node's stored cluster membership "
+                                         "(it then joins or founds as a new node)")
+    reset.add_argument("--data-dir", required=True, help="the node's data_dir")
+    reset.add_argument("--yes", action="store_true", help="really drop it (else only says "
+                                                          "what it would drop)")
+    reset.set_defaults(cluster_handler=cmd_cluster_reset)
 
 
 def cmd_cluster(args) -> int:
@@ -337,7 +506,8 @@ def cmd_cluster(args) -> int:
 
 
 COMMANDS = node_cli.COMMANDS + (
-    node_cli.Command("cluster", "run and inspect a cluster (up, status, join, leave)", cmd_cluster,
+    node_cli.Command("cluster", "run and inspect a cluster (up, status, join, leave, "
+                                "forget, reset)", cmd_cluster,
                      _add_cluster_arguments),
 )
 

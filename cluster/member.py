@@ -19,7 +19,8 @@ from node.mqtt.topic_rules import parse_shared
 from node.session.record import message_from_record, message_to_record
 from node.topics import SubEntry, SubscriptionTree
 
-from .discovery import MdnsDiscovery, resolve_seeds
+from .discovery import MdnsDiscovery
+from .membership import Membership
 from .routing import RaftNode, RaftUnavailable, RoutingView
 from .takeover import Takeovers
 from .transport import PeerUnreachable, RemoteError, RequestTimeout, Transport
@@ -31,6 +32,7 @@ FORWARD_BATCH = 1000    # forwarded messages per node-to-node message at most
 STATS_PERIOD = 1.0      # seconds between stats gossip to peers
 RECONCILE_PERIOD = 1.0  # seconds between route reconciliations
 DOWN_AFTER = 2.0        # a peer silent this long (no link) is shown down
+LINK_LINGER = 2.0       # seconds the link to a removed node stays (answers in flight)
 
 
 class ClusterError(Exception):
@@ -94,18 +96,13 @@ class ClusterMember:
         # the view has applied every entry committed before this node started serving (a
         # restarted node replays the log first: its claims are history, not news)
         self.caught_up = False
-        self._join_lock = asyncio.Lock()
+        self.membership = Membership(self)
 
     # -- start / stop ------------------------------------------------------------------------
 
     async def start(self) -> None:
         config = self.config
         await self.transport.start()
-        seeds = [s.strip() for s in config.join.split(",") if s.strip()]
-        try:
-            addrs = await resolve_seeds(seeds, config.cluster_port) if seeds else []
-        except ValueError as err:
-            raise ClusterError(f"--join {config.join!r}: {err}") from err
         if config.discovery == "mdns":
             self.discovery = MdnsDiscovery(config.cluster_name, self.node_id, self.host,
                                            config.cluster_port,
@@ -115,26 +112,7 @@ class ClusterMember:
                 await self.discovery.start()
             except (RuntimeError, ValueError) as err:  # duplicate node id, bad address
                 raise ClusterError(f"mDNS discovery cannot start: {err}") from err
-            found = await self.discovery.wait_for_peers(1, 3.0)
-            for node_id, (host, port, props) in sorted(found.items()):
-                addrs.append((host, port))
-            if not seeds:
-                # Several nodes starting together: the one with the smallest id that has
-                # not formed a cluster yet founds it; the others join through the peers.
-                formed = [n for n, (_, _, p) in found.items() if p.get("formed") == "1"]
-                if not formed and all(self.node_id < n for n in found):
-                    addrs = []
-        own = (self.host, config.cluster_port)
-        addrs = [a for a in addrs if a != own]
-        try:
-            if addrs:
-                await self._join(addrs)
-            else:
-                self._start_raft([])
-                await self._wait_leader(10.0)
-                await self.raft.run(("member", self.node_id, self.info), 10.0)
-        except RaftUnavailable as err:
-            raise ClusterError(f"joining the routing table failed: {err}") from err
+        await self.membership.start()
         self.ready = True
         if self.discovery is not None:
             self.discovery.update_properties({"formed": "1"})
@@ -143,8 +121,8 @@ class ClusterMember:
         self.broker.attach_cluster(self)
         self._tasks.append(self.loop.create_task(self._gossip_loop()))
         self._tasks.append(self.loop.create_task(self._reconcile_loop()))
-        log.info("cluster member up node=%s members=%s leader=%s", self.node_id,
-                 sorted(self.view.members), self.raft.status()["leader"])
+        log.info("cluster member up node=%s members=%s voters=%s leader=%s", self.node_id,
+                 sorted(self.view.members), self.raft.voters(), self.raft.status()["leader"])
 
     async def _catch_up(self) -> bool:
         """A read barrier: wait until the view holds every entry committed before now (a
@@ -219,53 +197,56 @@ class ClusterMember:
                 log.warning("routes of the stored sessions not announced yet node=%s: %s "
                             "(the reconciliation retries)", me, err)
 
-    def _start_raft(self, partners: list[str]) -> None:
+    def start_raft(self, partners: list[str]) -> None:
         config = self.config
         self.raft = RaftNode(self.info["raft"], partners, config.cluster_secret, config.host,
                              self.view, self.loop, (config.raft_compaction_entries,
                                                     config.raft_compaction_seconds))
 
-    async def _join(self, addrs: list[tuple[str, int]]) -> None:
-        """Join through any reachable member: learn the members, start our Raft node with
-        them as partners, then ask to be added (pysyncobj's order: a node must be running
-        before the cluster adds it, or the membership entry cannot commit)."""
-        deadline = time.monotonic() + 60.0
-        last_err = None
-        while time.monotonic() < deadline:
-            for host, port in addrs:
-                try:
-                    peer_id, _info = await self.transport.hello(host, port, 3.0)
-                    members = await self.transport.request(peer_id, "members", {}, 5.0)
-                    if self.raft is None:
-                        self._start_raft([m["raft"] for n, m in members.items()
-                                          if n != self.node_id])
-                    await self.transport.request(
-                        peer_id, "join", {"node_id": self.node_id, "info": self.info}, 30.0)
-                except (OSError, PeerUnreachable, RequestTimeout, RemoteError) as err:
-                    last_err = err
-                    log.info("join through %s:%d failed node=%s: %r", host, port,
-                             self.node_id, err)
-                    continue
-                await self._wait_member(self.node_id, 15.0)
-                await self._fetch_retained(peer_id)
-                return
-            await asyncio.sleep(0.5)
-        raise ClusterError(f"could not join the cluster through {addrs}: {last_err!r}; check "
-                           "--join, that those nodes run, and the cluster name and secret")
+    async def stop_raft(self) -> None:
+        """This node's Raft node goes (it left the cluster, or must start over as a
+        joiner); the routing view keeps what it had."""
+        raft, self.raft = self.raft, None
+        if raft is not None:
+            await asyncio.to_thread(raft.destroy_and_wait)
 
-    async def _wait_leader(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while self.raft.status()["leader"] is None:
-            if time.monotonic() >= deadline:
-                raise ClusterError("no Raft leader elected in time")
-            await asyncio.sleep(0.05)
-
-    async def _wait_member(self, node_id: str, timeout: float) -> None:
+    async def wait_member(self, node_id: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while node_id not in self.view.members:
             if time.monotonic() >= deadline:
                 raise ClusterError(f"{node_id} not in the routing table after joining")
             await asyncio.sleep(0.05)
+
+    async def after_leaving(self) -> None:
+        """Out of the cluster: no more background work, links or forwarding."""
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        self.remote = SubscriptionTree()
+        for peer in list(self.view.members):
+            self.transport.remove_peer(peer)
+
+    def leader_id(self) -> str | None:
+        """The node id of the Raft leader this node knows (None: none, or not a member)."""
+        if self.raft is None:
+            return None
+        leader = self.raft.status()["leader"]
+        if leader is None:
+            return None
+        if leader == self.info["raft"]:
+            return self.node_id
+        for node_id, m in self.view.members.items():
+            if m.get("raft") == leader:
+                return node_id
+        return None
+
+    def peer_alive(self, node_id: str) -> bool:
+        """Linked now, or lost less than DOWN_AFTER ago (a blip)."""
+        if self.transport.is_up(node_id):
+            return True
+        since = self.peer_down_since.get(node_id)
+        return since is not None and time.time() - since < DOWN_AFTER
 
     async def stop(self) -> None:
         for t in self._tasks:
@@ -280,55 +261,28 @@ class ClusterMember:
         await self.transport.stop()
         if self.raft is not None:
             await asyncio.to_thread(self.raft.destroy)
-
-    async def leave(self, timeout: float = 30.0) -> dict:
-        """Leave the cluster: mark leaving, let clients go (their sessions move when they
-        reconnect elsewhere), hand over leadership, leave Raft."""
-        self.leaving = True
-        info = dict(self.info, status="leaving")
-        await self.raft.run(("member", self.node_id, info), 10.0)
-        # /readyz answers 503 from now on: let the load balancer's health checks see it
-        # before the clients reconnect, or they may be sent back here
-        await asyncio.sleep(self.config.drain_delay)
-        self.broker.kick_all(ReasonCode.USE_ANOTHER_SERVER, send_will=False)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and any(
-                h == self.node_id for h in self.view.holders.values()):
-            await asyncio.sleep(0.1)
-        left_sessions = sum(1 for h in self.view.holders.values() if h == self.node_id)
-        status = self.raft.status()
-        if status["is_leader"] and status["partners"]:
-            try:
-                await self.raft.transfer_leadership(5.0)
-            except RaftUnavailable as err:
-                log.warning("leadership transfer failed node=%s: %s", self.node_id, err)
-            await asyncio.sleep(1.0)
-        try:
-            await self.raft.run(("member", self.node_id, None), 10.0)
-            # a node cannot remove itself from Raft: another member does it
-            others = [n for n in self.view.members if n != self.node_id]
-            if others:
-                await self.transport.request(others[0], "remove_raft",
-                                             {"raft": self.info["raft"]}, 10.0)
-        except (RaftUnavailable, PeerUnreachable, RequestTimeout, RemoteError) as err:
-            log.warning("leaving the routing table failed node=%s: %r", self.node_id, err)
-        return {"left": True, "sessions_not_moved": left_sessions}
+            self.raft = None
 
     # -- ClusterHooks ---------------------------------------------------------------------
 
     def claim(self, client_id: str, clean_start: bool):
-        if self.leaving:
-            raise ConnectRefused(ReasonCode.SERVER_UNAVAILABLE, "node is leaving the cluster")
+        if self.leaving or self.raft is None:
+            raise ConnectRefused(ReasonCode.SERVER_UNAVAILABLE, "node is leaving the cluster"
+                                 if self.leaving else "node is not a cluster member")
         if self.config.minority_clean_sessions and clean_start and not self.raft.status()[
                 "has_quorum"]:
             return Claim(0)
         return self.takeovers.claim(client_id, clean_start)
 
     def session_ended(self, client_id: str, epoch: int) -> None:
+        if self.raft is None:
+            return  # left the cluster: nobody to tell
         fut = self.raft.submit(("release", client_id, self.node_id, epoch))
         fut.add_done_callback(_log_failure("release", client_id))
 
     def routes_changed(self, added: list[str], removed: list[str]):
+        if self.raft is None:
+            return None  # left the cluster: nobody routes here
         fut = self.raft.submit(("routes", self.node_id, added, removed))
         fut.add_done_callback(_log_failure("routes", self.node_id))
         return fut if added else None
@@ -429,6 +383,8 @@ class ClusterMember:
                         self.node_id)
 
     def not_ready_reason(self) -> str | None:
+        if self.membership.phase == "left":
+            return "left the cluster: stop this node"
         if self.leaving:
             return "leaving the cluster"
         if not self.ready or self.raft is None:
@@ -511,51 +467,20 @@ class ClusterMember:
             return await self.takeovers.on_snapshot_request(peer, body)
         if kind == "late":
             return await self.takeovers.on_late(peer, body)
-        if kind == "members":
-            if not self.ready:
-                # still founding or joining: a joiner must not start Raft from a partial list
-                raise RuntimeError(f"{self.node_id} is not a cluster member yet; retry")
-            return self.view.members
-        if kind == "join":
-            return await self._handle_join(body)
+        if kind == "cluster_info":
+            return self.membership.info()
+        if kind in ("join", "remove_member", "forget"):
+            return await self.membership.handle(kind, body)
+        if kind == "adopt":
+            return await self.membership.adopt(body["client_ids"])
         if kind == "retained_dump":
             return [(t, message_to_record(m), self.retained_ts.get(t, 0.0))
                     for t, m in self.broker.retained.items()]
         if kind == "kick":  # an operator's kick forwarded by another node's admin API
             return self.broker.kick(body["client_id"])
-        if kind == "remove_raft":
-            await self.raft.remove_raft_member(body["raft"], 10.0)
-            return True
         raise ValueError(f"unknown request {kind!r}")
 
-    async def _handle_join(self, body: dict) -> dict:
-        if not self.ready:
-            raise RuntimeError(f"{self.node_id} is not a cluster member yet; retry")
-        node_id, info = body["node_id"], body["info"]
-        async with self._join_lock:  # pysyncobj takes one membership change at a time
-            known = self.view.members.get(node_id)
-            if known is None or known.get("raft") != info["raft"]:
-                if known is not None:
-                    await self._retry_raft(self.raft.remove_raft_member, known["raft"])
-                await self._retry_raft(self.raft.add_raft_member, info["raft"])
-            await self.raft.run(("member", node_id, info), 10.0)
-        return {"members": self.view.members}
-
-    async def _retry_raft(self, method, addr: str, timeout: float = 20.0) -> None:
-        """A membership change is refused while another is in flight: retry until done."""
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                await method(addr, 10.0)
-                return
-            except RaftUnavailable as err:
-                if time.monotonic() >= deadline:
-                    raise
-                log.info("membership change retried node=%s addr=%s: %s", self.node_id, addr,
-                         err)
-                await asyncio.sleep(0.2)
-
-    async def _fetch_retained(self, peer: str) -> None:
+    async def fetch_retained(self, peer: str) -> None:
         try:
             items = await self.transport.request(peer, "retained_dump", {}, 15.0)
         except (PeerUnreachable, RequestTimeout, RemoteError) as err:
@@ -602,13 +527,32 @@ class ClusterMember:
             self.takeovers.on_moved(client_id, epoch, from_node, to_node, ok)
         elif kind == "member":
             _, node_id, info = ev
+            self.membership.save_soon()
             if node_id == self.node_id:
                 return
             if info is None:
-                self.transport.remove_peer(node_id)
+                self._drop_peer_later(node_id)
             else:
                 host, port = info["transport"].rsplit(":", 1)
                 self.transport.set_peer(node_id, host, int(port))
+        elif kind == "forget":
+            _, node_id, released = ev
+            self.membership.save_soon()
+            if node_id == self.node_id:
+                log.error("this node was forgotten by the cluster node=%s: restart it to "
+                          "join again", self.node_id)
+                return
+            if node_id is not None:
+                self._drop_peer_later(node_id)
+                self.remote = SubscriptionTree()
+                for f, nodes in self.view.routes.items():
+                    for n in nodes:
+                        if n != self.node_id:
+                            self._remote_add(n, f)
+            if self.caught_up:
+                for client_id in released:
+                    # a session frozen here for a claim of the forgotten node stays here
+                    self.takeovers.on_released(client_id, node_id)
         elif kind == "reset":
             self.remote = SubscriptionTree()
             for f, nodes in self.view.routes.items():
@@ -620,6 +564,14 @@ class ClusterMember:
                     host, port = info["transport"].rsplit(":", 1)
                     self.transport.set_peer(node_id, host, int(port))
             self.takeovers.on_reset()
+
+    def _drop_peer_later(self, node_id: str) -> None:
+        """A node removed from the table: its link goes after LINK_LINGER seconds, so the
+        answer to its own removal request (and what else is in flight) still reaches it."""
+        def drop() -> None:
+            if node_id not in self.view.members:  # not back meanwhile
+                self.transport.remove_peer(node_id)
+        self.loop.call_later(LINK_LINGER, drop)
 
     def _remote_add(self, node_id: str, topic_filter: str) -> None:
         group, levels = parse_shared(topic_filter)
@@ -644,6 +596,7 @@ class ClusterMember:
             if leader != self._last_leader:
                 self.leader_changes += 1
                 self._last_leader = leader
+            self.membership.save_soon()  # the voters may have changed without an event
 
     async def _reconcile_loop(self) -> None:
         """Routes the table has for this node should be exactly the filters subscribed
@@ -662,12 +615,14 @@ class ClusterMember:
     # -- views ---------------------------------------------------------------------------
 
     def cluster_status(self) -> dict:
-        raft = self.raft.status()
-        by_raft = {m["raft"]: n for n, m in self.view.members.items()}
-        leader = by_raft.get(raft["leader"]) if raft["leader"] else None
+        raft = self.raft.status() if self.raft is not None else None
+        members = self.view.members
+        by_raft = {m.get("raft"): n for n, m in members.items()}
+        leader = by_raft.get(raft["leader"]) if raft and raft["leader"] else None
+        voters = self.raft.voters() if self.raft is not None else []
         now = time.time()
         nodes = []
-        for node_id, info in sorted(self.view.members.items()):
+        for node_id, info in sorted(members.items()):
             if node_id == self.node_id:
                 status = "leaving" if self.leaving else info.get("status", "up")
                 stats = {"sessions": len(self.broker.sessions),
@@ -688,23 +643,45 @@ class ClusterMember:
                 "addresses": {k: info.get(k) for k in ("mqtt", "admin", "transport", "raft")},
                 "role": "leader" if node_id == leader else "follower",
                 "status": status,
+                "voter": info.get("raft") in voters,
                 "sessions": stats.get("sessions"),
                 "connections": stats.get("connections"),
                 "uptime_s": round(now - info.get("started_at", now), 1),
             })
         return {
             "cluster": self.config.cluster_name,
+            "cluster_id": self.view.cluster_id,
             "node_id": self.node_id,
+            "phase": self.membership.phase,
             "leader": leader,
-            "term": raft["term"],
-            "commit_index": raft["commit_index"],
-            "has_quorum": raft["has_quorum"],
+            "term": raft["term"] if raft else None,
+            "commit_index": raft["commit_index"] if raft else None,
+            "has_quorum": raft["has_quorum"] if raft else False,
+            "raft": self._voter_view(raft, voters, by_raft),
             "nodes": nodes,
             "takeovers": self.takeovers.status(),
             "forwarded": self.forwarded,
             "forward_dropped_qos0": self.forward_dropped,
             "received": self.received,
             "leader_changes": self.leader_changes,
+        }
+
+    def _voter_view(self, raft: dict | None, voters: list[str], by_raft: dict) -> dict:
+        """The Raft voter set as this node's pysyncobj has it, and the quorum arithmetic:
+        a voter no member entry names is a ghost (it still counts in every majority)."""
+        mine = self.info["raft"]
+        connected = set(raft["connected"]) if raft else set()
+        listed = [{"address": a, "node": by_raft.get(a), "self": a == mine,
+                   "reachable": a == mine or a in connected, "member": a in by_raft}
+                  for a in voters]
+        return {
+            "voters": listed,
+            "voter_count": len(voters),
+            "reachable": sum(1 for v in listed if v["reachable"]),
+            "needed": len(voters) // 2 + 1 if voters else 0,
+            "has_quorum": bool(raft and raft["has_quorum"]),
+            "ghost_voters": [v["address"] for v in listed if not v["member"]],
+            "members_not_voting": sorted(n for a, n in by_raft.items() if a not in voters),
         }
 
     def session_view(self, client_id: str) -> dict:

@@ -17,6 +17,9 @@ Operations (tuples, the first item names them):
     ("routes", node_id, added, removed)          -> None (filters, "$share/..." kept whole)
     ("moved", client_id, epoch, from_node, to_node) -> bool (takeover barrier point)
     ("member", node_id, info | None)             -> None (None removes)
+    ("forget", node_id)                          -> [client_id...] (a dead node removed:
+                                                    its member entry, routes and sessions)
+    ("init", cluster_id)                         -> the cluster id (the first one sticks)
 
 Ownership has two parts. ``owners[client_id] = (node, epoch)`` is who may serve the
 ClientID now: every claim takes it with a new epoch (strictly increasing: one counter for
@@ -27,6 +30,10 @@ racing claims both ask the node that really has it. A claim with clean start mak
 claimer the holder at once (the old copy is discarded where it is). ``release`` (the
 session ended) clears the owner if it is still that (node, epoch), and the holder if it is
 that node.
+
+``forget`` is an operator's word that a node is gone for good (``shoal cluster forget``):
+its member entry and routes go, and so do the ClientIDs it owned or held, so that their
+next claim starts a fresh session instead of asking a node that never answers.
 """
 
 from __future__ import annotations
@@ -43,6 +50,23 @@ log = logging.getLogger("shoal.routing")
 
 class RaftUnavailable(Exception):
     """The operation could not be committed (no leader, lost leadership, no quorum)."""
+
+
+def forget_node(members: dict, owners: dict, holders: dict, routes: dict,
+                node_id: str) -> list[str]:
+    """Remove ``node_id`` for good: member entry, routes, and the ClientIDs it owned or
+    held (returned). One rule for the Raft state and its loop-side view."""
+    members.pop(node_id, None)
+    change_routes(routes, node_id, (), [f for f, nodes in routes.items() if node_id in nodes])
+    released = sorted({cid for cid, h in holders.items() if h == node_id} |
+                      {cid for cid, (n, _e) in owners.items() if n == node_id})
+    for cid in released:
+        if holders.get(cid) == node_id:
+            del holders[cid]
+        owner = owners.get(cid)
+        if owner is not None and owner[0] == node_id:
+            del owners[cid]
+    return released
 
 
 def change_routes(routes: dict, node_id: str, added, removed) -> None:
@@ -70,6 +94,7 @@ class RoutingState(SyncObjConsumer):
         self.holders: dict[str, str] = {}
         self.routes: dict[str, set[str]] = {}
         self.next_epoch = 1
+        self.cluster_id: str | None = None
 
     @replicated
     def apply(self, ops: list) -> list:
@@ -141,6 +166,18 @@ class RoutingState(SyncObjConsumer):
                 self.members[node_id] = dict(info)
             events.append(("member", node_id, None if info is None else dict(info)))
             return None
+        if kind == "forget":
+            _, node_id = op
+            released = forget_node(self.members, self.owners, self.holders, self.routes,
+                                   node_id)
+            events.append(("forget", node_id, released))
+            return released
+        if kind == "init":
+            _, cluster_id = op
+            if self.cluster_id is None:
+                self.cluster_id = str(cluster_id)
+                events.append(("init", self.cluster_id))
+            return self.cluster_id
         raise ValueError(f"unknown operation {kind!r}")
 
     def _deserialize(self, data) -> None:
@@ -151,6 +188,7 @@ class RoutingState(SyncObjConsumer):
             "owners": dict(self.owners),
             "holders": dict(self.holders),
             "routes": {f: set(n) for f, n in self.routes.items()},
+            "cluster_id": self.cluster_id,
         })])
 
 
@@ -165,6 +203,7 @@ class RoutingView:
         self.owners: dict[str, tuple[str, int]] = {}
         self.holders: dict[str, str] = {}
         self.routes: dict[str, set[str]] = {}
+        self.cluster_id: str | None = None
         self.listeners: list[Callable[[tuple], None]] = []
         self.applied = 0
 
@@ -197,12 +236,17 @@ class RoutingView:
                                                              if node_id in n])
                 else:
                     self.members[node_id] = info
+            elif kind == "forget":
+                forget_node(self.members, self.owners, self.holders, self.routes, ev[1])
+            elif kind == "init":
+                self.cluster_id = ev[1]
             elif kind == "reset":
                 state = ev[1]
                 self.members = state["members"]
                 self.owners = state["owners"]
                 self.holders = state["holders"]
                 self.routes = state["routes"]
+                self.cluster_id = state.get("cluster_id")
             self.applied += 1
             for listener in list(self.listeners):
                 try:
@@ -337,6 +381,12 @@ class RaftNode:
 
     # -- status --------------------------------------------------------------------------
 
+    def voters(self) -> list[str]:
+        """The Raft voter set as this node's pysyncobj has it (its own address included):
+        the configuration every commit is counted against."""
+        so = self.syncobj
+        return sorted({self.self_addr} | {n.address for n in so.otherNodes})
+
     def status(self) -> dict:
         so = self.syncobj
         leader = so._getLeader()
@@ -354,6 +404,10 @@ class RaftNode:
 
     def destroy(self) -> None:
         self.syncobj.destroy()
+
+    def destroy_and_wait(self) -> None:
+        """Destroy and wait for the Raft thread to end (its port is free afterwards)."""
+        self.syncobj.destroy_synchronous()
 
 
 def _settle(fut: asyncio.Future, error) -> None:

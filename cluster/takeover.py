@@ -153,6 +153,37 @@ class Takeovers:
         loop.call_later(self.config.takeover_timeout, self._settle, client_id, fut)
         return claim
 
+    async def adopt(self, client_id: str) -> str:
+        """Take ``client_id``'s session over without its client: its holder is leaving
+        the cluster (evacuation). The same claim, snapshot and move as for a CONNECT; the
+        session is installed OFFLINE here. Returns ``moved``, ``gone`` (it had ended), or
+        why it did not move."""
+        try:
+            claim = await self.claim(client_id, False)
+        except ConnectRefused as err:
+            return f"refused: {err}"
+        if claim.record is None:
+            if claim.opened is not None:
+                claim.opened(None)  # settles the claim
+            if claim.fresh_reason is not None or client_id not in self.broker.sessions:
+                # nothing to hold here (it ended meanwhile): give the ClientID back
+                self.member.session_ended(client_id, claim.epoch)
+                return "gone" if claim.fresh_reason is None else f"lost: {claim.fresh_reason}"
+            return "moved"
+        session = self.broker.adopt_session(claim)
+        try:
+            verdict = await asyncio.wait_for(claim.confirm(session),
+                                             2 * self.config.takeover_timeout + 10.0)
+        except asyncio.TimeoutError:
+            verdict = None
+        if verdict:
+            return "moved"
+        if verdict is False:
+            self.broker.end_session(session, "a newer claim overtook its hand-over",
+                                    release=False, will=False)
+            return "overtaken by a newer claim"
+        return "move not confirmed in time"
+
     def _settle(self, client_id: str, fut: asyncio.Future) -> None:
         if not fut.done():
             fut.set_result(None)

@@ -284,6 +284,22 @@ class Broker:
         self.take_route_waits()
         return session
 
+    def adopt_session(self, claim: Claim) -> Session:
+        """A session handed over without its client (its node is leaving the cluster):
+        installed OFFLINE from ``claim.record`` as it was there, stored, its expiry and
+        will deadlines running here now (wall-clock: the time it spent there counts)."""
+        session = self.install_session(claim.record)
+        session.epoch = claim.epoch
+        if claim.opened is not None:
+            claim.opened(session)
+        resume_clocks(session, time.time())
+        if session.will_at is not None:
+            self._add_timer(session.will_at, _WILL, session)
+        if session.expires_at is not None:
+            self._add_timer(session.expires_at, _EXPIRE, session)
+        self.persist(session)
+        return session
+
     def snapshot(self, session: Session) -> dict:
         return session_to_record(session)
 

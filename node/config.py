@@ -182,11 +182,24 @@ class Config:
     raft_port: int = _opt(0, "Raft port; 0 means cluster_port + 1.", _int_range(0, 65535))
     advertise_host: str = _opt("", "Address other nodes and clients use to reach this node; "
                                "empty means `host`.")
-    join: str = _opt("", "Comma-separated `host:port` node-to-node addresses of running "
-                     "members to join through (a DNS name with several addresses counts as "
-                     "several); empty with `discovery none` starts a new cluster.")
+    join: str = _opt("", "Comma-separated `host:port` node-to-node addresses of members "
+                     "to join through (a DNS name with several addresses counts as several). "
+                     "A node that has been a member rejoins through the members it stored in "
+                     "`data_dir`, without it. Empty, with `discovery none` and nothing "
+                     "stored: founds a new cluster.")
     discovery: str = _opt("none", "How to find peers besides `join`: `none` or `mdns` "
                           "(zeroconf on the LAN).", _one_of("none", "mdns"))
+    bootstrap_expect: int = _opt(
+        0, "Nodes that form a new cluster together: wait until this many nodes without a "
+        "cluster see each other (through `join` and `discovery`), then the first ones by node "
+        "id start it with each other as the Raft voters. 0: a `join` list that names this node "
+        "itself counts as the full initial member list (like etcd's initial cluster); else "
+        "the node only joins a running cluster (or, with no `join`, founds one alone).",
+        _int_range(0, 99))
+    new_cluster: bool = _opt(
+        False, "Found a new cluster even though `data_dir` holds this node's membership of "
+        "an earlier one (the stored membership is dropped, and logged first; the stored "
+        "sessions stay). For disaster recovery only: set it for one start, then remove it.")
     cluster_name: str = _opt("shoal", "Nodes only join a cluster of the same name.")
     cluster_secret: str = _opt("", "Shared secret that authenticates and encrypts node-to-node "
                                "and Raft traffic; required when cluster_port is set.")

@@ -1542,3 +1542,28 @@ class Balancer:
         if getattr(self, "_log", None):
             self._log.close()
         shutil.rmtree(self.sockdir, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- operator CLI
+
+def shoal_cli(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess:
+    """``.venv/bin/shoal ARGS`` (``python -m cluster`` where the script is not installed),
+    without the caller's SHOAL_* environment."""
+    exe = os.path.join(os.path.dirname(sys.executable), "shoal")
+    cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "cluster"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SHOAL_")}
+    env["PYTHONPATH"] = str(REPO_ROOT)
+    env["PYTHONUNBUFFERED"] = "1"
+    return subprocess.run(cmd + list(args), cwd=str(REPO_ROOT), env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def raft_voters(node: "ClusterNodeProcess", timeout: float = 5.0) -> set[str]:
+    """The Raft voter set straight from the node's pysyncobj (its ``status`` utility
+    command on the Raft port, with the cluster secret), not from Shoal's own API."""
+    from pysyncobj.utility import TcpUtility
+    status = TcpUtility(password=node.secret, timeout=timeout).executeCommand(
+        f"{node.host}:{node.raft_port}", ["status"])
+    prefix = "partner_node_status_server_"
+    return {status["self"].address} | {k[len(prefix):] for k in status if k.startswith(prefix)}
+

@@ -161,6 +161,26 @@ class Cluster:
             node.join = others[0].address
         return node.start(timeout)
 
+    def restart_together(self, nodes=None, timeout: float = 30.0) -> None:
+        """Start ``nodes`` (default: all; stopped ones) at once, without ``--join``: they
+        find each other through the membership they stored. Returns once they formed."""
+        nodes = list(nodes if nodes is not None else self.nodes)
+        for node in nodes:
+            if node.alive():
+                node.stop()
+            node.join = None
+        for node in nodes:
+            with open(node.log_path, "ab") as f:
+                f.write(f"---- test harness: starting {node.node_id} (together, no join) "
+                        "----\n".encode())
+            self._spawn(node)
+            if node not in LIVE_NODES:
+                LIVE_NODES.append(node)
+        for node in nodes:
+            wait_for(node._ready, timeout, interval=0.1,
+                     message=lambda node=node: f"{node.node_id} ready\n{node.log_tail()}")
+        self.wait_formed(timeout=timeout)
+
     def stop(self) -> None:
         for node in self.nodes:
             for client in node.clients:

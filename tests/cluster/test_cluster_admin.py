@@ -125,7 +125,7 @@ def test_a_leaving_node_reports_not_ready(cluster):
     assert status == 200 and body["left"] is True, body
     status, body = n3.api("/readyz")
     assert status == 503, body
-    assert body["status"] == "not ready" and "leaving" in body["reason"], body
+    assert body["status"] == "not ready" and "left the cluster" in body["reason"], body
     metrics = scrape(n3)
     assert value(metrics, "shoal_ready") == 0
     for node in (cluster.node(1), cluster.node(2)):

@@ -112,16 +112,16 @@ def test_a_session_taken_over_while_its_node_was_down_is_not_brought_back(cluste
 
 def test_a_restart_of_the_whole_cluster_keeps_the_stored_sessions(cluster):
     """The routing table lives in memory: after every node was killed it starts empty, and
-    the node that stored a session claims it again instead of dropping it."""
+    the node that stored a session claims it again instead of dropping it. The members
+    re-form from the membership each stored (no --join)."""
     a, b, c = cluster.nodes
     cid, topic = f"wc-{uid()}", f"wc/{uid()}"
     queue_offline(cluster, b, a, cid, topic)
 
     for node in (a, b, c):
         node.kill()
-    for i in (1, 2, 3):  # node 1 founds the new cluster, 2 and 3 join it
-        cluster.restart(i)
-    cluster.wait_formed()
+    # started together, without --join: they re-form from their stored membership
+    cluster.restart_together()
     wait_for(lambda: c.session_view(cid) is not None
              and c.session_view(cid).get("holder") == b.node_id, 10,
              message=lambda: f"node 2 claimed its stored session again: {c.session_view(cid)}")

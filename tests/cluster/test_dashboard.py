@@ -5,10 +5,16 @@ node of a real 3-node cluster, runs its JavaScript (``--virtual-time-budget`` le
 poll the admin API before the DOM is dumped) and ``--dump-dom`` prints the DOM, on which
 the assertions run. A screenshot goes to a temporary directory outside the repository;
 its path is printed. No Playwright or Puppeteer: only Chromium's own command line.
+
+Cases the cluster does not produce on demand (a ghost Raft voter, a node that has left) are
+rendered from canned ``/api/v1/cluster`` answers of a small aiohttp app that serves the page
+with the real ``node.dashboard`` routes (no cluster processes).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import http.server
 import os
 import shutil
@@ -135,6 +141,15 @@ def test_dashboard_renders_the_cluster_and_shows_a_killed_node_down(cluster, tmp
         assert row["data-status"] == "up", (node_id, row)
         assert row["data-role"] == ("leader" if node_id == view["leader"] else "follower")
         assert row["data-connections"] == str(want[node_id])
+        assert row["data-voter"] == "yes", (node_id, row)  # the Voter column
+    assert view["raft"]["voter_count"] == 3 and view["raft"]["ghost_voters"] == []
+    # quorum is the Raft arithmetic: "yes — voters 3, reachable 3, needed 2"
+    quorum = dom.text["quorum"].strip()
+    assert quorum.startswith("yes"), quorum
+    assert "voters 3" in quorum and "reachable 3" in quorum and "needed 2" in quorum, quorum
+    assert dom.by_id["quorum"]["data-needed"] == "2"
+    assert dom.by_id["warnings"].get("hidden") is not None  # no ghost, all members vote
+    assert dom.by_id["phase"].get("hidden") is not None     # a member: no phase banner
     assert dom.by_id["leader"]["data-leader"] == view["leader"]
     assert dom.text["leader"].strip() == view["leader"]
     assert dom.text["cluster-name"].strip() == cluster.name
@@ -166,6 +181,11 @@ def test_dashboard_renders_the_cluster_and_shows_a_killed_node_down(cluster, tmp
     assert dom.rows[victim.node_id]["data-status"] == "down"
     assert all(dom.rows[i]["data-status"] == "up" for i in ids - {victim.node_id})
     assert dom.text["nodes-up"].strip() == "2 / 3"
+    # still a voter, but no longer reachable: 2 of 3 reachable, 2 needed, quorum kept
+    assert dom.rows[victim.node_id]["data-voter"] == "yes"
+    quorum = dom.text["quorum"].strip()
+    assert quorum.startswith("yes") and "voters 3" in quorum and "reachable 2" in quorum \
+        and "needed 2" in quorum, quorum
     shot_down = shot.with_name("dashboard-node-down.png")
     chromium("--virtual-time-budget=5000", f"--screenshot={shot_down}", "--window-size=1280,800",
              url)
@@ -202,7 +222,10 @@ def test_dashboard_of_a_single_node(tmp_path):
         assert dom.rows["solo"]["data-role"] == "single node"
         assert "single node" in dom.text["cluster-name"]
         assert dom.text["nodes-up"].strip() == "1 / 1"
+        assert dom.text["quorum"].strip() == "\u2013"   # no Raft without a cluster
+        assert dom.rows["solo"]["data-voter"] == ""
         assert dom.by_id["error"].get("hidden") is not None
+        assert dom.by_id["warnings"].get("hidden") is not None
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(10)
@@ -241,3 +264,157 @@ def test_dashboard_error_banner_when_the_api_fails():
     assert "Cannot reach the admin API" in dom.text["error"]
     assert "HTTP 503" in dom.text["error"]
     assert dom.rows == {}
+
+
+# -- canned /api/v1/cluster answers ---------------------------------------------------------
+
+STATS = {"node_id": "node1", "sessions": 2, "connections": 1, "subscriptions": 0,
+         "messages_in": 10, "messages_out": 10, "uptime_s": 60.0}
+
+
+def member(node_id: str, port: int, role: str = "follower", status: str = "up",
+           voter: bool = True) -> dict:
+    return {"id": node_id,
+            "addresses": {"mqtt": f"127.0.0.1:{port}", "admin": f"127.0.0.1:{port + 1}",
+                          "transport": f"127.0.0.1:{port + 2}", "raft": f"127.0.0.1:{port + 3}"},
+            "role": role, "status": status, "voter": voter, "sessions": 1, "connections": 1,
+            "uptime_s": 60.0}
+
+
+def cluster_answer(**changes) -> dict:
+    view = {"cluster": "canned", "cluster_id": "c0ffee", "node_id": "node1",
+            "phase": "member", "leader": "node1", "term": 7, "commit_index": 42,
+            "has_quorum": True, "nodes": [], "takeovers": {}, "forwarded": 0,
+            "forward_dropped_qos0": 0, "received": 0, "leader_changes": 1}
+    view.update(changes)
+    return view
+
+
+@contextlib.contextmanager
+def canned_admin(cluster: dict | None, stats: dict = STATS):
+    """The dashboard served by ``node.dashboard``'s own routes on an aiohttp app whose
+    ``/api/v1/cluster`` answers ``cluster`` (404 when None) and ``/api/v1/stats`` ``stats``;
+    yields the page's URL. The app runs on an event loop of its own thread."""
+    from aiohttp import web
+
+    from node.dashboard import add_dashboard_routes
+
+    async def api_cluster(request):
+        if cluster is None:
+            return web.json_response({"error": "this node runs without a cluster"}, status=404)
+        return web.json_response(cluster)
+
+    async def api_stats(request):
+        return web.json_response(stats)
+
+    app = web.Application()
+    add_dashboard_routes(app)
+    app.router.add_get("/api/v1/cluster", api_cluster)
+    app.router.add_get("/api/v1/stats", api_stats)
+    loop = asyncio.new_event_loop()
+    runner = web.AppRunner(app)
+    loop.run_until_complete(runner.setup())
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    loop.run_until_complete(site.start())
+    port = runner.addresses[0][1]
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.run_until_complete(runner.cleanup())
+        loop.close()
+
+
+@needs_chromium
+def test_dashboard_flags_a_ghost_voter_and_a_member_that_does_not_vote():
+    """The case the member-based "Quorum yes, 3/3" hid: 3 Raft voters, one of them a ghost
+    (no member names it) and unreachable, a member down, a member that is no voter. The page
+    counts the voters (ghost included): 1 of 3 reachable, 2 needed, no quorum."""
+    ghost = "127.0.0.1:7006"
+    view = cluster_answer(
+        has_quorum=False,
+        nodes=[member("node1", 7000, role="leader"), member("node2", 7010, status="down"),
+               member("node3", 7020, voter=False)],
+        raft={"voters": [
+                  {"address": "127.0.0.1:7003", "node": "node1", "self": True,
+                   "reachable": True, "member": True},
+                  {"address": "127.0.0.1:7013", "node": "node2", "self": False,
+                   "reachable": False, "member": True},
+                  {"address": ghost, "node": None, "self": False, "reachable": False,
+                   "member": False}],
+              "voter_count": 3, "reachable": 1, "needed": 2, "has_quorum": False,
+              "ghost_voters": [ghost], "members_not_voting": ["node3"]})
+    with canned_admin(view) as url:
+        status, headers, _ = fetch(url)
+        assert status == 200 and "connect-src 'self'" in headers["Content-Security-Policy"]
+        dom = Dom(dump_dom(url, budget_ms=3000))
+    assert dom.body.get("data-state") == "ok", dom.text.get("error")
+    assert dom.by_id["error"].get("hidden") is not None
+
+    quorum = dom.text["quorum"].strip()
+    assert quorum.startswith("NO"), quorum
+    assert "voters 3" in quorum and "reachable 1" in quorum and "needed 2" in quorum, quorum
+    assert dom.by_id["quorum"]["data-has-quorum"] == "no"
+    assert dom.text["nodes-up"].strip() == "2 / 3"  # members only; the ghost is no node
+
+    # members keep their rows, with the Voter column; the ghost gets a row of its own
+    assert set(dom.rows) == {"node1", "node2", "node3", f"? {ghost}"}
+    assert dom.rows["node1"]["data-voter"] == "yes"
+    assert dom.rows["node2"]["data-voter"] == "yes"
+    assert dom.rows["node3"]["data-voter"] == "no"
+    row = dom.rows[f"? {ghost}"]
+    assert row["data-status"] == "ghost" and row["data-voter"] == "yes"
+    assert "ghost" in row["class"].split()
+    assert f"? {ghost}" in dom.row_text[f"? {ghost}"]
+    assert "ghost" in dom.row_text[f"? {ghost}"]
+    assert "unreachable" in dom.row_text[f"? {ghost}"]
+
+    # the warnings: the ghost (with the command that removes it), the member without a vote
+    assert dom.by_id["warnings"].get("hidden") is None
+    warnings = " ".join(dom.text["warnings"].split())
+    assert (f"Raft voter {ghost} is no member (a ghost): it still counts in every majority; "
+            f"remove it with shoal cluster forget {ghost}") in warnings, warnings
+    assert "node3 is not a Raft voter" in warnings, warnings
+    assert dom.by_id["phase"].get("hidden") is not None
+
+
+@needs_chromium
+def test_dashboard_of_a_node_that_has_left():
+    """A node that has left: no leader, term or commit index any more (null), no voter set;
+    the page says it has left instead of warning about every member."""
+    view = cluster_answer(
+        phase="left", leader=None, term=None, commit_index=None, has_quorum=False,
+        nodes=[member("node1", 7000, voter=False, status="leaving"),
+               member("node2", 7010, voter=False)],
+        raft={"voters": [], "voter_count": 0, "reachable": 0, "needed": 0,
+              "has_quorum": False, "ghost_voters": [],
+              "members_not_voting": ["node1", "node2"]})
+    with canned_admin(view) as url:
+        dom = Dom(dump_dom(url, budget_ms=3000))
+    assert dom.body.get("data-state") == "ok", dom.text.get("error")
+    assert dom.by_id["phase"].get("hidden") is None
+    assert "this node has left the cluster" in dom.text["phase"].lower()
+    assert dom.by_id["warnings"].get("hidden") is not None
+    for card in ("leader", "term", "commit", "quorum"):
+        assert dom.text[card].strip() == "\u2013", (card, dom.text[card])
+    assert set(dom.rows) == {"node1", "node2"}
+    assert all(row["data-voter"] == "" for row in dom.rows.values())
+
+
+@needs_chromium
+def test_dashboard_quorum_without_a_raft_object():
+    """An older node's view without "raft": the quorum falls back to its has_quorum."""
+    view = cluster_answer(nodes=[member("node1", 7000, role="leader")])
+    del view["phase"], view["cluster_id"]
+    for n in view["nodes"]:
+        del n["voter"]
+    with canned_admin(view) as url:
+        dom = Dom(dump_dom(url, budget_ms=3000))
+    assert dom.body.get("data-state") == "ok", dom.text.get("error")
+    assert dom.text["quorum"].strip() == "yes"
+    assert dom.rows["node1"]["data-voter"] == ""
+    assert dom.by_id["warnings"].get("hidden") is not None
+    assert dom.by_id["phase"].get("hidden") is not None

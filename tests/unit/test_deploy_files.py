@@ -86,16 +86,18 @@ def test_compose_has_three_shoal_nodes_and_haproxy():
         "deploy/compose/", "")
     assert dockerfile.is_file()
     assert (COMPOSE.parent / nodes["node1"]["build"]["context"]).resolve() == ROOT
-    volumes, addresses = set(), set()
+    volumes, addresses, joins = set(), set(), set()
     for name, svc in nodes.items():
         cmd = svc["command"]
         assert cmd[0] == "run", name
         assert_real_options(cmd[1:], f"compose {name}")
         opts = dict(zip(cmd[1::2], cmd[2::2]))
         assert opts["--node-id"] == name
-        # joins through the other two nodes by name, on the cluster port
-        others = {f"{o}:7000" for o in nodes if o != name}
-        assert set(opts["--join"].split(",")) == others, name
+        # every node names all three by name, on the cluster port, and they form the
+        # cluster together
+        assert sorted(opts["--join"].split(",")) == [f"{o}:7000" for o in sorted(nodes)], name
+        joins.add(opts["--join"])
+        assert opts["--bootstrap-expect"] == "3", name
         env = svc["environment"]
         assert_real_env(env, f"compose {name}")
         assert "SHOAL_CLUSTER_SECRET" in env and env["SHOAL_CLUSTER_PORT"] == "7000"
@@ -106,8 +108,9 @@ def test_compose_has_three_shoal_nodes_and_haproxy():
         source, target = vol.split(":")[:2]
         assert target == "/var/lib/shoal" and source in doc["volumes"]
         volumes.add(source)
-        if name != "node1":
-            assert svc["depends_on"]["node1"]["condition"] == "service_healthy"
+        # every node starts at once: no node waits for another
+        assert not set(svc.get("depends_on") or ()) & set(nodes), name
+    assert len(joins) == 1, f"the nodes' --join lists differ: {joins}"
     assert len(volumes) == 3 and len(addresses) == 3, "each node its own volume and address"
     # the values a node gets from the environment are valid option values
     env = dict(nodes["node1"]["environment"], SHOAL_CLUSTER_SECRET="x")
@@ -176,7 +179,8 @@ def test_kubernetes_manifests():
     labels = spec["template"]["metadata"]["labels"]
     assert spec["selector"]["matchLabels"].items() <= labels.items()
     assert spec["replicas"] == 3
-    assert spec["podManagementPolicy"] == "OrderedReady"
+    # all pods start at once and form the cluster together
+    assert spec["podManagementPolicy"] == "Parallel"
 
     headless = docs[("Service", spec["serviceName"])]["spec"]
     assert headless["clusterIP"] == "None"
@@ -205,6 +209,7 @@ def test_kubernetes_manifests():
     want = [f"{sts['metadata']['name']}-{i}.{spec['serviceName']}:{ports['cluster']}"
             for i in range(spec["replicas"])]
     assert args["join"].split(",") == want
+    assert args["bootstrap-expect"] == str(spec["replicas"]) == "3"
     for svc_port in headless["ports"]:
         assert svc_port["targetPort"] in ports
 
@@ -221,7 +226,8 @@ def test_kubernetes_manifests():
     leave = c["lifecycle"]["preStop"]["exec"]["command"]
     assert leave == ["shoal", "cluster", "leave", "--admin",
                      f"http://127.0.0.1:{ports['admin']}"]
-    assert pod["terminationGracePeriodSeconds"] >= 60
+    # the leave may take 60 s to move the sessions, then the voter removal and shutdown
+    assert pod["terminationGracePeriodSeconds"] >= 90
 
 
 def test_cluster_leave_takes_the_admin_option():
@@ -255,11 +261,16 @@ def test_systemd_unit_structure():
     example = DEPLOY / "systemd" / "shoal.toml"
     cfg = load_config({"config": str(example)}, env={"SHOAL_CLUSTER_SECRET": "x"})
     assert cfg.data_dir == "/var/lib/shoal" and cfg.cluster_port
+    # the same join list on every node, naming all initial nodes (this one too), which form
+    # the cluster together
+    seeds = cfg.join.split(",")
+    assert f"{cfg.advertise_host}:{cfg.cluster_port}" in seeds
+    assert cfg.bootstrap_expect == len(seeds) == 3
     stop = int(svc["TimeoutStopSec"])
     assert cfg.shutdown_grace + 10 <= stop
     env_file = DEPLOY / "systemd" / "shoal.env"
     names = re.findall(r"^#?(SHOAL_[A-Z0-9_]+)=", env_file.read_text(), re.M)
-    assert "SHOAL_CLUSTER_SECRET" in names
+    assert "SHOAL_CLUSTER_SECRET" in names and "SHOAL_JOIN" not in names
     assert_real_env(names, "shoal.env")
 
 
