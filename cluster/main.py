@@ -50,7 +50,7 @@ async def cluster_extension(broker, admin_app):
         add_admin_routes(admin_app, member)
     try:
         await member.start()
-    except ClusterError:
+    except BaseException:  # a failed start, or a stop (SIGTERM) while it waited
         await member.stop()
         raise
     try:

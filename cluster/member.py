@@ -468,7 +468,7 @@ class ClusterMember:
         if kind == "late":
             return await self.takeovers.on_late(peer, body)
         if kind == "cluster_info":
-            return self.membership.info()
+            return self.membership.info(body if isinstance(body, dict) else None)
         if kind in ("join", "remove_member", "forget"):
             return await self.membership.handle(kind, body)
         if kind == "adopt":

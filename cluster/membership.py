@@ -85,6 +85,7 @@ class Membership:
         self._saved: dict | None = None
         self._peer_ids: dict[tuple[str, int], str] = {}  # probed address -> node id
         self._save_task: asyncio.Task | None = None
+        self._save_lock = asyncio.Lock()
 
     # -- start -------------------------------------------------------------------------------
 
@@ -124,9 +125,11 @@ class Membership:
 
     async def _start_from_stored(self, stored: dict) -> None:
         me = self.member.info["raft"]
-        voter = not stored["left"] and me in stored["voters"]
+        old = (stored["members"].get(self.node_id) or {}).get("raft")
+        voter = not stored["left"] and (me in stored["voters"] or old in stored["voters"])
         t0 = time.monotonic()
         next_log = t0 + PROGRESS_EVERY
+        waiting_for = ""
         while True:
             addrs = await self._stored_addresses(stored)
             answers = await self._probe(addrs)
@@ -140,38 +143,77 @@ class Membership:
                     await self._take_seat(stored.get("cluster_id"), ready)
                     return
                 why = "it left" if stored["left"] else (
-                    "its address changed" if voter or me not in voters else "")
+                    "its address changed" if me not in voters and voter else "")
                 log.info("joining again node=%s (%s)", self.node_id,
                          why or "no longer a voter")
                 if await self._join_via(ready):
                     return
             elif voter:
-                log.info("no member serves: re-forming the cluster from the stored voters "
-                         "node=%s voters=%s", self.node_id, stored["voters"])
-                self.member.start_raft([v for v in stored["voters"] if v != me])
-                self.phase = "stored"
-                if await self._wait_quorum(stored):
-                    await self._take_seat(stored.get("cluster_id"), [])
-                    return
-                # a serving cluster that no longer lists this node: start over as a joiner
-                await self.member.stop_raft()
-                voter = False
-                continue
+                voters, waiting_for = self._current_voters(stored, answers)
+                if voters is not None:
+                    log.info("no member serves: re-forming the cluster from the stored "
+                             "voters node=%s voters=%s", self.node_id, voters)
+                    self.member.start_raft([v for v in voters if v != me])
+                    outcome = await self._wait_quorum(stored)
+                    if outcome == "leader":
+                        await self._take_seat(stored.get("cluster_id"), [])
+                        return
+                    await self.member.stop_raft()
+                    if outcome == "excluded":
+                        voter = False  # forgotten while down: join as a new member
+                    continue  # "moved": a voter is back at another address
             now = time.monotonic()
             if now >= next_log:
                 next_log = now + PROGRESS_EVERY
-                log.warning("waiting for a member of cluster %r to join through node=%s "
-                            "(%.0fs): tried %s; this node %s, so it joins rather than found "
-                            "a cluster (`shoal cluster reset` drops the stored membership)",
-                            self.config.cluster_name, self.node_id, now - t0,
-                            _addr_list(addrs) or "no address",
-                            "left the cluster" if stored["left"] else "has a new address")
+                if voter:
+                    log.warning("waiting for the stored voters node=%s (%.0fs): %s; tried %s",
+                                self.node_id, now - t0, waiting_for,
+                                _addr_list(addrs) or "no address")
+                else:
+                    log.warning("waiting for a member of cluster %r to join through node=%s "
+                                "(%.0fs): tried %s; this node %s, so it joins rather than "
+                                "found a cluster (`shoal cluster reset` drops the stored "
+                                "membership)", self.config.cluster_name, self.node_id,
+                                now - t0, _addr_list(addrs) or "no address",
+                                "left the cluster" if stored["left"] else
+                                "is no voter any more")
             await asyncio.sleep(0.5)
 
-    async def _wait_quorum(self, stored: dict) -> bool:
+    def _current_voters(self, stored: dict, answers: dict) -> tuple[list | None, str]:
+        """The stored voters at their current addresses, by node id (``None`` while that
+        cannot be known yet) and what is waited for. Nodes back at their stored
+        addresses re-form at once; when any voter's address changed (pods back with new
+        IPs), every stored voter must have answered first, so that all of them start Raft
+        with the same configuration."""
+        me = self.member.info["raft"]
+        by_addr = {m.get("raft"): n for n, m in stored["members"].items()}
+        cluster_id = stored.get("cluster_id")
+        seen = {p: a["raft"] for p, a in answers.items()
+                if a.get("phase") == "stored" and a.get("raft")
+                and (not cluster_id or a.get("cluster_id") in (None, cluster_id))}
+        current, missing, moved = [], [], False
+        for addr in stored["voters"]:
+            node = by_addr.get(addr)
+            if node == self.node_id:
+                now = me
+            elif node in seen:
+                now = seen[node]
+            else:
+                now = addr
+                if node is not None:
+                    missing.append(node)
+            moved = moved or now != addr
+            current.append(now)
+        if moved and missing:
+            return None, (f"voters moved to new addresses: waiting for all of them to "
+                          f"answer, missing {', '.join(sorted(missing))}")
+        return sorted(set(current)), ""
+
+    async def _wait_quorum(self, stored: dict) -> str:
         """Wait for a Raft leader among the stored voters (as long as it takes: a node with
-        stored state never founds). False when a serving cluster turns up that no longer
-        has this node as a voter (it was forgotten while down)."""
+        stored state never founds). ``leader``; ``excluded`` when a serving cluster turns
+        up that no longer has this node as a voter (it was forgotten while down);
+        ``moved`` when a voter answers from another address than this Raft node has."""
         raft = self.member.raft
         me = self.member.info["raft"]
         t0 = time.monotonic()
@@ -187,50 +229,52 @@ class Membership:
                             len(st["partners"]) + 1, (len(st["partners"]) + 1) // 2 + 1,
                             self.config.cluster_name)
                 answers = await self._probe(await self._stored_addresses(stored))
-                for _peer, a in answers.items():
+                mine = set(raft.voters())
+                for peer, a in answers.items():
                     if a.get("ready") and me not in (a.get("voters") or ()):
                         log.warning("cluster %r serves without this node as a voter "
                                     "node=%s: joining it", self.config.cluster_name,
                                     self.node_id)
-                        return False
+                        return "excluded"
+                    if a.get("phase") == "stored" and a.get("raft") not in mine:
+                        log.warning("voter %s is back at %s node=%s: starting Raft again "
+                                    "with its new address", peer, a.get("raft"), self.node_id)
+                        return "moved"
             await asyncio.sleep(0.05)
-        return True
+        return "leader"
 
     async def _start_new(self) -> None:
         member, config = self.member, self.config
         seeds = [s.strip() for s in config.join.split(",") if s.strip()]
         own = (member.host, config.cluster_port)
-        addrs = await self._resolve(seeds)
-        expect = config.bootstrap_expect
-        if not expect and own in addrs:
-            expect = len(seeds)  # the join list names this node: the initial members
-        addrs = [a for a in addrs if a != own]
         discovery = member.discovery
-        if discovery is not None:
-            found = await discovery.wait_for_peers(1, 3.0)
-            addrs += [(h, p) for _n, (h, p, _props) in sorted(found.items())]
-            if not seeds and not expect:
-                # the nodes starting together: the one with the smallest id that has not
-                # formed a cluster yet founds it; the others join through the peers
-                formed = [n for n, (_, _, p) in found.items() if p.get("formed") == "1"]
-                if not formed and all(self.node_id < n for n in found):
-                    addrs = []
-        if not addrs and discovery is None:
-            if expect > 1:
+        if not seeds and discovery is None:
+            if config.bootstrap_expect > 1:
                 raise self.ClusterError(
-                    f"bootstrap_expect is {expect} but there is no --join or mDNS to find "
-                    "the other nodes with")
+                    f"bootstrap_expect is {config.bootstrap_expect} but there is no --join "
+                    "or mDNS to find the other nodes with")
             await self._found()
             return
-        if not addrs and not expect:
-            await self._found()
-            return
+        if discovery is not None and not seeds and not config.bootstrap_expect:
+            found = await discovery.wait_for_peers(1, 3.0)
+            # the nodes starting together: the one with the smallest id that has not
+            # formed a cluster yet founds it; the others join through the peers
+            formed = [n for n, (_, _, p) in found.items() if p.get("formed") == "1"]
+            if not formed and all(self.node_id < n for n in found):
+                await self._found()
+                return
         t0 = time.monotonic()
         next_log = t0 + PROGRESS_EVERY
         last_err = "no answer"
+        expect = config.bootstrap_expect
         while True:
-            probe = list(addrs)
-            for c in self.candidates.values():
+            # names are looked up again every round: a pod or container started at the
+            # same time may not resolve yet
+            addrs = await self._resolve(seeds)
+            if not config.bootstrap_expect and own in addrs:
+                expect = len(seeds)  # the join list names this node: the initial members
+            probe = [a for a in addrs if a != own]
+            for c in list(self.candidates.values()):
                 a = _split(c["transport"])
                 if a != own and a not in probe:
                     probe.append(a)
@@ -260,11 +304,11 @@ class Membership:
                         return
             else:
                 last_err = "; ".join(f"{p}: {a.get('phase')}" for p, a in answers.items()) \
-                    or "no answer"
+                    or f"no answer from {_addr_list(probe) or 'any seed (none resolves)'}"
             now = time.monotonic()
             if not expect and now - t0 > JOIN_LIMIT:
                 raise self.ClusterError(
-                    f"could not join the cluster through {_addr_list(addrs)} in "
+                    f"could not join the cluster through {config.join or 'mDNS'} in "
                     f"{JOIN_LIMIT:.0f}s ({last_err}); check --join, that those nodes run, and "
                     "the cluster name and secret")
             if now >= next_log:
@@ -391,7 +435,8 @@ class Membership:
                 if peer is None or not transport.is_up(peer):
                     peer, _info = await transport.hello(addr[0], addr[1], PROBE_TIMEOUT)
                     self._peer_ids[addr] = peer
-                return peer, await transport.request(peer, "cluster_info", {}, PROBE_TIMEOUT)
+                return peer, await transport.request(peer, "cluster_info", self._whoami(),
+                                                     PROBE_TIMEOUT)
             except LINK_ERRORS as err:
                 log.debug("probe %s:%d failed node=%s: %r", addr[0], addr[1], self.node_id,
                           err)
@@ -412,9 +457,19 @@ class Membership:
                     f"{self.config.cluster_name!r}. Drop this node's membership with `shoal "
                     "cluster reset` to make it join the running one")
 
-    def info(self) -> dict:
+    def _whoami(self) -> dict:
+        info = self.member.info
+        return {"node_id": self.node_id, "phase": self.phase, "raft": info["raft"],
+                "transport": info["transport"]}
+
+    def info(self, asking: dict | None = None) -> dict:
         """The ``cluster_info`` answer: what a starting node needs to know about this one
-        (answered in every phase, before this node is a member too)."""
+        (answered in every phase, before this node is a member too). A new node that asks
+        is a bootstrap candidate too, even if this one cannot resolve its name yet."""
+        if asking and self.phase in ("new", "forming") and \
+                asking.get("phase") in ("new", "forming") and asking.get("node_id"):
+            self.candidates.setdefault(asking["node_id"], {
+                "raft": asking["raft"], "transport": asking["transport"]})
         member = self.member
         raft = member.raft
         ready = member.ready and raft is not None and self.phase == "member"
@@ -465,13 +520,14 @@ class Membership:
                       self.node_id, err)
 
     async def save(self) -> None:
-        """Write the membership if it changed since the last write."""
-        state = self.state()
-        if state == self._saved:
-            return
-        await asyncio.to_thread(self.store.save, state)
-        self._saved = state
-        self.stored = state
+        """Write the membership if it changed since the last write (one write at a time)."""
+        async with self._save_lock:
+            state = self.state()
+            if state == self._saved:
+                return
+            await asyncio.to_thread(self.store.save, state)
+            self._saved = state
+            self.stored = state
 
     # -- voter changes (on the leader) -------------------------------------------------------
 

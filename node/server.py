@@ -614,7 +614,19 @@ async def serve(config, stop: asyncio.Event, extensions=()) -> None:
         stack.push_async_callback(store.close)
         broker.attach_store(store, loaded, report)
         for ext in extensions:
-            await stack.enter_async_context(ext(broker, admin_app))
+            # a start can wait long (a cluster node waits for its peers): SIGTERM still
+            # stops it
+            entering = asyncio.ensure_future(stack.enter_async_context(ext(broker, admin_app)))
+            stopping = asyncio.ensure_future(stop.wait())
+            await asyncio.wait({entering, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+            if not entering.done():
+                entering.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await entering
+                log.info("stopped while starting node=%s", config.node_id)
+                return
+            entering.result()  # its error, if it failed
         server = await loop.create_server(mqtt_protocol_factory(broker, config), config.host,
                                           config.mqtt_port, backlog=2048, reuse_address=True)
         # the other listeners (node/tls.py, node/websocket.py): the same MqttProtocol

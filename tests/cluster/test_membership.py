@@ -115,7 +115,8 @@ def test_forget_a_killed_node_releases_its_sessions(cluster):
     n3.kill()
 
     # while n3 is only down, its session is kept for it: refused (unreachable_owner refuse)
-    c = n1.raw(5)
+    # after takeover_timeout (5 s)
+    c = n1.raw(5, timeout=15.0)
     assert c.connect(cid, clean_start=False, properties=EXPIRY,
                      expect_success=False).reason_code == \
         SERVER_UNAVAILABLE
@@ -166,8 +167,10 @@ def test_restart_without_join_rejoins_and_stored_state_never_founds(cluster):
              message=lambda: f"n1 says it waits for the others\n{n1.log_tail()}")
     assert n1.alive()
     assert holds_for(lambda: not ready(n1), 2.0), "a lone node with stored state served"
+    # SIGTERM ends a node that is still waiting, at once and cleanly
+    t0 = time.monotonic()
+    assert n1.stop() == 0 and time.monotonic() - t0 < 4.0, n1.log_tail()
     # the others come back (together, without --join): one cluster, the same voters
-    n1.stop()
     cluster.restart_together()
     assert assert_voters_are_the_members(cluster.nodes) == want
     ids = {v["cluster_id"] for v in cluster.views().values()}
@@ -200,6 +203,38 @@ def test_a_node_back_with_a_new_address_replaces_its_voter(cluster):
     cluster.wait_formed()
     want = assert_voters_are_the_members(cluster.nodes)
     assert old not in want and f"{n3.host}:{n3.raft_port}" in want
+
+
+def test_a_whole_cluster_back_with_new_addresses_re_forms(cluster):
+    """Every pod of a StatefulSet recreated at once: all come back with new addresses,
+    their --join names (here: the new addresses) and their stored membership. They
+    re-form by node id, with the new addresses as the voters, and keep the sessions."""
+    n1, n2, n3 = cluster.nodes
+    cid = f"na-{uid()}"
+    c = n2.raw(5)
+    c.connect(cid, clean_start=False, properties=EXPIRY)
+    c.subscribe(f"na/{cid}", 1)
+    c.disconnect()
+    for node in cluster.nodes:
+        node.kill()
+    for node in cluster.nodes:
+        node.cluster_port = free_port_pair()
+        node.raft_port = node.cluster_port + 1
+    seeds = ",".join(n.address for n in cluster.nodes)  # the same list for every node
+    t0 = time.monotonic()
+    for node in cluster.nodes:
+        node.join = seeds
+        cluster._spawn(node)
+    for node in cluster.nodes:
+        wait_for(node._ready, 30.0, interval=0.1,
+                 message=lambda node=node: f"{node.node_id} ready\n{node.log_tail()}")
+    cluster.wait_formed(timeout=30.0)
+    print(f"\nre-formed at new addresses in {time.monotonic() - t0:.1f} s")
+    assert_voters_are_the_members(cluster.nodes)
+    c = n1.raw(5)
+    ack = c.connect(cid, clean_start=False, properties=EXPIRY)
+    assert ack.session_present is True
+    c.close()
 
 
 def _spawn_together(cluster, nodes) -> float:
