@@ -374,10 +374,14 @@ class Membership:
                 # pysyncobj's order: our Raft node runs before the leader adds it
                 member.start_raft([v for v in answer["voters"] if v != me])
             try:
-                await member.transport.request(
+                answer = await member.transport.request(
                     peer, "join", {"node_id": self.node_id, "info": member.info}, 60.0)
             except LINK_ERRORS as err:
                 log.info("join through %s failed node=%s: %r", peer, self.node_id, err)
+                continue
+            if isinstance(answer, dict) and "refused" in answer:
+                log.warning("join refused by %s node=%s: %s", peer, self.node_id,
+                            answer["refused"])
                 continue
             await member.wait_member(self.node_id, 15.0)
             cid = member.view.cluster_id
@@ -544,9 +548,12 @@ class Membership:
             leader = member.leader_id()
             if leader is not None and leader != self.node_id:
                 try:
-                    return await member.transport.request(
+                    answer = await member.transport.request(
                         leader, kind, dict(body, forwarded=True),
                         max(1.0, deadline - time.monotonic()))
+                    if isinstance(answer, dict) and "refused" in answer:
+                        raise MembershipError(answer["status"], answer["refused"])
+                    return answer
                 except RemoteError as err:
                     if "not the leader" not in str(err) or time.monotonic() >= deadline:
                         raise
@@ -555,12 +562,16 @@ class Membership:
             await asyncio.sleep(0.1)
 
     async def handle(self, kind: str, body: dict):
-        """A voter change request from another node."""
-        if body.get("forwarded"):
-            if not self.member.raft.status()["is_leader"]:
-                raise RuntimeError(f"{self.node_id} is not the leader; retry")
-            return await self._as_leader(kind, body)
-        return await self.on_leader(kind, body, 60.0)
+        """A voter change request from another node; a refusal travels back as
+        ``{"refused": why, "status": http_status}``."""
+        try:
+            if body.get("forwarded"):
+                if self.member.raft is None or not self.member.raft.status()["is_leader"]:
+                    raise RuntimeError(f"{self.node_id} is not the leader; retry")
+                return await self._as_leader(kind, body)
+            return await self.on_leader(kind, body, 60.0)
+        except MembershipError as err:
+            return {"refused": str(err), "status": err.status}
 
     async def _as_leader(self, kind: str, body: dict):
         async with self._lock:
@@ -593,6 +604,9 @@ class Membership:
             raise RuntimeError(f"{self.node_id} is the leader; it cannot remove itself "
                                "(transfer the leadership first)")
         if raft_addr in raft.voters():
+            why = self._quorum_without(raft_addr)
+            if why is not None:
+                raise RuntimeError(why)
             await self._change(raft.remove_raft_member, raft_addr)
         # as ``forget``: what it still owned or held (a leave --force) is released
         await raft.run(("forget", node_id), 10.0)
@@ -620,11 +634,16 @@ class Membership:
                                   "leave instead (`shoal cluster leave`)")
         if node_id is not None and member.peer_alive(node_id) or \
                 raft_addr in raft.status()["connected"]:
-            admin = (view.members.get(node_id) or {}).get("admin") or "its admin address"
-            raise MembershipError(409, f"{node} is running (linked to the leader): make it "
-                                  f"leave instead (`shoal cluster leave --admin {admin}`); "
-                                  "forget is for nodes that are gone for good")
+            admin = (view.members.get(node_id) or {}).get("admin")
+            admin = f"http://{admin}" if admin else "ITS_ADMIN_URL"
+            raise MembershipError(409, f"{node} is running (linked to the leader, or lost "
+                                  "less than 2 s ago): make it leave instead (`shoal cluster "
+                                  f"leave --admin {admin}`); forget is for nodes that are gone "
+                                  "for good")
         if raft_addr in voters:
+            why = self._quorum_without(raft_addr)
+            if why is not None:
+                raise MembershipError(409, why)
             await self._change(raft.remove_raft_member, raft_addr)
         released = await raft.run(("forget", node_id), 10.0) if node_id is not None else []
         log.warning("node forgotten node=%s forgotten=%s raft=%s sessions_released=%d "
@@ -632,6 +651,22 @@ class Membership:
                     raft.voters())
         return {"forgotten": node_id or raft_addr, "raft": raft_addr,
                 "voters": raft.voters(), "sessions_released": len(released)}
+
+    def _quorum_without(self, addr: str) -> str | None:
+        """Why removing voter ``addr`` now would leave the others without a majority that
+        can commit (then nothing would commit again), or None. Checked on this node's view:
+        itself and the voters it is connected to."""
+        raft = self.member.raft
+        st = raft.status()
+        rest = [v for v in raft.voters() if v != addr]
+        reachable = [v for v in rest if v == st["self"] or v in st["connected"]]
+        if len(reachable) * 2 > len(rest):
+            return None
+        down = sorted(set(rest) - set(reachable))
+        return (f"without {addr} the Raft voters would be {len(rest)}, of which "
+                f"{len(reachable)} are reachable: no majority (down: {', '.join(down)}). "
+                "Bring those nodes back, or remove the dead ones first (`shoal cluster "
+                "forget NODE`)")
 
     async def _change(self, method, addr: str) -> None:
         """One voter change, committed; pysyncobj refuses one while another (or a new
@@ -651,11 +686,7 @@ class Membership:
         """``shoal cluster forget NODE`` / ``DELETE /api/v1/nodes/{id}`` on this node."""
         try:
             return await self.on_leader("forget", {"node": node}, 30.0)
-        except RemoteError as err:
-            text = str(err)
-            status = 404 if "neither a member" in text else 409 if "running" in text else 503
-            raise MembershipError(status, text) from None
-        except (RaftUnavailable, RuntimeError, PeerUnreachable, RequestTimeout) as err:
+        except (RaftUnavailable, RuntimeError, *LINK_ERRORS) as err:
             raise MembershipError(503, f"forget {node} failed: {err}; it needs a Raft quorum "
                                   "and a leader (`shoal cluster status`)") from None
 
@@ -673,6 +704,9 @@ class Membership:
         if not others:
             raise MembershipError(409, f"{self.node_id} is the only member: there is nobody "
                                   "to hand its sessions to; stop the node instead")
+        why = self._quorum_without(member.info["raft"])
+        if why is not None:
+            raise MembershipError(409, f"{self.node_id} cannot leave now: {why}")
         self.phase = "leaving"
         member.leaving = True
         t0 = time.monotonic()

@@ -197,9 +197,10 @@ class Config:
         "the node only joins a running cluster (or, with no `join`, founds one alone).",
         _int_range(0, 99))
     new_cluster: bool = _opt(
-        False, "Found a new cluster even though `data_dir` holds this node's membership of "
-        "an earlier one (the stored membership is dropped, and logged first; the stored "
-        "sessions stay). For disaster recovery only: set it for one start, then remove it.")
+        False, "Drop the membership stored in `data_dir` (logged first; the stored sessions "
+        "stay) and start as a new node: without `join` it founds a new cluster, with "
+        "`join` it joins or bootstraps as any new node does. For disaster recovery (the "
+        "cluster lost its majority for good): set it for one start, then remove it.")
     cluster_name: str = _opt("shoal", "Nodes only join a cluster of the same name.")
     cluster_secret: str = _opt("", "Shared secret that authenticates and encrypts node-to-node "
                                "and Raft traffic; required when cluster_port is set.")

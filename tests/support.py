@@ -1303,10 +1303,12 @@ def ports_free(ports) -> bool:
             s.close()
 
 
-def http_json(method: str, url: str, timeout: float = 3.0) -> tuple[int, Any]:
-    """(status, decoded JSON body or text) of an HTTP call; HTTP errors are answers too.
-    Raises OSError / URLError when nothing answers."""
-    req = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
+def http_json(method: str, url: str, timeout: float = 3.0, body: Any = None) -> tuple[int, Any]:
+    """(status, decoded JSON body or text) of an HTTP call (``body``: sent as JSON); HTTP
+    errors are answers too. Raises OSError / URLError when nothing answers."""
+    data = json.dumps(body).encode() if body is not None else (b"" if method == "POST" else None)
+    req = urllib.request.Request(url, method=method, data=data,
+                                 headers={"Content-Type": "application/json"} if body else {})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             status, raw = resp.status, resp.read()

@@ -28,7 +28,7 @@ from collections import Counter
 import pytest
 
 from support import (ClusterNodeProcess, LIVE_NODES, Prop, Puback, free_port_pair,
-                     holds_for, raft_voters, shoal_cli, wait_for)
+                     holds_for, http_json, raft_voters, shoal_cli, wait_for)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -102,6 +102,32 @@ def test_leave_removes_the_voter_and_a_later_kill_leaves_a_quorum(cluster_factor
         raft = node.cluster_view()["raft"]
         assert (raft["voter_count"], raft["reachable"], raft["needed"]) == (3, 2, 2), raft
         assert connects(node, f"after-{uid()}")
+
+
+def test_a_leave_that_would_lose_the_quorum_is_refused_and_the_node_serves_on(cluster):
+    n1, n2, n3 = cluster.nodes
+    # the endpoint acts on its own node only
+    status, body = http_json("POST", n1.admin_url + "/api/v1/cluster/leave", 10.0,
+                             body={"node": n3.node_id})
+    assert status == 400 and n3.node_id in body["error"], body
+    n3.kill()
+    # without n2 the voters would be n1 and the dead n3: no majority, nothing would commit
+    r = shoal_cli("cluster", "leave", "--admin", n2.admin_url, timeout=60)
+    assert r.returncode == 1, r.stdout + r.stderr
+    answer = json.loads(r.stdout.strip().splitlines()[-1])
+    assert answer["left"] is False and "no majority" in answer["error"], answer
+    assert "forget" in answer["error"]
+    for node in (n1, n2):
+        assert ready(node) and len(raft_voters(node)) == 3
+    assert connects(n2, f"stay-{uid()}")
+    # forgetting n3 first makes the leave possible: n1 alone is a majority of one
+    wait_for(lambda: {n["id"]: n["status"] for n in n1.cluster_view()["nodes"]}.get(
+        n3.node_id) == "down", 10.0)
+    assert shoal_cli("cluster", "forget", n3.node_id, "--admin", n1.admin_url).returncode == 0
+    r = shoal_cli("cluster", "leave", "--admin", n2.admin_url, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert raft_voters(n1) == {f"{n1.host}:{n1.raft_port}"}
+    wait_for(lambda: ready(n1), 10.0)
 
 
 def test_forget_a_killed_node_releases_its_sessions(cluster):

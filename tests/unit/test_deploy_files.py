@@ -209,12 +209,12 @@ def test_kubernetes_manifests():
     want = [f"{sts['metadata']['name']}-{i}.{spec['serviceName']}:{ports['cluster']}"
             for i in range(spec["replicas"])]
     assert args["join"].split(",") == want
-    assert args["bootstrap-expect"] == str(spec["replicas"]) == "3"
     for svc_port in headless["ports"]:
         assert svc_port["targetPort"] in ports
 
     env = {e["name"]: e for e in c["env"]}
     assert_real_env(env, "statefulset env")
+    assert env["SHOAL_BOOTSTRAP_EXPECT"]["value"] == str(spec["replicas"]) == "3"
     assert env["SHOAL_NODE_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
     assert env["SHOAL_ADVERTISE_HOST"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
     ref = env["SHOAL_CLUSTER_SECRET"]["valueFrom"]["secretKeyRef"]
