@@ -21,6 +21,7 @@ cannot hide behind the routing table.
 from __future__ import annotations
 
 import json
+import os
 import time
 import uuid
 from collections import Counter
@@ -324,7 +325,7 @@ def test_joins_arriving_together_are_queued(cluster_factory):
     assert_voters_are_the_members(cluster.nodes)
 
 
-EVACUATED = 1000
+EVACUATED = int(os.environ.get("SHOAL_TEST_EVACUATED", "1000"))  # 10000: the scale trial
 
 
 def test_leave_with_1000_offline_sessions_moves_them_all(cluster):

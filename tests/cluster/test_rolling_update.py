@@ -33,8 +33,9 @@ pytestmark = [
                               ".ci/run does it)"),
 ]
 
-ROUNDS = 3
-SUBSCRIBERS = 3
+# the scale trial: SHOAL_TEST_ROUNDS=10 SHOAL_TEST_SUBSCRIBERS=30
+ROUNDS = int(os.environ.get("SHOAL_TEST_ROUNDS", "3"))
+SUBSCRIBERS = int(os.environ.get("SHOAL_TEST_SUBSCRIBERS", "3"))
 EXPIRY = 600
 
 
