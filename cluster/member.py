@@ -11,6 +11,7 @@ import asyncio
 import itertools
 import logging
 import secrets
+import socket
 import time
 
 from node.ownership import Claim, ConnectRefused
@@ -97,11 +98,13 @@ class ClusterMember:
         # restarted node replays the log first: its claims are history, not news)
         self.caught_up = False
         self.membership = Membership(self)
+        self._raft_port_hold: socket.socket | None = None
 
     # -- start / stop ------------------------------------------------------------------------
 
     async def start(self) -> None:
         config = self.config
+        self._reserve_raft_port()
         await self.transport.start()
         if config.discovery == "mdns":
             self.discovery = MdnsDiscovery(config.cluster_name, self.node_id, self.host,
@@ -197,7 +200,26 @@ class ClusterMember:
                 log.warning("routes of the stored sessions not announced yet node=%s: %s "
                             "(the reconciliation retries)", me, err)
 
+    def _reserve_raft_port(self) -> None:
+        """Hold the Raft port from the start: Raft binds it only once the node knows its
+        peers (seconds later, or minutes when it waits for them), and meanwhile an
+        outgoing connection of any process could get it as its local port (ports in the
+        ephemeral range, 32768-60999 on Linux): Raft could then never listen."""
+        sock = socket.socket(socket.AF_INET6 if ":" in self.config.host else socket.AF_INET)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((self.config.host, self.raft_port))
+        except OSError as err:
+            sock.close()
+            raise ClusterError(f"the Raft port {self.config.host}:{self.raft_port} cannot be "
+                               f"bound ({err.strerror}): pick another with --raft-port or "
+                               "--cluster-port (Raft uses cluster_port + 1)") from None
+        self._raft_port_hold = sock
+
     def start_raft(self, partners: list[str]) -> None:
+        hold, self._raft_port_hold = self._raft_port_hold, None
+        if hold is not None:
+            hold.close()  # pysyncobj binds it next
         config = self.config
         self.raft = RaftNode(self.info["raft"], partners, config.cluster_secret, config.host,
                              self.view, self.loop, (config.raft_compaction_entries,
@@ -249,6 +271,9 @@ class ClusterMember:
         return since is not None and time.time() - since < DOWN_AFTER
 
     async def stop(self) -> None:
+        if self._raft_port_hold is not None:
+            self._raft_port_hold.close()
+            self._raft_port_hold = None
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:

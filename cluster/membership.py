@@ -180,34 +180,7 @@ class Membership:
             await asyncio.sleep(0.5)
 
     def _current_voters(self, stored: dict, answers: dict) -> tuple[list | None, str]:
-        """The stored voters at their current addresses, by node id (``None`` while that
-        cannot be known yet) and what is waited for. Nodes back at their stored
-        addresses re-form at once; when any voter's address changed (pods back with new
-        IPs), every stored voter must have answered first, so that all of them start Raft
-        with the same configuration."""
-        me = self.member.info["raft"]
-        by_addr = {m.get("raft"): n for n, m in stored["members"].items()}
-        cluster_id = stored.get("cluster_id")
-        seen = {p: a["raft"] for p, a in answers.items()
-                if a.get("phase") == "stored" and a.get("raft")
-                and (not cluster_id or a.get("cluster_id") in (None, cluster_id))}
-        current, missing, moved = [], [], False
-        for addr in stored["voters"]:
-            node = by_addr.get(addr)
-            if node == self.node_id:
-                now = me
-            elif node in seen:
-                now = seen[node]
-            else:
-                now = addr
-                if node is not None:
-                    missing.append(node)
-            moved = moved or now != addr
-            current.append(now)
-        if moved and missing:
-            return None, (f"voters moved to new addresses: waiting for all of them to "
-                          f"answer, missing {', '.join(sorted(missing))}")
-        return sorted(set(current)), ""
+        return current_voters(stored, self.node_id, self.member.info["raft"], answers)
 
     async def _wait_quorum(self, stored: dict) -> str:
         """Wait for a Raft leader among the stored voters (as long as it takes: a node with
@@ -885,6 +858,38 @@ class Membership:
                 return await takeovers.adopt(cid)
         results = await asyncio.gather(*(one(c) for c in client_ids))
         return dict(zip(client_ids, results))
+
+
+def current_voters(stored: dict, node_id: str, raft: str,
+                   answers: dict) -> tuple[list | None, str]:
+    """The stored voters at their current addresses, by node id (``None`` while that
+    cannot be known yet), and what is waited for. ``answers``: node id -> the
+    ``cluster_info`` of the peers that answered. Nodes back at their stored addresses
+    re-form at once; when any voter's address changed (pods back with new IPs), every
+    stored voter must have answered first, so that all of them start Raft with the same
+    configuration."""
+    by_addr = {m.get("raft"): n for n, m in stored["members"].items()}
+    cluster_id = stored.get("cluster_id")
+    seen = {p: a["raft"] for p, a in answers.items()
+            if a.get("phase") == "stored" and a.get("raft")
+            and (not cluster_id or a.get("cluster_id") in (None, cluster_id))}
+    current, missing, moved = [], [], False
+    for addr in stored["voters"]:
+        node = by_addr.get(addr)
+        if node == node_id:
+            now = raft
+        elif node in seen:
+            now = seen[node]
+        else:
+            now = addr
+            if node is not None:
+                missing.append(node)
+        moved = moved or now != addr
+        current.append(now)
+    if moved and missing:
+        return None, (f"voters moved to new addresses: waiting for all of them to answer, "
+                      f"missing {', '.join(sorted(missing))}")
+    return sorted(set(current)), ""
 
 
 def _split(addr: str) -> tuple[str, int]:

@@ -131,7 +131,8 @@ def test_a_leave_that_would_lose_the_quorum_is_refused_and_the_node_serves_on(cl
     wait_for(lambda: ready(n1), 10.0)
 
 
-def test_forget_a_killed_node_releases_its_sessions(cluster):
+def test_forget_a_killed_node_releases_its_sessions(cluster_factory):
+    cluster = cluster_factory(3, takeover_timeout=2.0)
     n1, n2, n3 = cluster.nodes
     cid = f"fg-{uid()}"
     c = n3.raw(5)
@@ -142,8 +143,8 @@ def test_forget_a_killed_node_releases_its_sessions(cluster):
     n3.kill()
 
     # while n3 is only down, its session is kept for it: refused (unreachable_owner refuse)
-    # after takeover_timeout (5 s)
-    c = n1.raw(5, timeout=15.0)
+    # after takeover_timeout (2 s here)
+    c = n1.raw(5)
     assert c.connect(cid, clean_start=False, properties=EXPIRY,
                      expect_success=False).reason_code == \
         SERVER_UNAVAILABLE
