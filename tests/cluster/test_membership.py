@@ -49,10 +49,9 @@ def assert_voters_are_the_members(nodes) -> set[str]:
     """On every node: pysyncobj's voter set == the routing table's members, no ghost."""
     want = {n.host + ":" + str(n.raft_port) for n in nodes}
     for node in nodes:
-        wait_for(lambda node=node: raft_voters(node) == want, 10.0,
-                 message=lambda node=node: f"{node.node_id}: voters {raft_voters(node)} "
-                                           f"== {want}")
-        assert member_rafts(node) == want
+        wait_for(lambda node=node: raft_voters(node) == want == member_rafts(node), 10.0,
+                 message=lambda node=node: f"{node.node_id}: voters {raft_voters(node)}, "
+                                           f"members {member_rafts(node)}, want {want}")
         raft = node.cluster_view()["raft"]
         assert raft["ghost_voters"] == [] and raft["members_not_voting"] == [], raft
         assert raft["voter_count"] == len(want) and raft["needed"] == len(want) // 2 + 1

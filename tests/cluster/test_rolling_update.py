@@ -183,7 +183,9 @@ def _rolling_update(cluster, nodes, lb) -> None:
                 others = [n for n in nodes if n is not node]
                 want = {f"{n.host}:{n.raft_port}" for n in others}
                 for other in others:
-                    assert raft_voters(other) == want, (rnd, node.node_id, other.node_id)
+                    wait_for(lambda other=other: raft_voters(other) == want, 10.0,
+                             message=lambda other=other: f"round {rnd}, {node.node_id} left: "
+                             f"{other.node_id} voters {raft_voters(other)} == {want}")
                 node.stop()  # SIGTERM: the pod goes
                 # the pod comes back with a new IP: new node-to-node and Raft addresses
                 node.cluster_port = free_port_pair()
