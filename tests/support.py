@@ -1392,6 +1392,11 @@ class ClusterNodeProcess(BrokerProcess):
         assert status == 200, f"{self.node_id}: GET /api/v1/cluster -> {status} {body!r}"
         return body
 
+    def metrics_text(self) -> str:
+        """GET /metrics (Prometheus text)."""
+        with urllib.request.urlopen(self.admin_url + "/metrics", timeout=3.0) as resp:
+            return resp.read().decode()
+
     def session_view(self, client_id: str) -> dict | None:
         """GET /api/v1/sessions/<client_id>; None for 404."""
         from urllib.parse import quote

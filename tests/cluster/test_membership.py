@@ -65,6 +65,16 @@ def ready(node) -> bool:
         return False
 
 
+def park_session(node, prefix: str) -> str:
+    """A persistent session (subscribed at QoS 1) left offline on ``node``: its ClientID."""
+    cid = f"{prefix}-{uid()}"
+    c = node.raw(5)
+    c.connect(cid, clean_start=False, properties=EXPIRY)
+    c.subscribe(f"{prefix}/{cid}", 1)
+    c.disconnect()
+    return cid
+
+
 def connects(node, client_id: str) -> bool:
     """A persistent session can be claimed on ``node`` (a Raft commit)."""
     c = node.raw(5)
@@ -133,11 +143,7 @@ def test_a_leave_that_would_lose_the_quorum_is_refused_and_the_node_serves_on(cl
 def test_forget_a_killed_node_releases_its_sessions(cluster_factory):
     cluster = cluster_factory(3, takeover_timeout=2.0)
     n1, n2, n3 = cluster.nodes
-    cid = f"fg-{uid()}"
-    c = n3.raw(5)
-    c.connect(cid, clean_start=False, properties=EXPIRY)
-    c.subscribe(f"fg/{cid}", 1)
-    c.disconnect()
+    cid = park_session(n3, "fg")
     wait_for(lambda: (n1.session_view(cid) or {}).get("holder") == n3.node_id, 10.0)
     n3.kill()
 
@@ -165,6 +171,11 @@ def test_forget_a_killed_node_releases_its_sessions(cluster_factory):
         raft = node.cluster_view()["raft"]
         assert (raft["voter_count"], raft["reachable"], raft["needed"]) == (2, 2, 2), raft
         assert n3.node_id not in {n["id"] for n in node.cluster_view()["nodes"]}
+        metrics = node.metrics_text().splitlines()
+        for name, want in (("shoal_raft_voters", 2), ("shoal_raft_voters_reachable", 2),
+                           ("shoal_raft_quorum_needed", 2), ("shoal_raft_ghost_voters", 0)):
+            line = f'{name}{{node="{node.node_id}"}} {want}'
+            assert line in metrics, (line, [m for m in metrics if m.startswith(name)])
     # the session is released: the client gets a new one instead of 0x88
     c = n1.raw(5)
     ack = c.connect(cid, clean_start=False, properties=EXPIRY, expect_success=False)
@@ -173,6 +184,30 @@ def test_forget_a_killed_node_releases_its_sessions(cluster_factory):
     # forgetting it again: nothing to forget
     r = shoal_cli("cluster", "forget", n3.node_id, "--admin", n1.admin_url, timeout=60)
     assert r.returncode == 1 and "neither a member" in r.stderr, r.stderr
+
+
+def test_a_ghost_voter_is_shown_and_forgotten_by_its_address(cluster):
+    """A Raft voter that no member names (made here with pysyncobj's own ``add`` command
+    on the Raft port): status, API and metrics flag it; ``forget ADDRESS`` removes it."""
+    from pysyncobj.utility import TcpUtility
+    n1, n2, n3 = cluster.nodes
+    ghost = f"127.0.0.1:{free_port_pair()}"
+    leader = cluster.leader()
+    answer = TcpUtility(password=leader.secret, timeout=10).executeCommand(
+        f"{leader.host}:{leader.raft_port}", ["add", ghost])
+    assert str(answer).startswith("SUCCESS"), answer
+    for node in cluster.nodes:
+        wait_for(lambda node=node: ghost in raft_voters(node), 10.0)
+    raft = n2.cluster_view()["raft"]
+    assert raft["ghost_voters"] == [ghost], raft
+    assert (raft["voter_count"], raft["reachable"], raft["needed"]) == (4, 3, 3), raft
+    r = shoal_cli("cluster", "status", "--admin", n2.admin_url)
+    assert r.returncode == 0 and "GHOST" in r.stdout and ghost in r.stdout, r.stdout
+    assert f"shoal cluster forget {ghost}" in r.stderr, r.stderr
+    assert f'shoal_raft_ghost_voters{{node="{n2.node_id}"}} 1' in n2.metrics_text()
+    r = shoal_cli("cluster", "forget", ghost, "--admin", n3.admin_url, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert_voters_are_the_members(cluster.nodes)
 
 
 def test_restart_without_join_rejoins_and_stored_state_never_founds(cluster):
@@ -237,11 +272,7 @@ def test_a_whole_cluster_back_with_new_addresses_re_forms(cluster):
     their --join names (here: the new addresses) and their stored membership. They
     re-form by node id, with the new addresses as the voters, and keep the sessions."""
     n1, n2, n3 = cluster.nodes
-    cid = f"na-{uid()}"
-    c = n2.raw(5)
-    c.connect(cid, clean_start=False, properties=EXPIRY)
-    c.subscribe(f"na/{cid}", 1)
-    c.disconnect()
+    cid = park_session(n2, "na")
     for node in cluster.nodes:
         node.kill()
     for node in cluster.nodes:
