@@ -117,6 +117,14 @@ def test_a_restart_of_the_whole_cluster_keeps_the_stored_sessions(cluster):
     a, b, c = cluster.nodes
     cid, topic = f"wc-{uid()}", f"wc/{uid()}"
     queue_offline(cluster, b, a, cid, topic)
+    # and one stored session on every node
+    parked = {}
+    for node in (a, b, c):
+        parked[node.node_id] = other = f"wp-{node.node_id}-{uid()}"
+        p = node.raw(5)
+        p.connect(other, clean_start=False, properties=EXPIRY)
+        p.subscribe(f"wp/{other}", 1)
+        p.disconnect()
 
     for node in (a, b, c):
         node.kill()
@@ -125,10 +133,17 @@ def test_a_restart_of_the_whole_cluster_keeps_the_stored_sessions(cluster):
     wait_for(lambda: c.session_view(cid) is not None
              and c.session_view(cid).get("holder") == b.node_id, 10,
              message=lambda: f"node 2 claimed its stored session again: {c.session_view(cid)}")
+    for node_id, other in parked.items():
+        wait_for(lambda other=other: (a.session_view(other) or {}).get("holder") == node_id,
+                 10, message=lambda other=other: f"{other} held by {node_id} again")
 
     again = c.raw(5)
     assert again.connect(cid, clean_start=False, properties=EXPIRY).session_present
     assert take_all(again, N) == [f"m{i}".encode() for i in range(N)]
+    for other in parked.values():
+        p = a.raw(5)
+        assert p.connect(other, clean_start=False, properties=EXPIRY).session_present, other
+        p.close()
 
 
 def test_a_forwarded_message_is_acknowledged_only_once_the_remote_holder_stored_it(cluster):
