@@ -22,7 +22,8 @@ from node.topics import SubEntry, SubscriptionTree
 
 from .discovery import MdnsDiscovery
 from .membership import Membership
-from .routing import RaftNode, RaftUnavailable, RoutingView
+from .routing import (Claimed, Event, Forgotten, MemberChanged, Moved, RaftNode,
+                      RaftUnavailable, Released, Replaced, RoutesChanged, RoutingView)
 from .takeover import Takeovers
 from .transport import PeerUnreachable, RemoteError, RequestTimeout, Transport
 from .wire import pack_forward, unpack_forward
@@ -51,6 +52,12 @@ class ClusterMember:
         self.loop = asyncio.get_running_loop()
         self.view = RoutingView()
         self.view.listeners.append(self._on_event)
+        #: the routing table's events, by type (cluster/routing.py)
+        self._event_handlers = {
+            RoutesChanged: self._on_routes, Claimed: self._on_claimed,
+            Released: self._on_released, Moved: self._on_moved, MemberChanged: self._on_member,
+            Forgotten: self._on_forgotten, Replaced: self._on_replaced,
+        }
         self.remote = SubscriptionTree()  # entries keyed by node id: where filters are
         self.raft: RaftNode | None = None
         host = config.advertise_host or config.host
@@ -528,67 +535,67 @@ class ClusterMember:
 
     # -- Raft events ----------------------------------------------------------------------
 
-    def _on_event(self, ev: tuple) -> None:
-        kind = ev[0]
-        if kind == "routes":
-            _, node_id, added, removed = ev
+    def _on_event(self, ev: Event) -> None:
+        handler = self._event_handlers.get(type(ev))
+        if handler is not None:
+            handler(ev)
+
+    def _on_routes(self, ev: RoutesChanged) -> None:
+        if ev.node != self.node_id:
+            for f in ev.added:
+                self._remote_add(ev.node, f)
+            for f in ev.removed:
+                self._remote_remove(ev.node, f)
+
+    def _on_claimed(self, ev: Claimed) -> None:
+        if self.caught_up:  # else replaying history: stored sessions are adopted after it
+            self.takeovers.on_claimed(ev.client_id, ev.node, ev.epoch, ev.holder, ev.clean)
+
+    def _on_released(self, ev: Released) -> None:
+        if self.caught_up:
+            self.takeovers.on_released(ev.client_id, ev.node)
+
+    def _on_moved(self, ev: Moved) -> None:
+        self.takeovers.on_moved(ev.client_id, ev.epoch, ev.from_node, ev.to_node, ev.ok)
+
+    def _on_member(self, ev: MemberChanged) -> None:
+        self.membership.save_soon()
+        if ev.node == self.node_id:
+            return
+        if ev.info is None:
+            self._drop_peer_later(ev.node)
+            self._rebuild_remote()  # its routes went with it
+        else:
+            host, port = ev.info["transport"].rsplit(":", 1)
+            self.transport.set_peer(ev.node, host, int(port))
+
+    def _on_forgotten(self, ev: Forgotten) -> None:
+        self.membership.save_soon()
+        if ev.node == self.node_id:
+            log.error("this node was forgotten by the cluster node=%s: restart it to join "
+                      "again", self.node_id)
+            return
+        self._drop_peer_later(ev.node)
+        self._rebuild_remote()
+        if self.caught_up:
+            for client_id in ev.released:
+                # a session frozen here for a claim of the forgotten node stays here
+                self.takeovers.on_released(client_id, ev.node)
+
+    def _on_replaced(self, ev: Replaced) -> None:
+        self._rebuild_remote()
+        for node_id, info in self.view.members.items():
             if node_id != self.node_id:
-                for f in added:
-                    self._remote_add(node_id, f)
-                for f in removed:
-                    self._remote_remove(node_id, f)
-        elif kind == "claimed":
-            if not self.caught_up:
-                return  # replaying history: the stored sessions are adopted after it
-            _, client_id, owner, epoch, _prev, holder, clean = ev
-            self.takeovers.on_claimed(client_id, owner, epoch, holder, clean)
-        elif kind == "released":
-            if not self.caught_up:
-                return
-            _, client_id, node_id, _epoch = ev
-            self.takeovers.on_released(client_id, node_id)
-        elif kind == "moved":
-            _, client_id, epoch, from_node, to_node, ok = ev
-            self.takeovers.on_moved(client_id, epoch, from_node, to_node, ok)
-        elif kind == "member":
-            _, node_id, info = ev
-            self.membership.save_soon()
-            if node_id == self.node_id:
-                return
-            if info is None:
-                self._drop_peer_later(node_id)
-            else:
                 host, port = info["transport"].rsplit(":", 1)
                 self.transport.set_peer(node_id, host, int(port))
-        elif kind == "forget":
-            _, node_id, released = ev
-            self.membership.save_soon()
-            if node_id == self.node_id:
-                log.error("this node was forgotten by the cluster node=%s: restart it to "
-                          "join again", self.node_id)
-                return
-            if node_id is not None:
-                self._drop_peer_later(node_id)
-                self.remote = SubscriptionTree()
-                for f, nodes in self.view.routes.items():
-                    for n in nodes:
-                        if n != self.node_id:
-                            self._remote_add(n, f)
-            if self.caught_up:
-                for client_id in released:
-                    # a session frozen here for a claim of the forgotten node stays here
-                    self.takeovers.on_released(client_id, node_id)
-        elif kind == "reset":
-            self.remote = SubscriptionTree()
-            for f, nodes in self.view.routes.items():
-                for n in nodes:
-                    if n != self.node_id:
-                        self._remote_add(n, f)
-            for node_id, info in self.view.members.items():
-                if node_id != self.node_id:
-                    host, port = info["transport"].rsplit(":", 1)
-                    self.transport.set_peer(node_id, host, int(port))
-            self.takeovers.on_reset()
+        self.takeovers.on_reset()
+
+    def _rebuild_remote(self) -> None:
+        self.remote = SubscriptionTree()
+        for f, nodes in self.view.routes.items():
+            for n in nodes:
+                if n != self.node_id:
+                    self._remote_add(n, f)
 
     def _drop_peer_later(self, node_id: str) -> None:
         """A node removed from the table: its link goes after LINK_LINGER seconds, so the

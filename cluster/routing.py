@@ -2,10 +2,11 @@
 
 pysyncobj runs the Raft node in its own thread. The replicated state (``RoutingState``,
 a ``SyncObjConsumer``) is touched only there: every committed batch of operations is
-applied to it in log order, and each change is posted, in the same order, to the asyncio
-loop (``loop.call_soon_threadsafe``) where ``RoutingView`` keeps the mirror every read
-uses. So reads are local and never block, and there is one owner per copy: the Raft
-thread owns ``RoutingState``, the loop owns ``RoutingView``.
+applied to it in log order, and the same batch is posted to the asyncio loop
+(``loop.call_soon_threadsafe``), where ``RoutingView`` applies it to its own copy with the
+same pure function (:func:`apply`, a table of one rule per operation) and hands the events
+to its listeners. So reads are local and never block, there is one set of rules, and one
+owner per copy: the Raft thread owns ``RoutingState``, the loop owns ``RoutingView``.
 
 Entries are small and batched (``RaftClient`` sends every operation submitted during one
 loop iteration as one entry); message payloads never go through Raft.
@@ -41,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass, field
 from typing import Callable
 
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, SyncObjConsumer, replicated
@@ -52,25 +54,89 @@ class RaftUnavailable(Exception):
     """The operation could not be committed (no leader, lost leadership, no quorum)."""
 
 
-def forget_node(members: dict, owners: dict, holders: dict, routes: dict,
-                node_id: str) -> list[str]:
-    """Remove ``node_id`` for good: member entry, routes, and the ClientIDs it owned or
-    held (returned). One rule for the Raft state and its loop-side view."""
-    members.pop(node_id, None)
-    change_routes(routes, node_id, (), [f for f, nodes in routes.items() if node_id in nodes])
-    released = sorted({cid for cid, h in holders.items() if h == node_id} |
-                      {cid for cid, (n, _e) in owners.items() if n == node_id})
-    for cid in released:
-        if holders.get(cid) == node_id:
-            del holders[cid]
-        owner = owners.get(cid)
-        if owner is not None and owner[0] == node_id:
-            del owners[cid]
-    return released
+# -- the tables and the one set of rules ------------------------------------------------------
+
+@dataclass
+class Tables:
+    """The replicated routing table. The Raft state machine owns one copy (Raft thread),
+    the loop-side view another; both change only through :func:`apply`."""
+
+    members: dict[str, dict] = field(default_factory=dict)
+    owners: dict[str, tuple[str, int]] = field(default_factory=dict)
+    holders: dict[str, str] = field(default_factory=dict)
+    routes: dict[str, set[str]] = field(default_factory=dict)
+    next_epoch: int = 1
+    cluster_id: str | None = None
+
+    def copy(self) -> "Tables":
+        return Tables({k: dict(v) for k, v in self.members.items()}, dict(self.owners),
+                      dict(self.holders), {f: set(n) for f, n in self.routes.items()},
+                      self.next_epoch, self.cluster_id)
 
 
-def change_routes(routes: dict, node_id: str, added, removed) -> None:
-    """filter -> nodes: one rule for the Raft state and its loop-side view."""
+# What an operation changed, as the view's listeners see it (cluster/member.py dispatches
+# on the type). Local objects: they never cross the wire.
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    client_id: str
+    node: str
+    epoch: int
+    previous: str | None  # the owner before this claim
+    holder: str | None    # where the session was when claimed (the claim's answer)
+    clean: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Released:
+    client_id: str
+    node: str
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class Moved:
+    client_id: str
+    epoch: int
+    from_node: str
+    to_node: str
+    ok: bool  # False: refused (an older claim's move, or the holder changed)
+
+
+@dataclass(frozen=True, slots=True)
+class RoutesChanged:
+    node: str
+    added: tuple[str, ...]
+    removed: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class MemberChanged:
+    node: str
+    info: dict | None  # None: removed
+
+
+@dataclass(frozen=True, slots=True)
+class Forgotten:
+    node: str
+    released: tuple[str, ...]  # the ClientIDs it owned or held
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterIdSet:
+    cluster_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Replaced:
+    """A Raft snapshot replaced the whole table (a joining or lagging node)."""
+
+
+Event = Claimed | Released | Moved | RoutesChanged | MemberChanged | Forgotten | \
+    ClusterIdSet | Replaced
+
+
+def _change_routes(routes: dict, node_id: str, added, removed) -> None:
     for f in added:
         routes.setdefault(f, set()).add(node_id)
     for f in removed:
@@ -81,181 +147,190 @@ def change_routes(routes: dict, node_id: str, added, removed) -> None:
                 del routes[f]
 
 
+def _claim(t: Tables, client_id: str, node_id: str, clean: bool):
+    prev = t.owners.get(client_id)
+    holder = t.holders.get(client_id)
+    epoch = t.next_epoch
+    t.next_epoch += 1
+    t.owners[client_id] = (node_id, epoch)
+    if clean or holder is None:
+        t.holders[client_id] = node_id
+    return (epoch, holder), Claimed(client_id, node_id, epoch, prev[0] if prev else None,
+                                    holder, bool(clean))
+
+
+def _release(t: Tables, client_id: str, node_id: str, epoch: int):
+    cur = t.owners.get(client_id)
+    released = False
+    if cur is not None and cur[0] == node_id and cur[1] == epoch:
+        del t.owners[client_id]
+        released = True
+    if t.holders.get(client_id) == node_id:
+        del t.holders[client_id]
+        released = True
+    return released, (Released(client_id, node_id, epoch) if released else None)
+
+
+def _routes(t: Tables, node_id: str, added, removed):
+    _change_routes(t.routes, node_id, added, removed)
+    return None, RoutesChanged(node_id, tuple(added), tuple(removed))
+
+
+def _moved(t: Tables, client_id: str, epoch: int, from_node: str, to_node: str):
+    # only for the claim that is still current: a move proposed for an older epoch (a
+    # newer claim was applied first) never happens, whatever holds the session
+    owner = t.owners.get(client_id)
+    ok = t.holders.get(client_id) == from_node and owner is not None and \
+        tuple(owner) == (to_node, epoch)
+    if ok:
+        t.holders[client_id] = to_node
+    return ok, Moved(client_id, epoch, from_node, to_node, ok)
+
+
+def _sync(t: Tables):
+    return None, None  # applied once every earlier entry is: a read barrier
+
+
+def _member(t: Tables, node_id: str, info):
+    if info is None:
+        t.members.pop(node_id, None)
+        # a removed node routes nothing
+        _change_routes(t.routes, node_id, (), [f for f, n in t.routes.items() if node_id in n])
+    else:
+        t.members[node_id] = dict(info)
+    return None, MemberChanged(node_id, None if info is None else dict(info))
+
+
+def _forget(t: Tables, node_id: str):
+    """A node gone for good: member entry, routes, and the ClientIDs it owned or held."""
+    t.members.pop(node_id, None)
+    _change_routes(t.routes, node_id, (), [f for f, n in t.routes.items() if node_id in n])
+    released = sorted({cid for cid, h in t.holders.items() if h == node_id} |
+                      {cid for cid, (n, _e) in t.owners.items() if n == node_id})
+    for cid in released:
+        if t.holders.get(cid) == node_id:
+            del t.holders[cid]
+        owner = t.owners.get(cid)
+        if owner is not None and owner[0] == node_id:
+            del t.owners[cid]
+    return released, Forgotten(node_id, tuple(released))
+
+
+def _init(t: Tables, cluster_id):
+    if t.cluster_id is not None:
+        return t.cluster_id, None
+    t.cluster_id = str(cluster_id)
+    return t.cluster_id, ClusterIdSet(t.cluster_id)
+
+
+#: operation name -> rule (the operation's other items are the rule's arguments)
+RULES: dict[str, Callable] = {
+    "claim": _claim, "release": _release, "routes": _routes, "moved": _moved,
+    "sync": _sync, "member": _member, "forget": _forget, "init": _init,
+}
+
+
+def apply(tables: Tables, op: tuple):
+    """Apply one operation to ``tables``: ``(result, event or None)``. The one set of
+    routing rules: the Raft state machine runs it on its copy in the Raft thread, the view
+    runs it on its own copy in the loop, on the same operations in the same order, so the
+    two agree (a malformed operation raises the same error, at the same point, in both)."""
+    rule = RULES.get(op[0])
+    if rule is None:
+        raise ValueError(f"unknown operation {op[0]!r}")
+    return rule(tables, *op[1:])
+
+
+#: what a malformed operation raises (it must not stop the state machine on any node)
+OP_ERRORS = (ValueError, TypeError, IndexError, KeyError)
+
+
 class RoutingState(SyncObjConsumer):
     """The replicated state machine. Runs in the Raft thread only."""
 
-    def __init__(self, sink: Callable[[list], None]) -> None:
+    def __init__(self, sink: Callable[[object], None]) -> None:
         # set before SyncObjConsumer.__init__: attributes that exist then are not
         # serialized into Raft snapshots (the sink is a local callback)
         self._sink = sink
         super().__init__()
-        self.members: dict[str, dict] = {}
-        self.owners: dict[str, tuple[str, int]] = {}
-        self.holders: dict[str, str] = {}
-        self.routes: dict[str, set[str]] = {}
-        self.next_epoch = 1
-        self.cluster_id: str | None = None
+        self.tables = Tables()
 
     @replicated
     def apply(self, ops: list) -> list:
         results = []
-        events = []
         for op in ops:
             try:
-                results.append(self._apply_one(op, events))
-            except (ValueError, TypeError, IndexError) as err:
-                # a malformed operation must not stop the state machine on any node
+                results.append(apply(self.tables, op)[0])
+            except OP_ERRORS as err:
                 results.append(("error", repr(err)))
-        if events:
-            self._sink(events)
+        self._sink(ops)  # the view applies the same operations in the same order
         return results
-
-    def _apply_one(self, op, events: list):
-        kind = op[0]
-        if kind == "claim":
-            _, client_id, node_id, clean = op
-            prev = self.owners.get(client_id)
-            holder = self.holders.get(client_id)
-            epoch = self.next_epoch
-            self.next_epoch += 1
-            self.owners[client_id] = (node_id, epoch)
-            if clean or holder is None:
-                self.holders[client_id] = node_id
-            prev_node = prev[0] if prev else None
-            events.append(("claimed", client_id, node_id, epoch, prev_node, holder, clean))
-            return (epoch, holder)
-        if kind == "release":
-            _, client_id, node_id, epoch = op
-            cur = self.owners.get(client_id)
-            released = False
-            if cur is not None and cur[0] == node_id and cur[1] == epoch:
-                del self.owners[client_id]
-                released = True
-            if self.holders.get(client_id) == node_id:
-                del self.holders[client_id]
-                released = True
-            if released:
-                events.append(("released", client_id, node_id, epoch))
-            return released
-        if kind == "routes":
-            _, node_id, added, removed = op
-            change_routes(self.routes, node_id, added, removed)
-            events.append(("routes", node_id, list(added), list(removed)))
-            return None
-        if kind == "moved":
-            # only for the claim that is still current: a move proposed for an older epoch
-            # (a newer claim was applied first) never happens, whatever holds the session
-            _, client_id, epoch, from_node, to_node = op
-            owner = self.owners.get(client_id)
-            ok = self.holders.get(client_id) == from_node and owner is not None and \
-                tuple(owner) == (to_node, epoch)
-            if ok:
-                self.holders[client_id] = to_node
-            events.append(("moved", client_id, epoch, from_node, to_node, ok))
-            return ok
-        if kind == "sync":
-            return None  # applied here once every earlier entry is: a read barrier
-        if kind == "member":
-            _, node_id, info = op
-            if info is None:
-                self.members.pop(node_id, None)
-                # a removed node routes nothing
-                change_routes(self.routes, node_id, (), [f for f, nodes in self.routes.items()
-                                                         if node_id in nodes])
-            else:
-                self.members[node_id] = dict(info)
-            events.append(("member", node_id, None if info is None else dict(info)))
-            return None
-        if kind == "forget":
-            _, node_id = op
-            released = forget_node(self.members, self.owners, self.holders, self.routes,
-                                   node_id)
-            events.append(("forget", node_id, released))
-            return released
-        if kind == "init":
-            _, cluster_id = op
-            if self.cluster_id is None:
-                self.cluster_id = str(cluster_id)
-                events.append(("init", self.cluster_id))
-            return self.cluster_id
-        raise ValueError(f"unknown operation {kind!r}")
 
     def _deserialize(self, data) -> None:
         super()._deserialize(data)
-        # a snapshot replaced the whole state (a joining or lagging node): rebuild the view
-        self._sink([("reset", {
-            "members": {k: dict(v) for k, v in self.members.items()},
-            "owners": dict(self.owners),
-            "holders": dict(self.holders),
-            "routes": {f: set(n) for f, n in self.routes.items()},
-            "cluster_id": self.cluster_id,
-        })])
+        # a snapshot replaced the whole state (a joining or lagging node): so does the view
+        self._sink(self.tables.copy())
 
 
 class RoutingView:
-    """The loop-side mirror of ``RoutingState``: what every read uses.
+    """The loop-side copy of the table: what every read uses. It applies the operations
+    the Raft state machine applied, in the same order, with the same :func:`apply`.
 
     ``listeners`` get each event after the view applied it (the cluster member reacts to
     claims, moves and membership changes there)."""
 
     def __init__(self) -> None:
-        self.members: dict[str, dict] = {}
-        self.owners: dict[str, tuple[str, int]] = {}
-        self.holders: dict[str, str] = {}
-        self.routes: dict[str, set[str]] = {}
-        self.cluster_id: str | None = None
-        self.listeners: list[Callable[[tuple], None]] = []
+        self.tables = Tables()
+        self.listeners: list[Callable[[Event], None]] = []
         self.applied = 0
 
-    def apply_events(self, events: list) -> None:
-        for ev in events:
-            kind = ev[0]
-            if kind == "claimed":
-                _, client_id, node_id, epoch, _prev, holder, clean = ev
-                self.owners[client_id] = (node_id, epoch)
-                if clean or holder is None:
-                    self.holders[client_id] = node_id
-            elif kind == "released":
-                _, client_id, node_id, epoch = ev
-                if self.owners.get(client_id) == (node_id, epoch):
-                    del self.owners[client_id]
-                if self.holders.get(client_id) == node_id:
-                    del self.holders[client_id]
-            elif kind == "moved":
-                _, client_id, epoch, from_node, to_node, ok = ev
-                if ok:
-                    self.holders[client_id] = to_node
-            elif kind == "routes":
-                _, node_id, added, removed = ev
-                change_routes(self.routes, node_id, added, removed)
-            elif kind == "member":
-                _, node_id, info = ev
-                if info is None:
-                    self.members.pop(node_id, None)
-                    change_routes(self.routes, node_id, (), [f for f, n in self.routes.items()
-                                                             if node_id in n])
-                else:
-                    self.members[node_id] = info
-            elif kind == "forget":
-                forget_node(self.members, self.owners, self.holders, self.routes, ev[1])
-            elif kind == "init":
-                self.cluster_id = ev[1]
-            elif kind == "reset":
-                state = ev[1]
-                self.members = state["members"]
-                self.owners = state["owners"]
-                self.holders = state["holders"]
-                self.routes = state["routes"]
-                self.cluster_id = state.get("cluster_id")
-            self.applied += 1
-            for listener in list(self.listeners):
-                try:
-                    listener(ev)
-                except Exception:  # one listener's bug must not starve the others
-                    log.exception("routing listener failed event=%s", kind)
+    # reads
+    @property
+    def members(self) -> dict[str, dict]:
+        return self.tables.members
+
+    @property
+    def owners(self) -> dict[str, tuple[str, int]]:
+        return self.tables.owners
+
+    @property
+    def holders(self) -> dict[str, str]:
+        return self.tables.holders
+
+    @property
+    def routes(self) -> dict[str, set[str]]:
+        return self.tables.routes
+
+    @property
+    def cluster_id(self) -> str | None:
+        return self.tables.cluster_id
 
     def owner_of(self, client_id: str) -> tuple[str, int] | None:
-        return self.owners.get(client_id)
+        return self.tables.owners.get(client_id)
+
+    # changes
+    def apply_ops(self, ops) -> None:
+        """A batch the Raft state machine applied (a list of operations), or the table a
+        Raft snapshot installed (a ``Tables``)."""
+        if isinstance(ops, Tables):
+            self.tables = ops
+            self._emit(Replaced())
+            return
+        for op in ops:
+            try:
+                _result, event = apply(self.tables, op)
+            except OP_ERRORS:
+                continue  # refused in the state machine too (it answered the error)
+            self.applied += 1
+            if event is not None:
+                self._emit(event)
+
+    def _emit(self, event: Event) -> None:
+        for listener in list(self.listeners):
+            try:
+                listener(event)
+            except Exception:  # one listener's bug must not starve the others
+                log.exception("routing listener failed event=%s", type(event).__name__)
 
 
 def raft_conf(secret: str, bind_addr: str, journal: str | None = None,
@@ -301,8 +376,8 @@ class RaftNode:
         self.commits = 0  # batches committed through this node
         self.batches_in_flight = 0
 
-    def _events_from_raft(self, events: list) -> None:  # Raft thread
-        self.loop.call_soon_threadsafe(self.view.apply_events, events)
+    def _events_from_raft(self, ops) -> None:  # Raft thread
+        self.loop.call_soon_threadsafe(self.view.apply_ops, ops)
 
     # -- proposing ---------------------------------------------------------------------------
 

@@ -3,41 +3,65 @@ for the Raft state and its view), the cluster id sticks, the stored membership f
 round-trips and refuses damage, and nodes back at new addresses agree on one voter set."""
 
 import json
+import random
 
 import pytest
 
 from cluster.membership import current_voters
-from cluster.routing import RoutingState, RoutingView, forget_node
+from cluster.routing import (Claimed, ClusterIdSet, Forgotten, MemberChanged, Moved, Released,
+                             RoutesChanged, RoutingState, RoutingView, Tables, apply)
 from cluster.stored import StoredMembership, StoredStateError, describe
 
 
 def test_forget_removes_member_routes_and_the_sessions_it_owned_or_held():
-    members = {"n1": {}, "n2": {}, "n3": {}}
-    owners = {"a": ("n3", 5), "b": ("n1", 6), "c": ("n2", 7)}
-    holders = {"a": "n3", "b": "n3", "c": "n2"}
-    routes = {"x/#": {"n1", "n3"}, "y": {"n3"}}
-    released = forget_node(members, owners, holders, routes, "n3")
-    assert released == ["a", "b"]
-    assert set(members) == {"n1", "n2"}
-    assert owners == {"b": ("n1", 6), "c": ("n2", 7)}  # b's owner is alive: it stays
-    assert holders == {"c": "n2"}
-    assert routes == {"x/#": {"n1"}}
+    t = Tables(members={"n1": {}, "n2": {}, "n3": {}},
+               owners={"a": ("n3", 5), "b": ("n1", 6), "c": ("n2", 7)},
+               holders={"a": "n3", "b": "n3", "c": "n2"},
+               routes={"x/#": {"n1", "n3"}, "y": {"n3"}})
+    released, event = apply(t, ("forget", "n3"))
+    assert released == ["a", "b"] and event == Forgotten("n3", ("a", "b"))
+    assert set(t.members) == {"n1", "n2"}
+    assert t.owners == {"b": ("n1", 6), "c": ("n2", 7)}  # b's owner is alive: it stays
+    assert t.holders == {"c": "n2"}
+    assert t.routes == {"x/#": {"n1"}}
 
 
-def test_the_state_and_the_view_apply_forget_and_init_alike():
-    events = []
-    state = RoutingState(events.extend)
-    ops = [("member", "n1", {"raft": "h:1"}), ("member", "n2", {"raft": "h:2"}),
-           ("claim", "c1", "n2", False), ("routes", "n2", ["t/#"], []),
-           ("init", "id-1"), ("init", "id-2"), ("forget", "n2")]
-    results = [state._apply_one(op, events) for op in ops]
-    assert results[4] == results[5] == "id-1"  # the first cluster id sticks
-    assert results[6] == ["c1"]
+def test_the_state_machine_and_the_view_agree_through_one_apply():
+    """The Raft state machine and the loop-side view run the same rules on the same
+    operations: random batches (malformed ones included) leave equal tables, and the view's
+    listeners see one event per change."""
+    rng = random.Random(7)
+    posted = []
+    state = RoutingState(posted.append)
+    nodes, ids = ["n1", "n2", "n3"], [f"c{i}" for i in range(20)]
+    ops = []
+    for _ in range(2000):
+        kind = rng.choice(["claim", "release", "moved", "routes", "member", "forget", "init",
+                           "sync", "bad"])
+        cid, node = rng.choice(ids), rng.choice(nodes)
+        ops.append({
+            "claim": ("claim", cid, node, rng.random() < 0.2),
+            "release": ("release", cid, node, rng.randrange(1, 50)),
+            "moved": ("moved", cid, rng.randrange(1, 50), node, rng.choice(nodes)),
+            "routes": ("routes", node, [f"t/{rng.randrange(5)}"], [f"t/{rng.randrange(5)}"]),
+            "member": ("member", node, None if rng.random() < 0.2 else {"raft": node}),
+            "forget": ("forget", node),
+            "init": ("init", f"id-{rng.randrange(3)}"),
+            "sync": ("sync",),
+            "bad": rng.choice([("claim", cid), ("nope", 1), (), ("moved", cid)]),
+        }[kind])
+    batches = [ops[i:i + rng.randrange(1, 20)] for i in range(0, len(ops), 10)]
+    results = [state.apply(batch, _doApply=True) for batch in batches]
+    assert any(r[0] == "error" for rs in results for r in rs if isinstance(r, tuple) and r)
     view = RoutingView()
-    view.apply_events(events)
-    for name in ("members", "owners", "holders", "routes", "cluster_id"):
-        assert getattr(view, name) == getattr(state, name), name
-    assert view.cluster_id == "id-1" and "n2" not in view.members and view.holders == {}
+    seen = []
+    view.listeners.append(seen.append)
+    for batch in posted:
+        view.apply_ops(batch)
+    assert view.tables == state.tables
+    assert {type(e) for e in seen} >= {Claimed, Released, Moved, RoutesChanged, MemberChanged,
+                                       Forgotten, ClusterIdSet}
+    assert state.tables.cluster_id == [e for e in seen if isinstance(e, ClusterIdSet)][0].cluster_id
 
 
 def test_stored_membership_round_trips_and_refuses_damage(tmp_path):
