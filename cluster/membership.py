@@ -577,7 +577,7 @@ class Membership:
             raise RuntimeError(f"{self.node_id} is the leader; it cannot remove itself "
                                "(transfer the leadership first)")
         if raft_addr in raft.voters():
-            why = self._quorum_without(raft_addr)
+            why = await self._majority_without(raft_addr)
             if why is not None:
                 raise RuntimeError(why)
             await self._change(raft.remove_raft_member, raft_addr)
@@ -614,7 +614,7 @@ class Membership:
                                   f"leave --admin {admin}`); forget is for nodes that are gone "
                                   "for good")
         if raft_addr in voters:
-            why = self._quorum_without(raft_addr)
+            why = await self._majority_without(raft_addr)
             if why is not None:
                 raise MembershipError(409, why)
             await self._change(raft.remove_raft_member, raft_addr)
@@ -640,6 +640,17 @@ class Membership:
                 f"{len(reachable)} are reachable: no majority (down: {', '.join(down)}). "
                 "Bring those nodes back, or remove the dead ones first (`shoal cluster "
                 "forget NODE`)")
+
+    async def _majority_without(self, addr: str, wait: float = 3.0) -> str | None:
+        """``_quorum_without``, given ``wait`` seconds for Raft links still being made (a
+        voter that just came back at a new address): refusing is safe, a removal that
+        leaves no majority is not."""
+        deadline = time.monotonic() + wait
+        while True:
+            why = self._quorum_without(addr)
+            if why is None or time.monotonic() >= deadline:
+                return why
+            await asyncio.sleep(0.1)
 
     async def _change(self, method, addr: str) -> None:
         """One voter change, committed; pysyncobj refuses one while another (or a new
@@ -677,10 +688,11 @@ class Membership:
         if not others:
             raise MembershipError(409, f"{self.node_id} is the only member: there is nobody "
                                   "to hand its sessions to; stop the node instead")
-        why = self._quorum_without(member.info["raft"])
+        self.phase = "leaving"  # a second leave request is refused from here on
+        why = await self._majority_without(member.info["raft"])
         if why is not None:
+            self.phase = "member"
             raise MembershipError(409, f"{self.node_id} cannot leave now: {why}")
-        self.phase = "leaving"
         member.leaving = True
         t0 = time.monotonic()
         try:
