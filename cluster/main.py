@@ -242,32 +242,6 @@ def cmd_cluster_status(args) -> int:
     return 0
 
 
-def _admin_json(method: str, base: str, path: str, timeout: float,
-                body: dict | None = None) -> tuple[int, dict]:
-    """(HTTP status, decoded JSON) of an admin call whose error answers matter too."""
-    if "://" not in base:
-        base = "http://" + base
-    url = base.rstrip("/") + path
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, method=method, data=data,
-                                 headers={"Content-Type": "application/json"} if data else {})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as err:
-        text = err.read().decode(errors="replace")
-        try:
-            return err.code, json.loads(text)
-        except ValueError:
-            return err.code, {"error": text.strip() or str(err.reason)}
-    except (urllib.error.URLError, OSError) as err:
-        raise SystemExit(f"shoal: cannot reach the admin API at {base} "
-                         f"({getattr(err, 'reason', err)}); is the node running? pass --admin "
-                         "http://HOST:PORT of a node (or set SHOAL_ADMIN)") from None
-    except ValueError as err:
-        raise SystemExit(f"shoal: {url} did not answer JSON ({err})") from None
-
-
 def cmd_cluster_leave(args) -> int:
     view = _try_admin_json(args.admin.rstrip("/") + "/api/v1/cluster") or {}
     me = next((n for n in view.get("nodes", []) if n["id"] == view.get("node_id")), None)
@@ -277,8 +251,8 @@ def cmd_cluster_leave(args) -> int:
           f"{sessions if sessions is not None else ''} sessions move to the other nodes, "
           "then it is removed from the Raft voters. This takes a few seconds per thousand "
           "sessions...", file=sys.stderr, flush=True)
-    status, result = _admin_json("POST", args.admin, "/api/v1/cluster/leave",
-                                 args.timeout, {"force": args.force})
+    status, result = node_cli.admin_answer("POST", args.admin, "/api/v1/cluster/leave",
+                                          args.timeout, {"force": args.force})
     print(json.dumps(result))
     if status != 200 or not result.get("left"):
         print(f"shoal: the node did not leave: {result.get('error', status)}",
@@ -293,8 +267,8 @@ def cmd_cluster_leave(args) -> int:
 
 def cmd_cluster_forget(args) -> int:
     from urllib.parse import quote
-    status, result = _admin_json("DELETE", args.admin, f"/api/v1/nodes/{quote(args.node, safe='')}",
-                                 60.0)
+    status, result = node_cli.admin_answer(
+        "DELETE", args.admin, f"/api/v1/nodes/{quote(args.node, safe='')}", 60.0)
     print(json.dumps(result))
     if status != 200:
         print(f"shoal: {args.node} was not forgotten: {result.get('error', status)}",

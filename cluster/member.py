@@ -223,7 +223,10 @@ class ClusterMember:
                                "--cluster-port (Raft uses cluster_port + 1)") from None
         self._raft_port_hold = sock
 
-    def start_raft(self, partners: list[str]) -> None:
+    def start_raft(self, voters: list[str]) -> None:
+        """Start this node's Raft node with ``voters`` (Raft addresses; this node's own,
+        if listed, is skipped) as its configuration."""
+        partners = [v for v in voters if v != self.info["raft"]]
         hold, self._raft_port_hold = self._raft_port_hold, None
         if hold is not None:
             hold.close()  # pysyncobj binds it next
@@ -660,15 +663,10 @@ class ClusterMember:
                 stats = {"sessions": len(self.broker.sessions),
                          "connections": len(self.broker.clients)}
             else:
-                down_since = self.peer_down_since.get(node_id)
                 if info.get("status") == "leaving":
                     status = "leaving"
-                elif self.transport.is_up(node_id):
-                    status = "up"
-                elif down_since is not None and now - down_since < DOWN_AFTER:
-                    status = "up"  # a link blip: reconnecting
-                else:
-                    status = "down"
+                else:  # a link lost less than DOWN_AFTER ago is a blip: reconnecting
+                    status = "up" if self.peer_alive(node_id) else "down"
                 stats = self.peer_stats.get(node_id, {})
             nodes.append({
                 "id": node_id,

@@ -139,7 +139,7 @@ class Membership:
                 voters = ready[0][1]["voters"]
                 if voter and me in voters:
                     log.info("rejoining as a voter node=%s voters=%s", self.node_id, voters)
-                    self.member.start_raft([v for v in voters if v != me])
+                    self.member.start_raft(voters)
                     await self._take_seat(stored.get("cluster_id"), ready)
                     return
                 why = "it left" if stored["left"] else (
@@ -149,11 +149,11 @@ class Membership:
                 if await self._join_via(ready):
                     return
             elif voter:
-                voters, waiting_for = self._current_voters(stored, answers)
+                voters, waiting_for = current_voters(stored, self.node_id, me, answers)
                 if voters is not None:
                     log.info("no member serves: re-forming the cluster from the stored "
                              "voters node=%s voters=%s", self.node_id, voters)
-                    self.member.start_raft([v for v in voters if v != me])
+                    self.member.start_raft(voters)
                     outcome = await self._wait_quorum(stored)
                     if outcome == "leader":
                         await self._take_seat(stored.get("cluster_id"), [])
@@ -178,9 +178,6 @@ class Membership:
                                 "left the cluster" if stored["left"] else
                                 "is no voter any more")
             await asyncio.sleep(0.5)
-
-    def _current_voters(self, stored: dict, answers: dict) -> tuple[list | None, str]:
-        return current_voters(stored, self.node_id, self.member.info["raft"], answers)
 
     async def _wait_quorum(self, stored: dict) -> str:
         """Wait for a Raft leader among the stored voters (as long as it takes: a node with
@@ -218,7 +215,7 @@ class Membership:
 
     async def _start_new(self) -> None:
         member, config = self.member, self.config
-        seeds = [s.strip() for s in config.join.split(",") if s.strip()]
+        seeds = self._seeds()
         own = (member.host, config.cluster_port)
         discovery = member.discovery
         if not seeds and discovery is None:
@@ -270,8 +267,7 @@ class Membership:
                         log.info("forming a new cluster node=%s voters=%s (bootstrap_expect "
                                  "%d)", self.node_id, ",".join(chosen), expect)
                         self.phase = "forming"
-                        me = member.info["raft"]
-                        member.start_raft([v for v in voters if v != me])
+                        member.start_raft(voters)
                         await self._wait_leader(60.0, "the nodes forming the cluster")
                         await self._take_seat(None, [])
                         return
@@ -340,12 +336,11 @@ class Membership:
     async def _join_via(self, ready: list) -> bool:
         """Ask serving members to add this node (they forward to the leader)."""
         member = self.member
-        me = member.info["raft"]
         self.phase = "joining"
         for peer, answer in ready:
             if member.raft is None:
                 # pysyncobj's order: our Raft node runs before the leader adds it
-                member.start_raft([v for v in answer["voters"] if v != me])
+                member.start_raft(answer["voters"])
             try:
                 answer = await member.transport.request(
                     peer, "join", {"node_id": self.node_id, "info": member.info}, 60.0)
@@ -384,6 +379,9 @@ class Membership:
 
     # -- probing -----------------------------------------------------------------------------
 
+    def _seeds(self) -> list[str]:
+        return [s.strip() for s in self.config.join.split(",") if s.strip()]
+
     async def _resolve(self, seeds: list[str]) -> list[tuple[str, int]]:
         if not seeds:
             return []
@@ -393,7 +391,7 @@ class Membership:
             raise self.ClusterError(f"--join {self.config.join!r}: {err}") from err
 
     async def _stored_addresses(self, stored: dict) -> list[tuple[str, int]]:
-        seeds = [s.strip() for s in self.config.join.split(",") if s.strip()]
+        seeds = self._seeds()
         own = (self.member.host, self.config.cluster_port)
         addrs = [_split(m["transport"]) for n, m in sorted(stored["members"].items())
                  if n != self.node_id and m.get("transport")]

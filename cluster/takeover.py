@@ -170,19 +170,10 @@ class Takeovers:
                 self.member.session_ended(client_id, claim.epoch)
                 return "gone" if claim.fresh_reason is None else f"lost: {claim.fresh_reason}"
             return "moved"
-        session = self.broker.adopt_session(claim)
-        try:
-            verdict = await asyncio.wait_for(claim.confirm(session),
-                                             2 * self.config.takeover_timeout + 10.0)
-        except asyncio.TimeoutError:
-            verdict = None
+        verdict = await self.broker.confirm_claim(claim, self.broker.adopt_session(claim))
         if verdict:
             return "moved"
-        if verdict is False:
-            self.broker.end_session(session, "a newer claim overtook its hand-over",
-                                    release=False, will=False)
-            return "overtaken by a newer claim"
-        return "move not confirmed in time"
+        return "overtaken by a newer claim" if verdict is False else "move not confirmed in time"
 
     def _settle(self, client_id: str, fut: asyncio.Future) -> None:
         if not fut.done():

@@ -300,6 +300,20 @@ class Broker:
         self.persist(session)
         return session
 
+    async def confirm_claim(self, claim: Claim, session: Session) -> bool | None:
+        """Wait (bounded) for a hand-over claim's verdict on the session opened for it:
+        True: confirmed; False: a newer claim overtook it (the session is ended here);
+        None: not decided in time (the session stays: the move may still commit)."""
+        try:
+            verdict = await asyncio.wait_for(claim.confirm(session),
+                                             2 * self.config.takeover_timeout + 10.0)
+        except asyncio.TimeoutError:
+            return None
+        if verdict is False:
+            self.end_session(session, "a newer claim overtook its hand-over", release=False,
+                             will=False)
+        return verdict
+
     def snapshot(self, session: Session) -> dict:
         return session_to_record(session)
 

@@ -137,23 +137,31 @@ def add_admin_argument(parser: argparse.ArgumentParser) -> None:
                              "env SHOAL_ADMIN]")
 
 
-def admin_call(method: str, base: str, path: str, timeout: float = 10.0):
-    """The decoded JSON answer of ``method base+path``. Anything else ends the command
-    with one line on stderr saying what to do, exit code 1 (SystemExit)."""
+def admin_answer(method: str, base: str, path: str, timeout: float = 10.0,
+                 body: dict | None = None) -> tuple[int, dict]:
+    """``(HTTP status, decoded JSON)`` of ``method base+path`` (``body`` sent as JSON); an
+    error answer is an answer too (``{"error": ...}`` when it is not JSON). A node that
+    does not answer, or answers something else than JSON, ends the command with one line
+    on stderr saying what to do, exit code 1 (SystemExit)."""
     if "://" not in base:
         base = "http://" + base
     url = base.rstrip("/") + path
-    req = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
+    data = json.dumps(body).encode() if body is not None else (
+        b"" if method == "POST" else None)
+    req = urllib.request.Request(url, method=method, data=data, headers={
+        "Content-Type": "application/json"} if body is not None else {})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return json.loads(resp.read())
+            return resp.status, json.loads(resp.read())
     except urllib.error.HTTPError as err:
-        body = err.read().decode(errors="replace")
+        text = err.read().decode(errors="replace")
         try:
-            detail = json.loads(body)["error"]
-        except (ValueError, KeyError, TypeError):
-            detail = body.strip() or err.reason
-        raise SystemExit(f"shoal: {url} answered {err.code}: {detail}") from None
+            answer = json.loads(text)
+        except ValueError:
+            answer = None
+        if not isinstance(answer, dict) or "error" not in answer:
+            answer = {"error": text.strip() or str(err.reason)}
+        return err.code, answer
     except (urllib.error.URLError, OSError) as err:
         reason = getattr(err, "reason", err)
         raise SystemExit(f"shoal: cannot reach the admin API at {base} ({reason}); is the "
@@ -162,6 +170,16 @@ def admin_call(method: str, base: str, path: str, timeout: float = 10.0):
     except ValueError as err:
         raise SystemExit(f"shoal: {url} did not answer JSON ({err}); is --admin the admin "
                          "port of a Shoal node?") from None
+
+
+def admin_call(method: str, base: str, path: str, timeout: float = 10.0):
+    """The decoded JSON answer of ``method base+path``. Anything else ends the command
+    with one line on stderr saying what to do, exit code 1 (SystemExit)."""
+    status, answer = admin_answer(method, base, path, timeout)
+    if status >= 400:
+        url = ("" if "://" in base else "http://") + base.rstrip("/") + path
+        raise SystemExit(f"shoal: {url} answered {status}: {answer['error']}")
+    return answer
 
 
 def format_table(rows: list[list]) -> str:

@@ -298,18 +298,12 @@ class MqttProtocol(asyncio.Protocol):
         is refused instead (and the session dropped, or kept for a move that may still
         commit)."""
         broker = self.broker
-        try:
-            verdict = await asyncio.wait_for(claim.confirm(session),
-                                             2 * broker.config.takeover_timeout + 10.0)
-        except asyncio.TimeoutError:
-            verdict = None
+        verdict = await broker.confirm_claim(claim, session)
         if verdict:
             return True
         self.waiting = False
         session.will = None  # this connection never started: no will of its own
         if verdict is False:
-            broker.end_session(session, "a newer claim overtook its hand-over",
-                               release=False, will=False)
             refused = ConnectRefused(ReasonCode.SERVER_BUSY,
                                      "a newer connection of this ClientID took over")
         else:

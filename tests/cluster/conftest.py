@@ -22,6 +22,7 @@ Run from the repository root: ``.venv/bin/pytest tests/cluster -q``
 from __future__ import annotations
 
 import signal
+import time
 import uuid
 
 import pytest
@@ -161,25 +162,34 @@ class Cluster:
             node.join = others[0].address
         return node.start(timeout)
 
-    def restart_together(self, nodes=None, timeout: float = 30.0) -> None:
-        """Start ``nodes`` (default: all; stopped ones) at once, without ``--join``: they
-        find each other through the membership they stored. Returns once they formed."""
-        nodes = list(nodes if nodes is not None else self.nodes)
+    def start_together(self, nodes, timeout: float = 30.0) -> float:
+        """Start ``nodes`` at once (new ones are added to the cluster), each with its own
+        ``join``; return the seconds until they are ready and formed."""
+        t0 = time.monotonic()
         for node in nodes:
-            if node.alive():
-                node.stop()
-            node.join = None
-        for node in nodes:
+            if node not in self.nodes:
+                self.nodes.append(node)
             with open(node.log_path, "ab") as f:
-                f.write(f"---- test harness: starting {node.node_id} (together, no join) "
-                        "----\n".encode())
+                f.write(f"---- test harness: starting {node.node_id} (together, "
+                        f"join={node.join}) ----\n".encode())
             self._spawn(node)
             if node not in LIVE_NODES:
                 LIVE_NODES.append(node)
         for node in nodes:
             wait_for(node._ready, timeout, interval=0.1,
                      message=lambda node=node: f"{node.node_id} ready\n{node.log_tail()}")
-        self.wait_formed(timeout=timeout)
+        self.wait_formed(timeout=timeout)  # with the nodes already running
+        return time.monotonic() - t0
+
+    def restart_together(self, nodes=None, timeout: float = 30.0) -> float:
+        """Start ``nodes`` (default: all) again at once, without ``--join``: they find each
+        other through the membership they stored."""
+        nodes = list(nodes if nodes is not None else self.nodes)
+        for node in nodes:
+            if node.alive():
+                node.stop()
+            node.join = None
+        return self.start_together(nodes, timeout)
 
     def stop(self) -> None:
         for node in self.nodes:

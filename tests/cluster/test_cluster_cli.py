@@ -20,7 +20,8 @@ import time
 
 import pytest
 
-from support import REPO_ROOT, free_port_block, http_json, poll_until, wait_for
+from support import (REPO_ROOT, free_port_block, http_json, poll_until, shoal_cli,
+                     wait_for)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(150)]
 
@@ -188,14 +189,6 @@ def test_cluster_status_without_a_node_says_so(tmp_path):
     assert result.returncode != 0
     assert "Traceback" not in result.stderr, result.stderr
     assert f"127.0.0.1:{port}" in result.stderr, result.stderr
-
-
-def shoal_cli(*args: str) -> subprocess.CompletedProcess:
-    """``.venv/bin/shoal ARGS`` (``python -m cluster`` where the script is not installed)."""
-    exe = os.path.join(os.path.dirname(sys.executable), "shoal")
-    cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "cluster"]
-    return subprocess.run(cmd + list(args), cwd=str(REPO_ROOT), env=clean_env(),
-                          capture_output=True, text=True, timeout=30)
 
 
 def status_rows(text: str) -> dict[str, str]:

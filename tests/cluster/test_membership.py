@@ -28,7 +28,7 @@ from collections import Counter
 
 import pytest
 
-from support import (ClusterNodeProcess, LIVE_NODES, Prop, Puback, free_port_pair,
+from support import (ClusterNodeProcess, Prop, Puback, free_port_pair,
                      holds_for, http_json, raft_voters, shoal_cli, wait_for)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
@@ -278,30 +278,15 @@ def test_a_whole_cluster_back_with_new_addresses_re_forms(cluster):
     for node in cluster.nodes:
         node.cluster_port = free_port_pair()
         node.raft_port = node.cluster_port + 1
-    seeds = ",".join(n.address for n in cluster.nodes)  # the same list for every node
-    t0 = time.monotonic()
     for node in cluster.nodes:
-        node.join = seeds
-        cluster._spawn(node)
-    for node in cluster.nodes:
-        wait_for(node._ready, 30.0, interval=0.1,
-                 message=lambda node=node: f"{node.node_id} ready\n{node.log_tail()}")
-    cluster.wait_formed(timeout=30.0)
-    print(f"\nre-formed at new addresses in {time.monotonic() - t0:.1f} s")
+        node.join = ",".join(n.address for n in cluster.nodes)  # as the StatefulSet's args
+    took = cluster.start_together(cluster.nodes)
+    print(f"\nre-formed at new addresses in {took:.1f} s")
     assert_voters_are_the_members(cluster.nodes)
     c = n1.raw(5)
     ack = c.connect(cid, clean_start=False, properties=EXPIRY)
     assert ack.session_present is True
     c.close()
-
-
-def _spawn_together(cluster, nodes) -> float:
-    t0 = time.monotonic()
-    for node in nodes:
-        cluster.nodes.append(node)
-        LIVE_NODES.append(node)
-        cluster._spawn(node)
-    return t0
 
 
 def _new_nodes(cluster, n: int, **options) -> list[ClusterNodeProcess]:
@@ -316,12 +301,7 @@ def test_three_nodes_started_at_once_with_the_same_join_list_form_one_cluster(
     seeds = ",".join(n.address for n in nodes)
     for node in nodes:
         node.join = seeds
-    t0 = _spawn_together(cluster, nodes)
-    for node in nodes:
-        wait_for(node._ready, 15.0, interval=0.1,
-                 message=lambda node=node: f"{node.node_id} ready\n{node.log_tail()}")
-    cluster.wait_formed(timeout=max(1.0, 15.0 - (time.monotonic() - t0)))
-    took = time.monotonic() - t0
+    took = cluster.start_together(nodes, timeout=15.0)
     print(f"\nformed in {took:.1f} s")
     assert took < 15.0
     assert_voters_are_the_members(nodes)
@@ -333,12 +313,8 @@ def test_bootstrap_expect_with_a_chain_of_seeds(cluster_factory):
     nodes = _new_nodes(cluster, 3, bootstrap_expect=3)
     for i, node in enumerate(nodes):
         node.join = nodes[(i + 1) % 3].address
-    t0 = _spawn_together(cluster, nodes)
-    for node in nodes:
-        wait_for(node._ready, 20.0, interval=0.1,
-                 message=lambda node=node: f"{node.node_id} ready\n{node.log_tail()}")
-    cluster.wait_formed(timeout=20.0)
-    print(f"\nformed in {time.monotonic() - t0:.1f} s")
+    took = cluster.start_together(nodes, timeout=20.0)
+    print(f"\nformed in {took:.1f} s")
     assert_voters_are_the_members(nodes)
 
 
@@ -347,12 +323,8 @@ def test_joins_arriving_together_are_queued(cluster_factory):
     seed = cluster.node(1).address
     nodes = [ClusterNodeProcess(cluster.workdir, f"n{i}", cluster.secret, cluster.name,
                                 join=seed) for i in (2, 3, 4)]
-    t0 = _spawn_together(cluster, nodes)
-    for node in nodes:
-        wait_for(node._ready, 30.0, interval=0.1,
-                 message=lambda node=node: f"{node.node_id} ready\n{node.log_tail()}")
-    cluster.wait_formed(timeout=30.0)
-    print(f"\nthree joins done in {time.monotonic() - t0:.1f} s")
+    took = cluster.start_together(nodes, timeout=30.0)
+    print(f"\nthree joins done in {took:.1f} s")
     assert_voters_are_the_members(cluster.nodes)
 
 

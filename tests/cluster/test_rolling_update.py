@@ -23,7 +23,7 @@ from collections import Counter
 
 import pytest
 
-from support import (HAPROXY, Balancer, PahoClient, free_port_pair, http_json,
+from support import (HAPROXY, Balancer, free_port_pair, http_json,
                      probe_until_seen, raft_voters, shoal_cli, wait_for)
 
 pytestmark = [
@@ -39,7 +39,27 @@ SUBSCRIBERS = int(os.environ.get("SHOAL_TEST_SUBSCRIBERS", "3"))
 EXPIRY = 600
 
 
-class Resuming:
+class _Background:
+    """A loop in a daemon thread (``_run``), ended by ``stop()``, which waits for it."""
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self):
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def stop(self, timeout: float = 20.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), f"{type(self).__name__} did not stop"
+
+
+class Resuming(_Background):
     """A persistent subscriber that reconnects (clean start 0) whenever it is sent away,
     recording the session-present flag of every resume. Bounded by ``stop()``."""
 
@@ -50,9 +70,7 @@ class Resuming:
         self.client.clean = False
         self.presents: list[bool] = []
         self.refused: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+        super().__init__()
 
     def _run(self) -> None:
         for _ in range(100_000):
@@ -67,12 +85,8 @@ class Resuming:
                 self.refused.append(repr(err))
                 self._stop.wait(0.2)
 
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(10)
 
-
-class Publisher:
+class Publisher(_Background):
     """Numbered QoS 1 messages through the balancer; a message counts once PUBACKed.
     Sent away, it reconnects and sends the unacknowledged number again."""
 
@@ -82,12 +96,7 @@ class Publisher:
         self.topic = topic
         self.acked: list[int] = []
         self.retries = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def start(self) -> "Publisher":
-        self._thread.start()
-        return self
+        super().__init__()
 
     def _run(self) -> None:
         k = 0
@@ -108,12 +117,8 @@ class Publisher:
             k += 1
             self._stop.wait(0.01)
 
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(20)
 
-
-class QuorumWatch:
+class QuorumWatch(_Background):
     """Samples every serving node's Raft quorum (GET /api/v1/cluster) every 0.2 s."""
 
     def __init__(self, cluster) -> None:
@@ -121,9 +126,7 @@ class QuorumWatch:
         self.samples = 0
         self.lost: list[tuple[float, str, dict]] = []
         self.paused: set[str] = set()  # nodes leaving or restarting: not serving
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+        super().__init__()
 
     def _run(self) -> None:
         for _ in range(100_000):
@@ -143,10 +146,6 @@ class QuorumWatch:
                 if not view["raft"]["has_quorum"]:
                     self.lost.append((time.monotonic(), node.node_id, view["raft"]))
 
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(10)
-
 
 def test_rolling_update_three_times_through_haproxy(cluster_factory, tmp_path):
     cluster = cluster_factory(3, proxy_protocol=True)
@@ -162,14 +161,14 @@ def _rolling_update(cluster, nodes, lb) -> None:
     lb.wait_status({"node1": "UP", "node2": "UP", "node3": "UP"})
     t = uuid.uuid4().hex[:8]
     topic = f"ru/{t}/m"
-    subs = [Resuming(lb, f"ru-sub-{t}-{i}", f"ru/{t}/#") for i in range(SUBSCRIBERS)]
+    subs = [Resuming(lb, f"ru-sub-{t}-{i}", f"ru/{t}/#").start() for i in range(SUBSCRIBERS)]
     publisher = Publisher(lb, topic)
     for sub in subs:
         probe_until_seen(lambda m: publisher.client.publish(f"ru/{t}/probe", m, qos=0),
                          lambda m, sub=sub: m in sub.client.payloads(f"ru/{t}/probe"),
                          what="every subscriber's route on the publisher's node")
     publisher.start()
-    watch = QuorumWatch(cluster)
+    watch = QuorumWatch(cluster).start()
     steps = []
     try:
         for rnd in range(ROUNDS):
