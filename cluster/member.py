@@ -22,6 +22,8 @@ from node.topics import SubEntry, SubscriptionTree
 
 from .discovery import MdnsDiscovery
 from .membership import Membership
+from .messages import (KINDS, Adopt, Barrier, LateBatch, MalformedMessage, SnapChunk,
+                       SnapshotRequest, Switched, decode)
 from .routing import (Claimed, Event, Forgotten, MemberChanged, Moved, RaftNode,
                       RaftUnavailable, Released, Replaced, RoutesChanged, RoutingView)
 from .takeover import Takeovers
@@ -52,12 +54,7 @@ class ClusterMember:
         self.loop = asyncio.get_running_loop()
         self.view = RoutingView()
         self.view.listeners.append(self._on_event)
-        #: the routing table's events, by type (cluster/routing.py)
-        self._event_handlers = {
-            RoutesChanged: self._on_routes, Claimed: self._on_claimed,
-            Released: self._on_released, Moved: self._on_moved, MemberChanged: self._on_member,
-            Forgotten: self._on_forgotten, Replaced: self._on_replaced,
-        }
+        self._event_handlers = self._event_table()
         self.remote = SubscriptionTree()  # entries keyed by node id: where filters are
         self.raft: RaftNode | None = None
         host = config.advertise_host or config.host
@@ -78,6 +75,7 @@ class ClusterMember:
             on_peer_restarted=lambda peer: self.takeovers.on_peer_restarted(peer))
         self.transport.info = self.info
         self.takeovers = Takeovers(self)
+        self._message_handlers, self._request_handlers = self._handler_tables()
         self.snapshot_chunks: dict[tuple, dict] = {}
         self.peer_stats: dict[str, dict] = {}
         self.peer_down_since: dict[str, float] = {}
@@ -87,6 +85,7 @@ class ClusterMember:
         self._group_cursor = 0
         self.forwarded = 0
         self.forward_dropped = 0  # QoS 0 messages dropped at a full node-to-node queue
+        self.forward_stale = 0  # forwards meant for a previous process of this node
         self._dropping_to: set[str] = set()
         self._outbox: dict[str, list] = {}  # node -> [[wire blobs...], must_arrive, confirm]
         # forward confirmations (durability safe): a batch holding QoS 1/2 messages asks
@@ -106,6 +105,35 @@ class ClusterMember:
         self.caught_up = False
         self.membership = Membership(self)
         self._raft_port_hold: socket.socket | None = None
+
+    def _event_table(self) -> dict:
+        """The routing table's events, by type (cluster/routing.py)."""
+        return {
+            RoutesChanged: self._on_routes, Claimed: self._on_claimed,
+            Released: self._on_released, Moved: self._on_moved, MemberChanged: self._on_member,
+            Forgotten: self._on_forgotten, Replaced: self._on_replaced,
+        }
+
+    def _handler_tables(self) -> tuple[dict, dict]:
+        """Node-to-node messages and requests, by wire kind (the hand-over's are typed:
+        cluster/messages.py, decoded before their handler runs)."""
+        t = self.takeovers
+        messages = {
+            "pubs": self._route_forwarded, "pubc": self._on_pubc, "pubc_ok": self._on_pubc_ok,
+            Barrier.kind: t.on_barrier,
+            Switched.kind: lambda peer, _switched: t.on_peer_switched(peer),
+            SnapChunk.kind: self._on_snap_chunk,
+            "ret": lambda peer, body: self._apply_retained(*body), "stats": self._on_stats,
+        }
+        requests = {
+            SnapshotRequest.kind: t.on_snapshot_request, LateBatch.kind: t.on_late,
+            Adopt.kind: self._on_adopt, "cluster_info": self._on_cluster_info,
+            "join": lambda peer, body: self._on_membership("join", body),
+            "remove_member": lambda peer, body: self._on_membership("remove_member", body),
+            "forget": lambda peer, body: self._on_membership("forget", body),
+            "retained_dump": self._on_retained_dump, "kick": self._on_kick,
+        }
+        return messages, requests
 
     # -- start / stop ------------------------------------------------------------------------
 
@@ -405,7 +433,10 @@ class ClusterMember:
         if confirm is not None:
             cid = next(self._confirm_ids)
             self._confirms[cid] = (node, confirm, time.monotonic())
-            self.transport.send(node, "pubc", [cid, items], True)
+            # routed with what this node knew of that node's process: a batch still in
+            # the link's buffer when it restarts is not for its new process (see _on_pubc)
+            self.transport.send(node, "pubc", [cid, items,
+                                               self.transport.peer_incarnation(node)], True)
             return
         if self.transport.send(node, "pubs", items, must_arrive):
             self._dropping_to.discard(node)
@@ -443,34 +474,49 @@ class ClusterMember:
     # -- transport ------------------------------------------------------------------------
 
     def _on_message(self, peer: str, kind: str, body) -> None:
-        if kind == "pubs":
-            self._route_forwarded(peer, body)
-        elif kind == "pubc":
-            cid, items = body
-            self._route_forwarded(peer, items)
-            wait = self.broker.durable_wait()
-            if wait is None:
-                self.transport.send(peer, "pubc_ok", cid, True)
-            else:
-                wait.add_done_callback(lambda w, peer=peer, cid=cid: self._confirm_stored(
-                    w, peer, cid))
-        elif kind == "pubc_ok":
-            entry = self._confirms.pop(body, None)
-            if entry is not None and not entry[1].done():
-                entry[1].set_result(None)
-        elif kind == "barrier":
-            self.takeovers.on_barrier(peer, body)
-        elif kind == "switched":
-            self.takeovers.on_peer_switched(peer)
-        elif kind == "snap_chunk":
-            key = (body["client_id"], body["epoch"])
-            self.snapshot_chunks.setdefault(key, {})[body["i"]] = body["items"]
-        elif kind == "ret":
-            self._apply_retained(*body)
-        elif kind == "stats":
-            self.peer_stats[peer] = dict(body, received_at=time.time())
-        else:
+        handler = self._message_handlers.get(kind)
+        if handler is None:
             log.warning("unknown message kind=%s from=%s node=%s", kind, peer, self.node_id)
+            return
+        if kind in KINDS:
+            try:
+                body = decode(kind, body)
+            except MalformedMessage as err:
+                log.warning("malformed message from=%s node=%s: %s", peer, self.node_id, err)
+                return
+        handler(peer, body)
+
+    def _on_pubc(self, peer: str, body) -> None:
+        cid, items = body[0], body[1]
+        meant = body[2] if len(body) > 2 else None
+        if meant is not None and meant != self.transport.incarnation:
+            # routed to this node's previous process (held while the link was down): the
+            # routing decision counted on its hand-over state, which went with it (e.g. the
+            # barrier it waited for). Not confirmed: the publisher's PUBACK never comes and
+            # it sends the message again, rather than this process dropping it unnoticed.
+            self.forward_stale += len(items)
+            log.warning("forwarded messages for a previous process of this node not taken "
+                        "node=%s from=%s count=%d", self.node_id, peer, len(items))
+            return
+        self._route_forwarded(peer, items)
+        wait = self.broker.durable_wait()
+        if wait is None:
+            self.transport.send(peer, "pubc_ok", cid, True)
+        else:
+            wait.add_done_callback(lambda w, peer=peer, cid=cid: self._confirm_stored(
+                w, peer, cid))
+
+    def _on_pubc_ok(self, peer: str, cid) -> None:
+        entry = self._confirms.pop(cid, None)
+        if entry is not None and not entry[1].done():
+            entry[1].set_result(None)
+
+    def _on_snap_chunk(self, peer: str, chunk: SnapChunk) -> None:
+        self.snapshot_chunks.setdefault((chunk.client_id, chunk.epoch), {})[chunk.i] = \
+            chunk.items
+
+    def _on_stats(self, peer: str, body) -> None:
+        self.peer_stats[peer] = dict(body, received_at=time.time())
 
     def _route_forwarded(self, peer: str, blobs: list) -> None:
         route_remote = self.broker.route_remote
@@ -498,22 +544,29 @@ class ClusterMember:
             fut.cancel()
 
     async def _on_request(self, peer: str, kind: str, body):
-        if kind == "snapshot":
-            return await self.takeovers.on_snapshot_request(peer, body)
-        if kind == "late":
-            return await self.takeovers.on_late(peer, body)
-        if kind == "cluster_info":
-            return self.membership.info(body if isinstance(body, dict) else None)
-        if kind in ("join", "remove_member", "forget"):
-            return await self.membership.handle(kind, body)
-        if kind == "adopt":
-            return await self.membership.adopt(body["client_ids"])
-        if kind == "retained_dump":
-            return [(t, message_to_record(m), self.retained_ts.get(t, 0.0))
-                    for t, m in self.broker.retained.items()]
-        if kind == "kick":  # an operator's kick forwarded by another node's admin API
-            return self.broker.kick(body["client_id"])
-        raise ValueError(f"unknown request {kind!r}")
+        handler = self._request_handlers.get(kind)
+        if handler is None:
+            raise ValueError(f"unknown request {kind!r}")
+        if kind in KINDS:
+            body = decode(kind, body)  # (MalformedMessage: the requester gets the error)
+        return await handler(peer, body)
+
+    async def _on_cluster_info(self, peer: str, body):
+        return self.membership.info(body if isinstance(body, dict) else None)
+
+    async def _on_membership(self, kind: str, body):
+        return await self.membership.handle(kind, body)
+
+    async def _on_adopt(self, peer: str, adopt: Adopt):
+        return await self.membership.adopt(adopt.client_ids)
+
+    async def _on_retained_dump(self, peer: str, body):
+        return [(t, message_to_record(m), self.retained_ts.get(t, 0.0))
+                for t, m in self.broker.retained.items()]
+
+    async def _on_kick(self, peer: str, body):
+        """An operator's kick forwarded by another node's admin API."""
+        return self.broker.kick(body["client_id"])
 
     async def fetch_retained(self, peer: str) -> None:
         try:
@@ -692,6 +745,7 @@ class ClusterMember:
             "takeovers": self.takeovers.status(),
             "forwarded": self.forwarded,
             "forward_dropped_qos0": self.forward_dropped,
+            "forward_stale": self.forward_stale,
             "received": self.received,
             "leader_changes": self.leader_changes,
         }

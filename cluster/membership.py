@@ -43,6 +43,7 @@ from node.mqtt.codes import ReasonCode
 from node.session.session import SessionState
 
 from .discovery import resolve_seeds
+from .messages import Adopt, encode
 from .routing import RaftUnavailable
 from .stored import StoredMembership, StoredStateError, describe
 from .transport import PeerUnreachable, RemoteError, RequestTimeout
@@ -803,7 +804,7 @@ class Membership:
                 return
             try:
                 result = await self.member.transport.request(
-                    target, "adopt", {"client_ids": batch}, remaining)
+                    target, *encode(Adopt(batch)), remaining)
             except LINK_ERRORS as err:
                 log.warning("hand-over of %d sessions to %s failed node=%s: %r", len(batch),
                             target, self.node_id, err)

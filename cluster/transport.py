@@ -293,6 +293,12 @@ class Transport:
         st = self._peers.get(peer_id)
         return 0 if st is None else st.depth()
 
+    def peer_incarnation(self, peer_id: str) -> str | None:
+        """The incarnation (process) of the peer this node last linked with (None if
+        never): a message sent now is meant for that process."""
+        st = self._peers.get(peer_id)
+        return None if st is None else st.inc
+
     def peer_info(self, peer_id: str) -> Any:
         """The ``info`` the peer advertised in its last handshake (None if never linked)."""
         st = self._peers.get(peer_id)

@@ -1,0 +1,495 @@
+"""The claiming node's side of a session hand-over, as a sans-IO state machine.
+
+Client X connects to node B (or B adopts X's session from a leaving node). B keeps one
+``ClaimerHandover`` for X from its claim until the session is B's alone:
+
+    CLAIMING --committed--> OPEN       (new session, clean start, held here, none anywhere)
+        |                   FETCHING --record--> INSTALLED --move committed--> MOVED --all in--> DONE
+        |                      |  |                  |   \\--move refused--> OVERTAKEN
+        |                      |  |                  \\--all in--> DONE  (before the verdict)
+        |                      |  +--none--> OPEN    (it ended on the holder)
+        |                      |  +--stale / holder error--> REFUSED
+        |                      |  +--unreachable--> REFUSED or FRESH  (``unreachable_owner``)
+        |                      +--retry--> WAITING --holder changed--> FETCHING or OPEN
+        |                                     \\--no change in time--> REFUSED or FRESH
+        +--not committed--> REFUSED
+
+* CLAIMING: the claim (a new epoch) is proposed to Raft; the answer names the holder.
+* WAITING: the holder is handing X to yet another node: wait for the table to change.
+* FETCHING: the holder (A) is asked for the session at this epoch.
+* INSTALLED: the record is installed here and gated: what a node P forwarded here before
+  its barrier was routed with the old routes (A keeps it: dropped here); what P sent after
+  its barrier waits ("held") until A's late batch from P is in, and is admitted after it.
+  Once the copy is durable here, ``moved`` is proposed (with X's routes on B); CONNACK
+  (session present 1) waits for its verdict.
+* MOVED: the move committed; the gate keeps ordering until every barrier and every late
+  batch arrived, then the gate goes (DONE).
+* OVERTAKEN: a newer claim came first: B's copy is dropped (A still has the session).
+* FRESH: the holder could not be reached and the policy says start fresh: B proposes
+  itself as holder and the client gets session present 0.
+
+The verdict a CONNECT gets is decided here: ``Open`` (go on, with or without a record),
+``Refuse`` (a reason code), ``Answer`` (the move's verdict: True, False or None).
+Events in, one method each; actions out. No asyncio and no sockets: cluster/takeover.py
+runs it in a node, cluster/simulation in a simulated cluster. Items (the messages held
+and admitted) are opaque here.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from node.mqtt.codes import ReasonCode
+
+__all__ = ["ClaimerState", "ClaimerEvent", "TRANSITIONS", "ClaimerHandover", "LocalCopy",
+           "ProposeClaim", "AskSnapshot", "AwaitHolderChange", "Open", "Refuse", "TakeBack",
+           "ProposeFresh", "AwaitDurable", "ProposeMove", "Answer", "Admit", "GateOff",
+           "StartExpiryTimer", "INCOMING_LIMIT"]
+
+#: seconds a new holder waits at most for the old holder's late messages (a node that is
+#: cut off that long delays the session's messages from it no longer: they are delivered
+#: out of order with what the old holder still has)
+INCOMING_LIMIT = 60.0
+
+
+class ClaimerState(enum.Enum):
+    CLAIMING = "claiming"
+    WAITING = "waiting"
+    FETCHING = "fetching"
+    INSTALLED = "installed"
+    MOVED = "moved"
+    DONE = "done"
+    OPEN = "open"
+    FRESH = "fresh"
+    REFUSED = "refused"
+    OVERTAKEN = "overtaken"
+
+
+class ClaimerEvent(enum.Enum):
+    COMMITTED = "committed"
+    NOT_COMMITTED = "not_committed"
+    HOLDER_CHANGED = "holder_changed"
+    NO_CHANGE = "no_change"
+    RECORD = "record"
+    NONE = "none"
+    STALE = "stale"
+    RETRY = "retry"
+    UNREACHABLE = "unreachable"
+    HOLDER_ERROR = "holder_error"
+    DURABLE = "durable"
+    MOVE_COMMITTED = "move_committed"
+    MOVE_REFUSED = "move_refused"
+    MOVE_UNKNOWN = "move_unknown"
+    MESSAGE = "message"
+    BARRIER = "barrier"
+    LATE = "late"
+    PEER_SWITCHED = "peer_switched"
+    EXPIRED = "expired"
+    FORCE = "force"
+    ALL_IN = "all_in"
+
+
+S, E = ClaimerState, ClaimerEvent
+#: Every transition the claiming side can make; anything else is a bug and raises.
+TRANSITIONS: dict[tuple[ClaimerState, ClaimerEvent], ClaimerState] = {
+    (S.CLAIMING, E.COMMITTED): S.FETCHING,  # or OPEN / WAITING: see ``committed``
+    (S.CLAIMING, E.NOT_COMMITTED): S.REFUSED,
+    (S.WAITING, E.HOLDER_CHANGED): S.FETCHING,  # or OPEN when the table names us
+    (S.WAITING, E.NO_CHANGE): S.REFUSED,  # or FRESH: the unreachable policy
+    (S.FETCHING, E.RECORD): S.INSTALLED,
+    (S.FETCHING, E.NONE): S.OPEN,
+    (S.FETCHING, E.STALE): S.REFUSED,
+    (S.FETCHING, E.RETRY): S.WAITING,
+    (S.FETCHING, E.UNREACHABLE): S.REFUSED,  # or FRESH
+    (S.FETCHING, E.HOLDER_ERROR): S.REFUSED,
+    (S.INSTALLED, E.DURABLE): S.INSTALLED,
+    (S.INSTALLED, E.MOVE_COMMITTED): S.MOVED,
+    (S.INSTALLED, E.MOVE_REFUSED): S.OVERTAKEN,
+    (S.INSTALLED, E.MOVE_UNKNOWN): S.INSTALLED,  # the move may still commit: stay gated
+    # the gate finished before the move's verdict reached this coroutine
+    (S.DONE, E.MOVE_COMMITTED): S.DONE,
+    (S.DONE, E.MOVE_REFUSED): S.OVERTAKEN,
+    (S.DONE, E.MOVE_UNKNOWN): S.DONE,
+    (S.DONE, E.DURABLE): S.DONE,
+}
+for _gated in (S.INSTALLED, S.MOVED):
+    for _e in (E.MESSAGE, E.BARRIER, E.LATE, E.PEER_SWITCHED, E.EXPIRED, E.FORCE):
+        TRANSITIONS[(_gated, _e)] = _gated
+    TRANSITIONS[(_gated, E.ALL_IN)] = S.DONE
+# late answers, barriers and timers for a hand-over that is over: nothing to do
+for _over in (S.DONE, S.OVERTAKEN):
+    for _e in (E.MESSAGE, E.BARRIER, E.LATE, E.PEER_SWITCHED, E.EXPIRED, E.FORCE):
+        TRANSITIONS[(_over, _e)] = _over
+del S, E, _gated, _over, _e
+
+#: the states in which the claim's outcome is known and no gate is up
+SETTLED = frozenset({ClaimerState.DONE, ClaimerState.OPEN, ClaimerState.FRESH,
+                     ClaimerState.REFUSED, ClaimerState.OVERTAKEN})
+GATED = frozenset({ClaimerState.INSTALLED, ClaimerState.MOVED})
+
+
+class InvalidTransition(RuntimeError):
+    pass
+
+
+class LocalCopy(enum.Enum):
+    """What this node knows of its own copy when its claim commits naming itself holder."""
+    NONE = "none"  # no copy being handed over here
+    HANDED_UNMOVED = "handed_unmoved"  # handed to an older claim whose move never applied
+    HANDING = "handing"  # being handed to another node right now
+
+
+# -- actions -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ProposeClaim:
+    """Propose ``claim(client_id, node, clean_start)`` to Raft; then ``committed`` or
+    ``not_committed``."""
+
+
+@dataclass(frozen=True)
+class AskSnapshot:
+    """Ask ``holder`` for the session at this epoch; then ``record``, ``none``, ``stale``,
+    ``retry``, ``unreachable`` or ``holder_error``."""
+    holder: str
+    epoch: int
+
+
+@dataclass(frozen=True)
+class AwaitHolderChange:
+    """Wait (until the claim's deadline) for the table's holder to differ from
+    ``holder``; then ``holder_changed`` or ``no_change``."""
+    holder: str
+
+
+@dataclass(frozen=True)
+class TakeBack:
+    """This node's own older hand-over (to an unmoved claim) is taken back first."""
+    why: str
+
+
+@dataclass(frozen=True)
+class Open:
+    """The CONNECT goes on: the session opens from ``record`` (a hand-over), resumes the
+    local one, or starts new (``fresh_reason``: a previous session was lost)."""
+    epoch: int
+    record: dict | None = None
+    fresh_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class Refuse:
+    """CONNACK with ``reason`` and the connection closed."""
+    reason: int
+    text: str
+
+
+@dataclass(frozen=True)
+class ProposeFresh:
+    """Propose ``moved(client_id, epoch, holder, node)``: the new session lives here."""
+    holder: str
+
+
+@dataclass(frozen=True)
+class AwaitDurable:
+    """Wait until the installed copy is on disk here; then ``durable``."""
+
+
+@dataclass(frozen=True)
+class ProposeMove:
+    """Propose ``moved(client_id, epoch, holder, node)`` (with the session's routes here,
+    in the same Raft entry) and wait for it; then ``move_committed``, ``move_refused`` or
+    ``move_unknown``."""
+    holder: str
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The hand-over's verdict for CONNACK: True (moved), False (overtaken: drop this
+    copy), None (not known in time: the copy stays, the client retries)."""
+    verdict: bool | None
+
+
+@dataclass(frozen=True)
+class Admit:
+    """Admit these items into the session, in this order."""
+    items: tuple
+
+
+@dataclass(frozen=True)
+class GateOff:
+    """Nothing left to order: messages go to the session directly again."""
+
+
+@dataclass(frozen=True)
+class StartExpiryTimer:
+    """Call ``expired`` after ``delay`` seconds."""
+    delay: float
+
+
+# -- the machine -------------------------------------------------------------------------
+
+@dataclass(eq=False)
+class ClaimerHandover:
+    node_id: str
+    client_id: str
+    clean_start: bool
+    #: what to do when the holder cannot be reached: "refuse" (0x88) or "fresh"
+    unreachable_owner: str = "refuse"
+    state: ClaimerState = ClaimerState.CLAIMING
+    epoch: int = 0
+    holder: str | None = None
+    #: gate: nodes whose barrier has not arrived here
+    pending: set = field(default_factory=set)
+    #: gate: nodes whose late batch the old holder has not sent yet
+    awaiting: set = field(default_factory=set)
+    #: gate: per node, what arrived after its barrier and before its late batch
+    held: dict = field(default_factory=dict)
+    started: float = 0.0  # when the record was installed (for ``expired``)
+    #: nodes that may still send messages routed to this node as the session's holder
+    #: of ``early_epoch`` (a hand-over from here that this claim superseded): admitted
+    #: until their barrier of that epoch arrives (see ``took_back``)
+    early: set = field(default_factory=set)
+    early_epoch: int = 0
+    #: the move's verdict once known: True (committed), False (refused), None (unknown)
+    verdict: bool | None = None
+    decided: bool = False  # a verdict (even "unknown") was given to the client
+    why: str = ""  # the last reason a path was taken (logs)
+
+    def _go(self, event: ClaimerEvent, to: ClaimerState | None = None) -> None:
+        new = TRANSITIONS.get((self.state, event))
+        if new is None:
+            raise InvalidTransition(f"claim of {self.client_id!r} on {self.node_id} (epoch "
+                                    f"{self.epoch}): {event.value} not allowed in state "
+                                    f"{self.state.value}")
+        # a few events have two outcomes; the table names the usual one and the method
+        # picks the other one from the same row of the diagram
+        self.state = to or new
+
+    @property
+    def gated(self) -> bool:
+        return self.state in GATED
+
+    @property
+    def settled(self) -> bool:
+        return self.state in SETTLED
+
+    def stale_copy(self, owner: tuple | None, holder: str | None) -> bool:
+        """After the gate: is the copy installed here not the session? Yes when the
+        move's verdict was "unknown" and the table has moved on: a newer claim applied and
+        another node holds it (``moved`` needs this epoch to be the current claim, so it
+        can never apply now)."""
+        return (self.decided and self.verdict is None and holder != self.node_id
+                and owner is not None and owner[1] > self.epoch)
+
+    def start(self) -> list:
+        return [ProposeClaim()]
+
+    # -- claiming ----------------------------------------------------------------------
+
+    def committed(self, epoch: int, holder: str | None, local: LocalCopy) -> list:
+        """The claim committed: ``holder`` holds the session (None: nobody)."""
+        self.epoch = epoch
+        me = self.node_id
+        actions: list = []
+        if holder == me and not self.clean_start:
+            if local is LocalCopy.HANDED_UNMOVED:
+                # our claim came first: that older move never will be applied
+                actions.append(TakeBack(f"not moved; claimed here with epoch {epoch}"))
+            elif local is LocalCopy.HANDING:
+                # handed to another node a moment ago: fetch it back from there
+                self._go(ClaimerEvent.COMMITTED, ClaimerState.WAITING)
+                self.holder = me
+                return [AwaitHolderChange(me)]
+        if self.clean_start or holder is None or holder == me:
+            self._go(ClaimerEvent.COMMITTED, ClaimerState.OPEN)
+            return actions + [Open(epoch)]
+        self._go(ClaimerEvent.COMMITTED)
+        self.holder = holder
+        return [AskSnapshot(holder, epoch)]
+
+    def not_committed(self, why: str) -> list:
+        self._go(ClaimerEvent.NOT_COMMITTED)
+        self.why = why
+        return [Refuse(ReasonCode.SERVER_UNAVAILABLE, "no Raft quorum: ClientID cannot be "
+                                                      "claimed")]
+
+    def holder_changed(self, holder: str | None) -> list:
+        """The table's holder is now ``holder`` (None: nobody holds it)."""
+        if holder is None or holder == self.node_id:
+            self._go(ClaimerEvent.HOLDER_CHANGED, ClaimerState.OPEN)
+            return [Open(self.epoch)]
+        self._go(ClaimerEvent.HOLDER_CHANGED)
+        self.holder = holder
+        return [AskSnapshot(holder, self.epoch)]
+
+    def no_change(self) -> list:
+        self._go(ClaimerEvent.NO_CHANGE)
+        return self._unreachable("hand-over did not end")
+
+    # -- fetching ----------------------------------------------------------------------
+
+    def record(self, record: dict, now: float, members, expiry_delay: float) -> list:
+        """The holder answered with the session: install it, gated."""
+        self._go(ClaimerEvent.RECORD)
+        self.pending = set(members)
+        self.awaiting = set(members)
+        self.started = now
+        return [Open(self.epoch, record), StartExpiryTimer(expiry_delay)]
+
+    def none(self) -> list:
+        """The holder has no session (it ended): a fresh one here."""
+        self._go(ClaimerEvent.NONE)
+        return [Open(self.epoch)]
+
+    def stale(self) -> list:
+        self._go(ClaimerEvent.STALE)
+        return [Refuse(ReasonCode.SERVER_BUSY, "a newer connection of this ClientID took "
+                                               "over")]
+
+    def retry(self) -> list:
+        """The holder is handing the session to someone else."""
+        self._go(ClaimerEvent.RETRY)
+        return [AwaitHolderChange(self.holder)]
+
+    def unreachable(self, why: str) -> list:
+        self._go(ClaimerEvent.UNREACHABLE)
+        return self._unreachable(why)
+
+    def holder_error(self, why: str) -> list:
+        self._go(ClaimerEvent.HOLDER_ERROR)
+        self.why = why
+        return [Refuse(ReasonCode.SERVER_BUSY, f"session hand-over failed on {self.holder}")]
+
+    def _unreachable(self, why: str) -> list:
+        """The policy for a holder that cannot be reached (``unreachable_owner``)."""
+        self.why = why
+        if self.unreachable_owner == "refuse":
+            self.state = ClaimerState.REFUSED
+            return [Refuse(ReasonCode.SERVER_UNAVAILABLE,
+                           f"node {self.holder} holding the session is unreachable")]
+        self.state = ClaimerState.FRESH
+        return [ProposeFresh(self.holder),
+                Open(self.epoch, None, f"node {self.holder} unreachable")]
+
+    # -- installed: confirming -----------------------------------------------------------
+
+    def opened(self) -> list:
+        """The installed session is open here (CONNACK waits): make it durable first."""
+        return [AwaitDurable()]
+
+    def durable(self) -> list:
+        """The installed copy is on disk here: propose the move."""
+        self._go(ClaimerEvent.DURABLE)
+        # (also when the gate was forced open meanwhile: only Raft can tell whether this
+        # epoch is still the current claim)
+        return [ProposeMove(self.holder)]
+
+    def move_committed(self) -> list:
+        self._go(ClaimerEvent.MOVE_COMMITTED)
+        self.verdict, self.decided = True, True
+        return [Answer(True)]
+
+    def move_refused(self) -> list:
+        """A newer claim came first: this copy must go."""
+        self._go(ClaimerEvent.MOVE_REFUSED)
+        self.verdict, self.decided = False, True
+        return [Answer(False)]
+
+    def move_unknown(self) -> list:
+        """Not known in time: the copy stays (the move may still commit), gated."""
+        self._go(ClaimerEvent.MOVE_UNKNOWN)
+        self.decided = True
+        return [Answer(None)]
+
+    # -- the gate ------------------------------------------------------------------------
+
+    def took_back(self, epoch: int, waiting) -> None:
+        """This node handed the session away (``epoch``) and takes it back with this
+        claim, before the nodes in ``waiting`` sent their barrier of that hand-over: they
+        still route with the routes from before it, which named this node. What they
+        send here until that barrier is the session's, and nobody else has it."""
+        self.early = set(waiting)
+        self.early_epoch = epoch
+
+    def message(self, via: str, item) -> bool:
+        """A message for the session forwarded by ``via`` (this node's id for a local
+        publish). True: admit it now; False: dropped (the old holder has it) or held."""
+        self._go(ClaimerEvent.MESSAGE)
+        if not self.gated:
+            return True
+        if via in self.early:
+            return True  # routed here before the hand-over this claim superseded
+        if via in self.pending:
+            return False  # routed with the old routes: the old holder keeps it for X
+        if via in self.awaiting:
+            # after that node's barrier: behind what it sent the old holder before
+            self.held.setdefault(via, []).append(item)
+            return False
+        return True
+
+    def barrier(self, sender: str, epoch: int) -> list:
+        """``sender`` applied the move of ``epoch`` (this claim's, or the superseded
+        hand-over's): from now on it routes with the routes after it."""
+        self._go(ClaimerEvent.BARRIER)
+        if epoch == self.early_epoch:
+            self.early.discard(sender)
+            return []
+        if epoch != self.epoch:
+            return []
+        self.early.discard(sender)
+        self.pending.discard(sender)
+        return self._maybe_done()
+
+    def peer_switched(self, peer: str) -> list:
+        """``peer`` routes with every move applied (a barrier for all of them)."""
+        self._go(ClaimerEvent.PEER_SWITCHED)
+        self.early.discard(peer)
+        self.pending.discard(peer)
+        return self._maybe_done()
+
+    def late(self, source: str, items: list) -> list:
+        """The old holder's late batch from ``source`` (the unseen ones): admitted, then
+        what ``source`` sent here after its barrier."""
+        self._go(ClaimerEvent.LATE)
+        if not self.gated:
+            return [Admit(tuple(items))] if items else []
+        return self._late_from(source, items) + self._maybe_done()
+
+    def expired(self, now: float, holder_up: bool, retry_delay: float) -> list:
+        """The expiry timer: the old holder still waits for a node that is down or cut
+        off (its messages come once that node is back), unless it is gone itself or this
+        went on for ``INCOMING_LIMIT``."""
+        self._go(ClaimerEvent.EXPIRED)
+        if not self.gated:
+            return []
+        if holder_up and now - self.started < INCOMING_LIMIT:
+            return [StartExpiryTimer(retry_delay)]
+        return self.force("the old holder is gone")
+
+    def force(self, why: str) -> list:
+        """End the gate without the late batches still missing (their node or the old
+        holder is gone, or the session moves on): what it holds is admitted."""
+        self._go(ClaimerEvent.FORCE)
+        if not self.gated:
+            return []
+        self.why = f"{why}; missing from {sorted(self.awaiting)}"
+        self.pending.clear()  # what went to the old holder went with it
+        self.early.clear()
+        actions: list = []
+        for node in sorted(self.awaiting):
+            actions += self._late_from(node, [])
+        return actions + self._maybe_done()
+
+    def _late_from(self, source: str, items: list) -> list:
+        held = self.held.pop(source, [])
+        self.awaiting.discard(source)
+        both = tuple(items) + tuple(held)
+        return [Admit(both)] if both else []
+
+    def _maybe_done(self) -> list:
+        if not self.gated or self.awaiting or self.pending:
+            return []
+        self._go(ClaimerEvent.ALL_IN)
+        return [GateOff()]

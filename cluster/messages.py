@@ -1,0 +1,94 @@
+"""Typed node-to-node messages of the session hand-over.
+
+Each is a dataclass with its wire ``kind`` (the string the transport carries) and a
+plain-dict body (msgpack). ``decode(kind, body)`` turns a received body back into its
+dataclass through one table, ``KINDS``; cluster/member.py dispatches received messages
+by type. Forwarded PUBLISH batches keep their compact encoding (cluster/wire.py).
+
+    SnapshotRequest  B -> A  request: the session of ``client_id`` at ``epoch``
+    SnapChunk        A -> B  one chunk of a long queue, sent before the answer
+    Barrier          P -> A, B  P applied ``moved``: its forwards from now on use the new routes
+    Switched         P -> all   P's table was replaced by a Raft snapshot: a barrier for every move
+    LateBatch        A -> B  request: what ``source`` forwarded to A with the old routes
+    Adopt            leaving node -> member  request: take these offline sessions over
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+__all__ = ["SnapshotRequest", "SnapChunk", "Barrier", "Switched", "LateBatch", "Adopt",
+           "KINDS", "encode", "decode", "MalformedMessage"]
+
+
+class MalformedMessage(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class SnapshotRequest:
+    kind = "snapshot"
+    client_id: str
+    epoch: int
+
+
+@dataclass(frozen=True)
+class SnapChunk:
+    kind = "snap_chunk"
+    client_id: str
+    epoch: int
+    i: int
+    items: list
+
+
+@dataclass(frozen=True)
+class Barrier:
+    kind = "barrier"
+    client_id: str
+    epoch: int
+
+
+@dataclass(frozen=True)
+class Switched:
+    kind = "switched"
+
+
+@dataclass(frozen=True)
+class LateBatch:
+    """Late messages: items are ``[message record, qos, retain, sub_ids, store key on
+    the old holder (0: not stored there)]``."""
+    kind = "late"
+    client_id: str
+    epoch: int
+    source: str  # the node that forwarded them ("restart", "relay": see cluster/holder.py)
+    messages: list
+
+
+@dataclass(frozen=True)
+class Adopt:
+    kind = "adopt"
+    client_ids: list
+
+
+#: wire kind -> message type
+KINDS: dict[str, type] = {t.kind: t for t in (SnapshotRequest, SnapChunk, Barrier, Switched,
+                                               LateBatch, Adopt)}
+
+
+def encode(message) -> tuple[str, dict]:
+    """(kind, body) for the transport."""
+    return message.kind, asdict(message)
+
+
+def decode(kind: str, body) -> object:
+    """The typed message of a received (kind, body); ``MalformedMessage`` when the body
+    does not fit (a peer of another version, or a bug)."""
+    cls = KINDS[kind]
+    if body is None:
+        body = {}
+    if not isinstance(body, dict):
+        raise MalformedMessage(f"{kind}: body is {type(body).__name__}, not a map")
+    try:
+        return cls(**{f.name: body[f.name] for f in fields(cls)})
+    except KeyError as err:
+        raise MalformedMessage(f"{kind}: missing {err.args[0]!r}") from None
