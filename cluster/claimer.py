@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 
 from node.mqtt.codes import ReasonCode
 
-__all__ = ["ClaimerState", "ClaimerEvent", "TRANSITIONS", "ClaimerHandover", "LocalCopy",
+__all__ = ["ClaimerState", "ClaimerEvent", "TRANSITIONS", "ClaimerHandover", "LocalCopy", "Route",
            "ProposeClaim", "AskSnapshot", "AwaitHolderChange", "Open", "Refuse", "TakeBack",
            "ProposeFresh", "AwaitDurable", "ProposeMove", "Answer", "Admit", "GateOff",
            "StartExpiryTimer", "INCOMING_LIMIT"]
@@ -51,6 +51,8 @@ __all__ = ["ClaimerState", "ClaimerEvent", "TRANSITIONS", "ClaimerHandover", "Lo
 #: cut off that long delays the session's messages from it no longer: they are delivered
 #: out of order with what the old holder still has)
 INCOMING_LIMIT = 60.0
+#: the source of the one late batch a restarted old holder sends (cluster/holder.py)
+RESTART = "restart"
 
 
 class ClaimerState(enum.Enum):
@@ -85,6 +87,7 @@ class ClaimerEvent(enum.Enum):
     BARRIER = "barrier"
     LATE = "late"
     PEER_SWITCHED = "peer_switched"
+    HOLDER_RESTARTED = "holder_restarted"
     EXPIRED = "expired"
     FORCE = "force"
     ALL_IN = "all_in"
@@ -114,12 +117,14 @@ TRANSITIONS: dict[tuple[ClaimerState, ClaimerEvent], ClaimerState] = {
     (S.DONE, E.DURABLE): S.DONE,
 }
 for _gated in (S.INSTALLED, S.MOVED):
-    for _e in (E.MESSAGE, E.BARRIER, E.LATE, E.PEER_SWITCHED, E.EXPIRED, E.FORCE):
+    for _e in (E.MESSAGE, E.BARRIER, E.LATE, E.PEER_SWITCHED, E.HOLDER_RESTARTED,
+               E.EXPIRED, E.FORCE):
         TRANSITIONS[(_gated, _e)] = _gated
     TRANSITIONS[(_gated, E.ALL_IN)] = S.DONE
 # late answers, barriers and timers for a hand-over that is over: nothing to do
 for _over in (S.DONE, S.OVERTAKEN):
-    for _e in (E.MESSAGE, E.BARRIER, E.LATE, E.PEER_SWITCHED, E.EXPIRED, E.FORCE):
+    for _e in (E.MESSAGE, E.BARRIER, E.LATE, E.PEER_SWITCHED, E.HOLDER_RESTARTED,
+               E.EXPIRED, E.FORCE):
         TRANSITIONS[(_over, _e)] = _over
 del S, E, _gated, _over, _e
 
@@ -131,6 +136,13 @@ GATED = frozenset({ClaimerState.INSTALLED, ClaimerState.MOVED})
 
 class InvalidTransition(RuntimeError):
     pass
+
+
+class Route(enum.Enum):
+    """What the gate does with a message for the session."""
+    ADMIT = "admit"  # into the session now
+    DROP = "drop"    # the old holder has it (routed with the old routes)
+    HOLD = "hold"    # after what the old holder has from the same node: until its batch
 
 
 class LocalCopy(enum.Enum):
@@ -255,6 +267,7 @@ class ClaimerHandover:
     #: the move's verdict once known: True (committed), False (refused), None (unknown)
     verdict: bool | None = None
     decided: bool = False  # a verdict (even "unknown") was given to the client
+    restarted: bool = False  # the old holder restarted: its batch from the store is awaited
     why: str = ""  # the last reason a path was taken (logs)
 
     def _go(self, event: ClaimerEvent, to: ClaimerState | None = None) -> None:
@@ -413,21 +426,21 @@ class ClaimerHandover:
         self.early = set(waiting)
         self.early_epoch = epoch
 
-    def message(self, via: str, item) -> bool:
+    def message(self, via: str, item) -> "Route":
         """A message for the session forwarded by ``via`` (this node's id for a local
-        publish). True: admit it now; False: dropped (the old holder has it) or held."""
+        publish): admit it now, drop it (the old holder has it) or hold it."""
         self._go(ClaimerEvent.MESSAGE)
         if not self.gated:
-            return True
+            return Route.ADMIT
         if via in self.early:
-            return True  # routed here before the hand-over this claim superseded
+            return Route.ADMIT  # routed here before the hand-over this claim superseded
         if via in self.pending:
-            return False  # routed with the old routes: the old holder keeps it for X
+            return Route.DROP  # routed with the old routes: the old holder keeps it for X
         if via in self.awaiting:
             # after that node's barrier: behind what it sent the old holder before
             self.held.setdefault(via, []).append(item)
-            return False
-        return True
+            return Route.HOLD
+        return Route.ADMIT
 
     def barrier(self, sender: str, epoch: int) -> list:
         """``sender`` applied the move of ``epoch`` (this claim's, or the superseded
@@ -449,12 +462,32 @@ class ClaimerHandover:
         self.pending.discard(peer)
         return self._maybe_done()
 
+    def holder_restarted(self, retry_delay: float) -> list:
+        """The old holder is a new process. What nodes forwarded to its old one is either
+        in its store, and comes back in one batch from its restart (``late`` with source
+        ``restart``: every queued message from the hand-over on, in arrival order), or
+        was never acknowledged; no forward reaches its new process with the old routes
+        (forwards name the process they were routed to). So no barrier is waited for any
+        more, and what nodes send here waits for that batch, to keep each one's order."""
+        self._go(ClaimerEvent.HOLDER_RESTARTED)
+        if not self.gated:
+            return []
+        self.pending.clear()
+        self.restarted = True
+        return [StartExpiryTimer(retry_delay)]
+
     def late(self, source: str, items: list) -> list:
         """The old holder's late batch from ``source`` (the unseen ones): admitted, then
-        what ``source`` sent here after its barrier."""
+        what ``source`` sent here after its barrier. The batch of a restarted holder
+        carries every node's: all that was held goes after it."""
         self._go(ClaimerEvent.LATE)
         if not self.gated:
             return [Admit(tuple(items))] if items else []
+        if source == RESTART and self.restarted:
+            actions = [Admit(tuple(items))] if items else []
+            for node in sorted(self.awaiting):
+                actions += self._late_from(node, [])
+            return actions + self._maybe_done()
         return self._late_from(source, items) + self._maybe_done()
 
     def expired(self, now: float, holder_up: bool, retry_delay: float) -> list:
@@ -464,6 +497,8 @@ class ClaimerHandover:
         self._go(ClaimerEvent.EXPIRED)
         if not self.gated:
             return []
+        if self.restarted:
+            return self.force("the old holder restarted and sent no batch in time")
         if holder_up and now - self.started < INCOMING_LIMIT:
             return [StartExpiryTimer(retry_delay)]
         return self.force("the old holder is gone")

@@ -39,6 +39,9 @@ from dataclasses import dataclass, field
 
 from .messages import LateBatch
 
+#: the source of the late batch a restarted holder sends (every source's, from its store)
+RESTART = "restart"
+
 __all__ = ["HolderState", "HolderEvent", "TRANSITIONS", "HolderHandover", "SendLate",
            "StartBarrierTimer", "EndCopy", "HandBack", "InvalidTransition"]
 
@@ -148,9 +151,9 @@ class HolderHandover:
         ``to`` the holder): what reached the copy after its snapshot (``late``, the queued
         messages from the hand-over mark on) goes to ``to``. Returns the hand-over and
         its actions."""
-        h = cls(client_id, epoch, to, {"restart"}, HolderState.MOVED, copy=copy)
-        h.late["restart"] = late
-        return h, h._send_late("restart")
+        h = cls(client_id, epoch, to, {RESTART}, HolderState.MOVED, copy=copy)
+        h.late[RESTART] = late
+        return h, h._send_late(RESTART)
 
     # -- queries -----------------------------------------------------------------------
 

@@ -92,6 +92,7 @@ class ClusterMember:
         # its receiver to answer once what it stored for them is durable
         self.confirm_forwards = config.durability == "safe"
         self._forward_waits: list = []  # confirmation futures since take_forward_waits()
+        self._held_into: list | None = None  # held-message waits of the batch being routed
         self._confirms: dict[int, tuple] = {}  # id -> (node, future, sent at)
         self._confirm_ids = itertools.count(1)
         self._outbox_scheduled = False
@@ -119,7 +120,7 @@ class ClusterMember:
         cluster/messages.py, decoded before their handler runs)."""
         t = self.takeovers
         messages = {
-            "pubs": self._route_forwarded, "pubc": self._on_pubc, "pubc_ok": self._on_pubc_ok,
+            "pubs": self._on_pubs, "pubc": self._on_pubc, "pubc_ok": self._on_pubc_ok,
             Barrier.kind: t.on_barrier,
             Switched.kind: lambda peer, _switched: t.on_peer_switched(peer),
             SnapChunk.kind: self._on_snap_chunk,
@@ -154,13 +155,36 @@ class ClusterMember:
         self.ready = True
         if self.discovery is not None:
             self.discovery.update_properties({"formed": "1"})
-        synced = await self._catch_up()
-        await self._adopt_stored_sessions(synced)
+        await self._judge_stored_sessions()
         self.broker.attach_cluster(self)
         self._tasks.append(self.loop.create_task(self._gossip_loop()))
         self._tasks.append(self.loop.create_task(self._reconcile_loop()))
         log.info("cluster member up node=%s members=%s voters=%s leader=%s", self.node_id,
                  sorted(self.view.members), self.raft.voters(), self.raft.status()["leader"])
+
+    async def _judge_stored_sessions(self) -> None:
+        """Catch up with the table, then keep, claim or hand on the sessions the store
+        brought back. A table that cannot be read yet (no quorum) keeps them as they are
+        for now and judges them again once it can: a copy this node was handing over
+        still has messages the new holder lacks."""
+        synced = await self._catch_up()
+        await self._adopt_stored_sessions(synced)
+        if not synced and self.broker.sessions:
+            self._tasks.append(self.loop.create_task(self._judge_later()))
+
+    async def _judge_later(self) -> None:
+        delay = 0.5
+        while True:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+            try:
+                await self.raft.run(("sync",), 10.0)
+            except RaftUnavailable:
+                continue
+            log.info("routing table caught up node=%s: judging the stored sessions",
+                     self.node_id)
+            await self._adopt_stored_sessions(True)
+            return
 
     async def _catch_up(self) -> bool:
         """A read barrier: wait until the view holds every entry committed before now (a
@@ -218,8 +242,8 @@ class ClusterMember:
                 if session.handed is not None and cid not in self.takeovers.outgoing:
                     session.handed = None  # the move never committed: it is ours again
                     broker.persist(session)
-            elif session.handed is not None and holders.get(cid) is not None \
-                    and any(key >= session.handed[2] for *_, key in session.queue):
+            elif session.handed is not None and holders.get(cid) is not None:
+                # (even with nothing late: the new holder waits for this batch)
                 late[cid] = holders[cid]
         dropped = broker.keep_sessions(lambda cid: cid in keep or cid in late,
                                        "held by another node since this one went down")
@@ -486,6 +510,23 @@ class ClusterMember:
                 return
         handler(peer, body)
 
+    def held_wait(self, fut: asyncio.Future) -> None:
+        """A message a hand-over's gate holds in memory (cluster/takeover.py): what
+        acknowledges it (the forward's confirmation, a local publisher's PUBACK) waits
+        until it is admitted and stored."""
+        if self._held_into is not None:
+            self._held_into.append(fut)
+        else:
+            self._forward_waits.append(fut)  # a local publish: its handler takes them
+
+    def _on_pubs(self, peer: str, blobs: list) -> None:
+        """Forwards nobody waits a confirmation for (QoS 0, or the fast mode)."""
+        self._held_into = []
+        try:
+            self._route_forwarded(peer, blobs)
+        finally:
+            self._held_into = None
+
     def _on_pubc(self, peer: str, body) -> None:
         cid, items = body[0], body[1]
         meant = body[2] if len(body) > 2 else None
@@ -498,8 +539,14 @@ class ClusterMember:
             log.warning("forwarded messages for a previous process of this node not taken "
                         "node=%s from=%s count=%d", self.node_id, peer, len(items))
             return
-        self._route_forwarded(peer, items)
+        held = self._held_into = []
+        try:
+            self._route_forwarded(peer, items)
+        finally:
+            self._held_into = None
         wait = self.broker.durable_wait()
+        if held:
+            wait = self.broker.all_done(wait, *held)
         if wait is None:
             self.transport.send(peer, "pubc_ok", cid, True)
         else:

@@ -541,6 +541,7 @@ class SimMember(ClusterMember):
         self._outbox = {}
         self.confirm_forwards = True
         self._forward_waits = []
+        self._held_into = None
         self._confirms = {}
         self._confirm_ids = itertools.count(1)
         self._outbox_scheduled = False
@@ -562,6 +563,7 @@ class Incarnation:
         self.node_id = node_id
         self.number = number
         self.dead = False
+        self.serving = False  # clients are let in (a restarted node catches up first)
         self.context = contextvars.copy_context()
         self.context.run(CURRENT.set, self)
         self.broker: Broker | None = None
@@ -681,8 +683,8 @@ class Subscriber:
     async def connect(self, node: str) -> bool:
         w = self.world
         inc = w.incarnation(node)
-        if inc is None:
-            return False
+        if inc is None or not inc.serving:
+            return False  # (connection refused)
         old = self.conn
         self.conn = None
         if old is not None:
@@ -784,9 +786,12 @@ class Subscriber:
             session = conn.session
             if conn.closed or conn.inc.dead or session is None or session.client is not conn:
                 return
+            broker = conn.inc.broker
+            mark = broker.store_mark()
             result = getattr(session, method)(pid, *args)
             if method == "on_pubrec" and result:
-                conn.ack_after(None, conn.write_pubrel, pid)
+                # as node/session/on_publish.py: PUBREL once the stage is on disk
+                conn.ack_after(broker.commit_wait(mark), conn.write_pubrel, pid)
         w.loop.call_at(w.loop.time() + delay, conn.inc.run, send)
 
     def on_closed(self, conn: Connection) -> None:
@@ -959,20 +964,37 @@ class World:
         broker.attach_cluster(member)
         # the routing table as Raft has it now (a restarted node replays it first: its
         # events are history, not news)
-        member.view.tables = self.raft.tables.copy()
+        if first:
+            member.view.tables = self.raft.tables.copy()
+        else:
+            # the Raft log lives in memory: a restarted node gets the leader's snapshot
+            # of the table (a Replaced event: its switch goes out, see Takeovers.on_reset)
+            inc.run(member.view.apply_ops, self.raft.tables.copy())
         member._rebuild_remote()
         self.applied[node] = len(self.raft.entries)
         self.note(f"start {node} #{inc.number} sessions={sorted(broker.sessions)}")
-        if not first:
-            inc.spawn(self._restarted(inc))
         inc.run(broker.start)
-        member.caught_up = True
-        inc.spawn(member._reconcile_loop())
+        if first:
+            member.caught_up = inc.serving = True
+            inc.spawn(member._reconcile_loop())
+        else:
+            inc.spawn(self._restarted(inc))
         return inc
 
     async def _restarted(self, inc: Incarnation) -> None:
-        await inc.member._adopt_stored_sessions(True)
+        """ClusterMember.start's last steps: replay the log up to now (a ``sync``
+        committed), keep the stored sessions the table says are held here, then serve."""
+        member = inc.member
+        member._tasks = []
+        await member._judge_stored_sessions()
+        for task in member._tasks:
+            self.loop.tasks_of.setdefault(inc, set()).add(task)
+        inc.serving = True
+        inc.spawn(member._reconcile_loop())
         self.note(f"restarted {inc.node_id} kept={sorted(inc.broker.sessions)}")
+
+    def serving(self) -> list[str]:
+        return [n for n in sorted(self.nodes) if self.alive(n) and self.nodes[n].serving]
 
     def crash(self, node: str) -> None:
         inc = self.nodes.get(node)
@@ -1100,7 +1122,7 @@ class World:
                 break
             await asyncio.sleep(rng.uniform(0.005, 0.15))
             if inc is None or inc.dead or rng.random() < 0.05:
-                live = [n for n in sorted(self.nodes) if self.alive(n)]
+                live = self.serving()
                 if not live:
                     continue
                 inc = self.nodes[rng.choice(live)]
@@ -1138,7 +1160,7 @@ class World:
             if sub.conn is not None and rng.random() < 0.3:
                 sub.disconnect()
                 continue
-            live = [n for n in sorted(self.nodes) if self.alive(n)]
+            live = self.serving()
             if live:
                 await sub.connect(rng.choice(live))
 

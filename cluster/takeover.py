@@ -76,7 +76,7 @@ class _Ticket:
     marks the ClientID until the session is open (or, for a hand-over, until the move's
     verdict): a claim of another node applied meanwhile freezes the session only then."""
 
-    __slots__ = ("takeovers", "client_id", "fut", "gate", "t0")
+    __slots__ = ("takeovers", "client_id", "fut", "gate", "t0", "stale_late")
 
     def __init__(self, takeovers: "Takeovers", client_id: str, fut: asyncio.Future,
                  t0: float) -> None:
@@ -85,6 +85,9 @@ class _Ticket:
         self.fut = fut
         self.gate: _Gate | None = None
         self.t0 = t0
+        #: (epoch, wire items) of a copy here that a restart left handed over: see
+        #: Takeovers._merge_stale_copy
+        self.stale_late: tuple | None = None
 
     def settle(self) -> None:
         if not self.fut.done():
@@ -102,6 +105,7 @@ class _Ticket:
         t = self.takeovers
         self.gate.session = session
         t._take_back_late(self.gate, session)
+        t._merge_stale_copy(self, session)
         session.gate = t._incoming_gate(self.gate)
 
     async def confirm(self, session) -> bool | None:
@@ -221,6 +225,11 @@ class Takeovers:
                                      opened=ticket.opened)
                     ticket.gate = gate = _Gate(m)
                     self.incoming[client_id] = gate
+                    local = self.broker.sessions.get(client_id)
+                    if local is not None and local.handed is not None and \
+                            client_id not in self.outgoing:
+                        # (the session installed from the record replaces it)
+                        ticket.stale_late = (local.handed[1], _stale_late(local))
                     following = [a for a in actions if isinstance(a, C.StartExpiryTimer)]
                     for timer in following:
                         asyncio.get_running_loop().call_later(timer.delay, self._expired,
@@ -377,9 +386,14 @@ class Takeovers:
         m, me = gate.machine, self.node_id
 
         def admit_or_hold(session, msg, qos, retain, sub_ids) -> None:
-            item = (msg, qos, retain, sub_ids)
-            if m.message(msg.via or me, item):
-                session.admit(*item)
+            held = self.member.loop.create_future()
+            route = m.message(msg.via or me, (msg, qos, retain, sub_ids, held))
+            if route is C.Route.ADMIT:
+                session.admit(msg, qos, retain, sub_ids)
+            elif route is C.Route.HOLD:
+                # held in memory until the old holder's late batch: its publisher's
+                # PUBACK (or the forward's confirmation) waits until it is stored
+                self.member.held_wait(held)
         return admit_or_hold
 
     def _run_gate(self, gate: _Gate, actions: list) -> None:
@@ -388,9 +402,14 @@ class Takeovers:
         live = session is not None and session.state is not SessionState.ENDED
         for action in actions:
             if isinstance(action, C.Admit):
-                if live:
-                    for item in action.items:
-                        session.admit(*item)
+                held = []
+                for item in action.items:
+                    if live:
+                        session.admit(*item[:4])
+                    if len(item) > 4:
+                        held.append(item[4])
+                if held:
+                    _stored(held, self.broker.durable_wait())
             elif isinstance(action, C.GateOff):
                 if self.incoming.get(gate.machine.client_id) is gate:
                     del self.incoming[gate.machine.client_id]
@@ -460,6 +479,21 @@ class Takeovers:
             log.warning("hand-over of epoch %d to %s superseded before barriers from %s: "
                         "%d late messages kept client_id=%s node=%s", out.epoch, out.to,
                         waiting, len(late), client_id, self.node_id)
+
+    def _merge_stale_copy(self, ticket: _Ticket, session) -> None:
+        """The session is installed here from its holder's record, replacing a copy this
+        node was handing over when it went down, whose late messages (stored, acknowledged)
+        it never sent: they go into the session now (those its record says it has
+        already, named by their keys, excepted)."""
+        if ticket.stale_late is None:
+            return
+        epoch, items = ticket.stale_late
+        late = self._unseen(session, self.node_id, epoch, items)
+        for item in late:
+            session.admit(*item)
+        if late:
+            log.warning("late messages of a copy left handed over kept client_id=%s node=%s "
+                        "epoch=%s count=%d", session.client_id, self.node_id, epoch, len(late))
 
     async def on_late(self, sender: str, batch: LateBatch) -> dict:
         """The old holder's late messages (a request): answered once they are stored
@@ -708,10 +742,10 @@ class Takeovers:
         it answered that it stored them): they go to ``holder`` now, as the hand-over's
         late messages (named by their keys, so a second copy is recognised there). The
         copy stays, not serving, until the holder has stored them."""
-        _to, epoch, first = session.handed
-        late = [_late_item(m, q, r, s, key) for m, q, r, s, key in session.queue
-                if key >= first]
-        session.freeze("restarted during a hand-over")
+        epoch = session.handed[1]
+        late = _stale_late(session)
+        if session.state is not SessionState.FROZEN:
+            session.freeze("restarted during a hand-over")
         session.hand_over(f"late messages to {holder}")
         out, actions = HolderHandover.after_restart(session.client_id, epoch, holder, late,
                                                     copy=session)
@@ -761,8 +795,9 @@ class Takeovers:
         self.on_peer_switched(peer)
         for gate in list(self.incoming.values()):
             if gate.machine.holder == peer and gate.session is not None:
-                # the old holder restarted: its late messages went with its old process
-                self._force(gate, "the old holder restarted")
+                # the old holder restarted: what it stored comes in one batch
+                self._run_gate(gate, gate.machine.holder_restarted(
+                    self.config.barrier_timeout))
 
     # -- every node: Raft events -------------------------------------------------------------
 
@@ -793,7 +828,15 @@ class Takeovers:
         if cur is not None and cur[0] == self.node_id:
             return  # we claimed it again meanwhile
         session = self.broker.sessions.get(client_id)
-        if session is not None and view.holders.get(client_id) != self.node_id \
+        holder = view.holders.get(client_id)
+        if session is not None and session.handed is not None and holder is not None \
+                and holder != self.node_id and client_id not in self.outgoing \
+                and session.state in (SessionState.OFFLINE, SessionState.FROZEN):
+            # a copy a restart left handed over, not judged yet (the table could not be
+            # read then): its late messages go to the holder before it ends
+            self.resend_after_restart(session, holder)
+            return
+        if session is not None and holder != self.node_id \
                 and client_id not in self.incoming \
                 and session.state in (SessionState.ONLINE, SessionState.OFFLINE):
             # a copy installed for a hand-over whose move never committed: the table says
@@ -850,6 +893,13 @@ def _now() -> float:
     return asyncio.get_running_loop().time()
 
 
+def _stale_late(session) -> list:
+    """The late messages of a copy handed over (``session.handed``): the queued ones
+    from its mark on, in wire form."""
+    first = session.handed[2]
+    return [_late_item(m, q, r, s, key) for m, q, r, s, key in session.queue if key >= first]
+
+
 def _late_item(msg, qos: int, retain: bool, sub_ids, key: int) -> list:
     """A late message on the wire: [message record, qos, retain, sub_ids, store key on
     the old holder (0: not stored there)]."""
@@ -860,6 +910,22 @@ def _late_message(item: list) -> tuple:
     """(msg, qos, retain, sub_ids) of a ``_late_item``."""
     m, qos, retain, sub_ids = item[:4]
     return message_from_record(m), qos, retain, tuple(sub_ids) if sub_ids else None
+
+
+def _stored(held: list, durable) -> None:
+    """Held messages admitted: their waiters go on once the store has them."""
+    def done(fut=None) -> None:
+        ok = fut is None or (not fut.cancelled() and fut.exception() is None)
+        for h in held:
+            if not h.done():
+                if ok:
+                    h.set_result(None)
+                else:
+                    h.cancel()  # the store failed: this node stops, nothing is confirmed
+    if durable is None:
+        done()
+    else:
+        durable.add_done_callback(done)
 
 
 def _retrieve(fut: asyncio.Future) -> None:
