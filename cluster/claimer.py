@@ -270,6 +270,17 @@ class ClaimerHandover:
     restarted: bool = False  # the old holder restarted: its batch from the store is awaited
     why: str = ""  # the last reason a path was taken (logs)
 
+    @classmethod
+    def restored(cls, node_id: str, client_id: str, unreachable_owner: str, holder: str,
+                 epoch: int, pending, awaiting, now: float) -> "ClaimerHandover":
+        """A gate a restart of this node brings back (cluster/marks.py ``taking``). The
+        move's verdict is not known here (the store cannot tell): a copy the table does
+        not give this node is not kept, or is dropped once the gate ends (``stale_copy``).
+        This node's own barrier: once its table is read, it routes with the move."""
+        return cls(node_id, client_id, False, unreachable_owner, ClaimerState.MOVED, epoch,
+                   holder, set(pending) - {node_id}, set(awaiting), started=now,
+                   verdict=None, decided=True)
+
     def _go(self, event: ClaimerEvent, to: ClaimerState | None = None) -> None:
         new = TRANSITIONS.get((self.state, event))
         if new is None:

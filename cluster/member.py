@@ -18,9 +18,11 @@ from node.ownership import Claim, ConnectRefused
 from node.mqtt.codes import ReasonCode
 from node.mqtt.topic_rules import parse_shared
 from node.session.record import message_from_record, message_to_record
+from node.session.session import SessionState
 from node.topics import SubEntry, SubscriptionTree
 
 from .discovery import MdnsDiscovery
+from .marks import HandoverMark
 from .membership import Membership
 from .messages import (KINDS, Adopt, Barrier, LateBatch, MalformedMessage, SnapChunk,
                        SnapshotRequest, Switched, decode)
@@ -104,6 +106,8 @@ class ClusterMember:
         # the view has applied every entry committed before this node started serving (a
         # restarted node replays the log first: its claims are history, not news)
         self.caught_up = False
+        #: stored sessions a restart could not judge yet (no quorum): GET /api/v1/cluster
+        self.unjudged = 0
         self.membership = Membership(self)
         self._raft_port_hold: socket.socket | None = None
 
@@ -122,7 +126,7 @@ class ClusterMember:
         messages = {
             "pubs": self._on_pubs, "pubc": self._on_pubc, "pubc_ok": self._on_pubc_ok,
             Barrier.kind: t.on_barrier,
-            Switched.kind: lambda peer, _switched: t.on_peer_switched(peer),
+            Switched.kind: lambda peer, switched: t.on_peer_switched(peer, switched.moves),
             SnapChunk.kind: self._on_snap_chunk,
             "ret": lambda peer, body: self._apply_retained(*body), "stats": self._on_stats,
         }
@@ -140,6 +144,7 @@ class ClusterMember:
 
     async def start(self) -> None:
         config = self.config
+        self.takeovers.restore_gates()  # before any link: they wait for what peers send
         self._reserve_raft_port()
         await self.transport.start()
         if config.discovery == "mdns":
@@ -167,12 +172,14 @@ class ClusterMember:
         brought back. A table that cannot be read yet (no quorum) keeps them as they are
         for now and judges them again once it can: a copy this node was handing over
         still has messages the new holder lacks."""
+        restored = dict(self.broker.sessions)
         synced = await self._catch_up()
         await self._adopt_stored_sessions(synced)
-        if not synced and self.broker.sessions:
-            self._tasks.append(self.loop.create_task(self._judge_later()))
+        if not synced and restored:
+            self.unjudged = len(restored)
+            self._tasks.append(self.loop.create_task(self._judge_later(restored)))
 
-    async def _judge_later(self) -> None:
+    async def _judge_later(self, restored: dict) -> None:
         delay = 0.5
         while True:
             await asyncio.sleep(delay)
@@ -181,9 +188,17 @@ class ClusterMember:
                 await self.raft.run(("sync",), 10.0)
             except RaftUnavailable:
                 continue
-            log.info("routing table caught up node=%s: judging the stored sessions",
-                     self.node_id)
-            await self._adopt_stored_sessions(True)
+            # only the copies nothing touched since the start (no connect, no hand-over)
+            t = self.takeovers
+            untouched = {cid for cid, s in restored.items()
+                         if self.broker.sessions.get(cid) is s
+                         and s.state is SessionState.OFFLINE and cid not in t.in_progress
+                         and (cid not in t.incoming or t.incoming[cid].restored)
+                         and cid not in t.outgoing}
+            log.info("routing table caught up node=%s: judging %d stored sessions",
+                     self.node_id, len(untouched))
+            await self._adopt_stored_sessions(True, untouched)
+            self.unjudged = 0
             return
 
     async def _catch_up(self) -> bool:
@@ -200,24 +215,26 @@ class ClusterMember:
             self.caught_up = True
         return True
 
-    async def _adopt_stored_sessions(self, synced: bool) -> None:
+    async def _adopt_stored_sessions(self, synced: bool, judged=None) -> None:
         """Sessions the store brought back (a restart): keep those the table says are held
         here; claim those it has no holder for (the whole cluster restarted: the table,
         kept in memory only, starts empty); drop the copies another node took over
-        meanwhile (they live there now). Then announce the kept ones' routes."""
+        meanwhile (they live there now). Then announce the kept ones' routes. ``judged``:
+        the ClientIDs to look at (default: every session here)."""
         broker, me = self.broker, self.node_id
         if not broker.sessions:
             return
         if not synced:
             log.warning("stored sessions kept as they are node=%s: the routing table could "
-                        "not be read; they are claimed at their next connect", me)
+                        "not be read; they are judged once it can", me)
             return
+        judged = set(broker.sessions) if judged is None else set(judged)
         holders = self.view.holders
         # a session being handed over right now (a claim that reached this node while it
         # started) ends with its hand-over, not here
-        keep = {cid for cid in broker.sessions
-                if holders.get(cid) == me or cid in self.takeovers.outgoing}
-        unheld = [cid for cid in broker.sessions if holders.get(cid) is None]
+        keep = {cid for cid in broker.sessions if cid not in judged
+                or holders.get(cid) == me or cid in self.takeovers.outgoing}
+        unheld = [cid for cid in sorted(judged) if holders.get(cid) is None]
         if unheld:
             # one Raft entry for all of them (ops submitted in one loop iteration batch)
             futs = [self.raft.submit(("claim", cid, me, False)) for cid in unheld]
@@ -238,15 +255,20 @@ class ClusterMember:
         # messages that reached it after the snapshot go to the new holder before it ends
         late = {}
         for cid, session in broker.sessions.items():
+            if cid not in judged:
+                continue
+            mark = HandoverMark.of(session)
             if cid in keep:
-                if session.handed is not None and cid not in self.takeovers.outgoing:
-                    session.handed = None  # the move never committed: it is ours again
+                if mark.handed is not None and cid not in self.takeovers.outgoing:
+                    mark.handed = None  # the move never committed: it is ours again
+                    mark.save(session)
                     broker.persist(session)
-            elif session.handed is not None and holders.get(cid) is not None:
+            elif mark.handed is not None and holders.get(cid) is not None:
                 # (even with nothing late: the new holder waits for this batch)
                 late[cid] = holders[cid]
         dropped = broker.keep_sessions(lambda cid: cid in keep or cid in late,
                                        "held by another node since this one went down")
+        self.takeovers.forget_gates()
         if dropped:
             log.info("stored sessions taken over while down, dropped node=%s count=%d",
                      me, dropped)
@@ -793,6 +815,7 @@ class ClusterMember:
             "forwarded": self.forwarded,
             "forward_dropped_qos0": self.forward_dropped,
             "forward_stale": self.forward_stale,
+            "stored_sessions_unjudged": self.unjudged,
             "received": self.received,
             "leader_changes": self.leader_changes,
         }

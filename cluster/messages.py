@@ -15,7 +15,7 @@ by type. Forwarded PUBLISH batches keep their compact encoding (cluster/wire.py)
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 
 __all__ = ["SnapshotRequest", "SnapChunk", "Barrier", "Switched", "LateBatch", "Adopt",
            "KINDS", "encode", "decode", "MalformedMessage"]
@@ -50,7 +50,12 @@ class Barrier:
 
 @dataclass(frozen=True)
 class Switched:
+    """``moves`` None: the sender routes with every move applied there (its table was
+    replaced by a snapshot). A map: the sessions the sender's table has at the receiver
+    (ClientID -> epoch), sent when it sees the receiver restarted: as good as its
+    barriers for those moves, which the receiver's previous process may have taken."""
     kind = "switched"
+    moves: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,7 @@ class LateBatch:
     epoch: int
     source: str  # the node that forwarded them ("restart", "relay": see cluster/holder.py)
     messages: list
+    hops: int = 0  # passed on by nodes the session had left (at most RELAY_HOPS)
 
 
 @dataclass(frozen=True)
@@ -88,7 +94,10 @@ def decode(kind: str, body) -> object:
         body = {}
     if not isinstance(body, dict):
         raise MalformedMessage(f"{kind}: body is {type(body).__name__}, not a map")
-    try:
-        return cls(**{f.name: body[f.name] for f in fields(cls)})
-    except KeyError as err:
-        raise MalformedMessage(f"{kind}: missing {err.args[0]!r}") from None
+    values = {}
+    for f in fields(cls):
+        if f.name in body:
+            values[f.name] = body[f.name]
+        elif f.default is MISSING:
+            raise MalformedMessage(f"{kind}: missing {f.name!r}")
+    return cls(**values)

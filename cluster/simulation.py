@@ -549,6 +549,7 @@ class SimMember(ClusterMember):
         self.leaving = False
         self.ready = True
         self.caught_up = False
+        self.unjudged = 0
         self.membership = SimpleNamespace(save_soon=lambda: None, phase="member")
 
     def _drop_peer_later(self, node_id: str) -> None:
@@ -727,22 +728,26 @@ class Subscriber:
         if conn.closed or inc.dead:
             broker.orphaned(session)
             return None
+        conn.session = session
+        broker.clients.add(conn)
+        session.attach(conn, 20)  # CONNACK
         if not present and not session.subscriptions:
+            # SUBSCRIBE, as node/session/on_subscribe.py: SUBACK once the routes are
+            # known everywhere and the subscription is on disk
             mark = broker.store_mark()
             entry = SubEntry(self.client_id, self.topic, 2)
             broker.subscribe(session, entry, self.topic)
             broker.persist(session)
-            waits = broker.take_route_waits()
-            commit = broker.commit_wait(mark)
+            waits = [w for w in (broker.commit_wait(mark), *broker.take_route_waits())
+                     if w is not None]
             try:
-                await asyncio.wait_for(broker.all_done(commit, *waits),
-                                       max(STORE_COMMIT_TIMEOUT, 5.0))
+                if waits:
+                    await asyncio.wait_for(broker.all_done(*waits),
+                                           max(STORE_COMMIT_TIMEOUT, 5.0))
             except (asyncio.TimeoutError, RaftUnavailable):
-                broker.orphaned(session)
+                return None  # no SUBACK: the client tries again with a new connection
+            if conn.closed or session.client is not conn:
                 return None
-        conn.session = session
-        broker.clients.add(conn)
-        session.attach(conn, 20)
         return present
 
     def on_frame(self, conn: Connection, frame) -> None:
@@ -962,16 +967,18 @@ class World:
         inc.run(lambda: broker.attach_store(store, store.load()))
         member = inc.member = inc.run(SimMember, self, inc, broker, config)
         broker.attach_cluster(member)
+        inc.run(member.takeovers.restore_gates)  # as ClusterMember.start, before links
         # the routing table as Raft has it now (a restarted node replays it first: its
         # events are history, not news)
         if first:
             member.view.tables = self.raft.tables.copy()
+            self.applied[node] = len(self.raft.entries)
         else:
-            # the Raft log lives in memory: a restarted node gets the leader's snapshot
-            # of the table (a Replaced event: its switch goes out, see Takeovers.on_reset)
-            inc.run(member.view.apply_ops, self.raft.tables.copy())
+            # the Raft log lives in memory: a restarted node gets the leader's snapshot of
+            # the table once it reaches a majority (a Replaced event: its switch goes out,
+            # see Takeovers.on_reset); until then its table is empty
+            self.applied[node] = None
         member._rebuild_remote()
-        self.applied[node] = len(self.raft.entries)
         self.note(f"start {node} #{inc.number} sessions={sorted(broker.sessions)}")
         inc.run(broker.start)
         if first:
@@ -979,6 +986,7 @@ class World:
             inc.spawn(member._reconcile_loop())
         else:
             inc.spawn(self._restarted(inc))
+            self.apply_pump(node)
         return inc
 
     async def _restarted(self, inc: Incarnation) -> None:
@@ -1027,7 +1035,8 @@ class World:
     def apply_pump(self, node: str) -> None:
         if node in self.applying or not self.raft.has_quorum(node):
             return
-        if self.applied[node] >= len(self.raft.entries):
+        applied = self.applied[node]
+        if applied is not None and applied >= len(self.raft.entries):
             return
         self.applying.add(node)
         self.loop.call_at(self.loop.time() + self.rng.uniform(0.0, 0.004), self._apply_next,
@@ -1039,6 +1048,13 @@ class World:
             return
         entries = self.raft.entries
         i = self.applied[node]
+        if i is None:
+            # a new process: the leader's snapshot of the table
+            self.applied[node] = len(entries)
+            self.note(f"snapshot {node} at {len(entries)} (new process)")
+            inc.run(inc.member.view.apply_ops, self.raft.tables.copy())
+            self.apply_pump(node)
+            return
         behind = len(entries) - i
         snaps = [n for n in self.raft.snapshots if n > i]
         if behind >= Log.COMPACT_LAG and snaps and self.rng.random() < 0.5:
@@ -1126,6 +1142,11 @@ class World:
                 if not live:
                     continue
                 inc = self.nodes[rng.choice(live)]
+                # CONNECT (clean start): the ClientID is claimed through Raft, so a node
+                # that cannot reach a majority takes no new publisher
+                if await _wait_as(inc, self._claim_publisher(inc, name)) is None:
+                    inc = None
+                    continue
                 connection += 1  # MQTT orders messages per connection, not per client
             sub = rng.choice(self.subscribers)
             qos = rng.choice((1, 2))
@@ -1133,6 +1154,14 @@ class World:
             self.qos_of[mid] = qos
             msg = Message(sub.topic, f"{mid[0]}:{seq}".encode(), qos, False, None, None, name)
             inc.spawn(self._publish(inc, msg, mid))
+
+    @staticmethod
+    async def _claim_publisher(inc: Incarnation, name: str):
+        try:
+            claim = inc.member.claim(name, True)
+            return await claim if not hasattr(claim, "epoch") else claim
+        except ConnectRefused:
+            return None
 
     async def _publish(self, inc: Incarnation, msg: Message, mid) -> None:
         """PUBLISH on ``inc`` as on_publish runs it: the PUBACK / PUBREC waits for the
@@ -1218,7 +1247,9 @@ class World:
                     break
                 await asyncio.sleep(0.5)
         while self.loop.time() < deadline:
-            if self._drained() and not self._handovers():
+            if self._drained() and not self._handovers() and \
+                    len(self.serving()) == len(self.nodes) and \
+                    not any(self.nodes[n].member.unjudged for n in self.nodes):
                 break
             for sub in self.subscribers:
                 if sub.conn is None and self.loop.time() < deadline:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import replace
 
 from node import failpoints
 from node.metrics import Histogram
@@ -45,6 +46,7 @@ from . import claimer as C
 from . import holder as H
 from .claimer import ClaimerHandover, LocalCopy
 from .holder import HolderHandover, HolderState
+from .marks import Handed, HandoverMark, Taking
 from .messages import Barrier, LateBatch, SnapChunk, SnapshotRequest, Switched, encode
 from .routing import RaftUnavailable
 from .transport import PeerUnreachable, RemoteError, RequestTimeout
@@ -52,6 +54,8 @@ from .transport import PeerUnreachable, RemoteError, RequestTimeout
 log = logging.getLogger("shoal.takeover")
 
 CHUNK = 2000  # queued messages per snapshot chunk
+#: how many times a late batch is passed on after a session that left its receiver
+RELAY_HOPS = 3
 #: seconds an old holder keeps trying to hand its late messages to the new holder
 LATE_DELIVERY_LIMIT = 120.0
 #: upper bounds (seconds) of the takeover latency histogram (GET /metrics)
@@ -62,10 +66,11 @@ class _Gate:
     """A claimer-side hand-over whose session is installed here: the machine, the session
     it gates, and a future set once the gate is gone."""
 
-    __slots__ = ("machine", "session", "done")
+    __slots__ = ("machine", "session", "done", "restored")
 
-    def __init__(self, machine: ClaimerHandover) -> None:
+    def __init__(self, machine: ClaimerHandover, restored: bool = False) -> None:
         self.machine = machine
+        self.restored = restored  # rebuilt from the store at a restart
         self.session = None
         self.done = asyncio.get_running_loop().create_future()
 
@@ -107,6 +112,7 @@ class _Ticket:
         t._take_back_late(self.gate, session)
         t._merge_stale_copy(self, session)
         session.gate = t._incoming_gate(self.gate)
+        t._save_gate(self.gate)  # (durable before the move is proposed)
 
     async def confirm(self, session) -> bool | None:
         """CONNACK waits for this: the installed session durable here first, then
@@ -226,10 +232,10 @@ class Takeovers:
                     ticket.gate = gate = _Gate(m)
                     self.incoming[client_id] = gate
                     local = self.broker.sessions.get(client_id)
-                    if local is not None and local.handed is not None and \
-                            client_id not in self.outgoing:
+                    handed = None if local is None else HandoverMark.of(local).handed
+                    if handed is not None and client_id not in self.outgoing:
                         # (the session installed from the record replaces it)
-                        ticket.stale_late = (local.handed[1], _stale_late(local))
+                        ticket.stale_late = (handed.epoch, _stale_late(local, handed))
                     following = [a for a in actions if isinstance(a, C.StartExpiryTimer)]
                     for timer in following:
                         asyncio.get_running_loop().call_later(timer.delay, self._expired,
@@ -397,7 +403,28 @@ class Takeovers:
         return admit_or_hold
 
     def _run_gate(self, gate: _Gate, actions: list) -> None:
-        """Perform a gated machine's actions: admit messages, take the gate down."""
+        """Perform a gated machine's actions (admit messages, take the gate down), then
+        store what the gate still waits for."""
+        self._perform_gate(gate, actions)
+        self._save_gate(gate)
+
+    def _save_gate(self, gate: _Gate) -> None:
+        """The gate's waits, stored with the session (its mark's ``taking``), so that a
+        restart of this node rebuilds the gate (``restore_gates``) instead of letting
+        the old holder's late messages in after newer ones."""
+        session, m = gate.session, gate.machine
+        if session is None or session.state is SessionState.ENDED or \
+                self.broker.sessions.get(m.client_id) is not session:
+            return
+        taking = Taking(m.holder, m.epoch, tuple(sorted(m.pending)),
+                        tuple(sorted(m.awaiting))) if m.gated else None
+        mark = HandoverMark.of(session)
+        if mark.taking != taking:
+            mark.taking = taking
+            mark.save(session)
+            self.broker.persist(session)
+
+    def _perform_gate(self, gate: _Gate, actions: list) -> None:
         session = gate.session
         live = session is not None and session.state is not SessionState.ENDED
         for action in actions:
@@ -422,6 +449,43 @@ class Takeovers:
                 asyncio.get_running_loop().call_later(action.delay, self._expired, gate)
             else:
                 raise AssertionError(f"unexpected action {action!r}")
+
+    def restore_gates(self) -> None:
+        """At start, before any link is up: a session the store brought back with its
+        gate still up (``taking``) gets it back, waiting for the same barriers and late
+        batches (the old holder sends them again until this node answers that they are
+        stored). Only this node's own barrier is known: its table, once read, has the
+        move (or the session is not kept here). Peers that see this restart tell which
+        moves they applied (``Switched.moves``)."""
+        now = _now()
+        for client_id, session in list(self.broker.sessions.items()):
+            taking = HandoverMark.of(session).taking
+            if taking is None or client_id in self.incoming:
+                continue
+            m = ClaimerHandover.restored(self.node_id, client_id, self.config.unreachable_owner,
+                                         taking.holder, taking.epoch, taking.pending,
+                                         taking.awaiting, now)
+            gate = _Gate(m, restored=True)
+            gate.session = session
+            self.incoming[client_id] = gate
+            session.gate = self._incoming_gate(gate)
+            asyncio.get_running_loop().call_later(
+                self.config.takeover_timeout + self.config.barrier_timeout + 5.0,
+                self._expired, gate)
+            log.warning("hand-over gate restored client_id=%s node=%s holder=%s epoch=%d "
+                        "barriers=%s late=%s", client_id, self.node_id, taking.holder,
+                        taking.epoch, sorted(m.pending), sorted(m.awaiting))
+
+    def forget_gates(self) -> None:
+        """Gates whose session is gone (a restart dropped a copy the table does not
+        give this node)."""
+        for client_id, gate in list(self.incoming.items()):
+            session = gate.session
+            if session is not None and (session.state is SessionState.ENDED or
+                                        self.broker.sessions.get(client_id) is not session):
+                del self.incoming[client_id]
+                if not gate.done.done():
+                    gate.done.set_result(None)
 
     def _drop_if_stale(self, gate: _Gate) -> None:
         """A copy installed for a hand-over whose move was never confirmed, once the
@@ -497,14 +561,24 @@ class Takeovers:
 
     async def on_late(self, sender: str, batch: LateBatch) -> dict:
         """The old holder's late messages (a request): answered once they are stored
-        here, so that it keeps them until then."""
-        self._take_late(sender, batch)
+        here (or where the session went), so that it keeps them until then."""
+        target = self._take_late(sender, batch)
+        if target is not None:
+            # the session left this node meanwhile: they follow it (the answer waits)
+            log.warning("late messages for a session that left passed on client_id=%s "
+                        "node=%s from=%s to=%s count=%d", batch.client_id, self.node_id,
+                        sender, target, len(batch.messages))
+            await self.member.transport.request(
+                target, *encode(replace(batch, hops=batch.hops + 1)), 10.0)
+            return {"stored": True}
         durable = self.broker.durable_wait()
         if durable is not None:
             await durable
         return {"stored": True}
 
-    def _take_late(self, sender: str, batch: LateBatch) -> None:
+    def _take_late(self, sender: str, batch: LateBatch) -> str | None:
+        """Take a late batch; returns the node to pass it on to when the session is no
+        longer here."""
         client_id = batch.client_id
         gate = self.incoming.get(client_id)
         if gate is None or gate.machine.epoch != batch.epoch or gate.machine.holder != sender:
@@ -520,7 +594,7 @@ class Takeovers:
                             batch.epoch, out.to, len(late))
                 items = [_late_item(*item, session.admit(*item)) for item in late]
                 self._run_holder(out, out.relay(items))
-                return
+                return None
             if late and session is not None and session.state is not SessionState.ENDED:
                 # the hand-over's state went with a restart of this node, or it completed
                 # without these: the session is here (or passing through, its gate decides):
@@ -534,24 +608,30 @@ class Takeovers:
                     # routes, and drop them); these are the old holder's, not routed
                     for item in late:
                         session.admit(*item)
-                    return
+                    return None
                 for item in late:
                     session.deliver(*item)
-                return
+                return None
+            holder = self.member.view.holders.get(client_id)
+            if late and session is None and holder not in (None, self.node_id) \
+                    and batch.hops < RELAY_HOPS:
+                return holder
             if late:
                 log.error("late messages for a session not here client_id=%s from=%s "
                           "epoch=%s count=%d: dropped", client_id, sender, batch.epoch,
                           len(late))
-            return
+            return None
         late = self._unseen(gate.session, sender, batch.epoch, batch.messages)
         self._run_gate(gate, gate.machine.late(batch.source, late))
+        return None
 
     def _unseen(self, session, sender: str, epoch: int, items: list) -> list:
         """The late messages of ``items`` this session has not taken yet, decoded; their
         keys are remembered with the session (stored, and in its record), so that an old
         holder that restarted before it saw our answer, and sends them again, causes no
         duplicate."""
-        seen = session.late_seen.get(sender) if session is not None else None
+        mark = HandoverMark.of(session) if session is not None else HandoverMark()
+        seen = mark.late_seen.get(sender)
         known = set(seen[1]) if seen is not None and seen[0] == epoch else set()
         late, keys = [], []
         for item in items:
@@ -562,7 +642,8 @@ class Takeovers:
                 keys.append(key)
             late.append(_late_message(item))
         if keys and session is not None and session.state is not SessionState.ENDED:
-            session.late_seen[sender] = [epoch, sorted(known.union(keys))]
+            mark.late_seen[sender] = (epoch, sorted(known.union(keys)))
+            mark.save(session)
             self.broker.persist(session)
         return late
 
@@ -611,10 +692,13 @@ class Takeovers:
             if session is None:
                 return {"none": True}
         record = self.broker.snapshot(session)
+        record["handover"] = HandoverMark.for_receiver(record.get("handover"))
         session.hand_over(f"snapshot for {sender} epoch {epoch}")
         # on disk before any late message (the log keeps order): after a crash, the
         # queued messages from this key on are the ones the new holder may lack
-        session.handed = [sender, epoch, session.seq]
+        mark = HandoverMark.of(session)
+        mark.handed = Handed(sender, epoch, session.seq)
+        mark.save(session)
         self.broker.persist(session)
         out = HolderHandover(client_id, epoch, sender, set(view.members), copy=session)
         self.outgoing[client_id] = out
@@ -663,7 +747,9 @@ class Takeovers:
                 session = out.copy
                 session.gate = None
                 session.hand_back(action.why)
-                session.handed = None
+                mark = HandoverMark.of(session)
+                mark.handed = None
+                mark.save(session)
                 self.broker.persist(session)
                 log.warning("hand-over taken back client_id=%s node=%s: %s (%d late "
                             "messages kept in the queue)", out.client_id, self.node_id,
@@ -736,14 +822,15 @@ class Takeovers:
             self.broker.end_session(session, f"moved to {to}", release=False, will=False)
 
     def resend_after_restart(self, session, holder: str) -> None:
-        """A restart found this copy handed over (``session.handed``) and ``holder``
+        """A restart found this copy handed over (its mark's ``handed``) and ``holder``
         holding the session: the move committed. Queued messages that reached the copy
         after its snapshot may never have reached the new holder (the crash came before
         it answered that it stored them): they go to ``holder`` now, as the hand-over's
         late messages (named by their keys, so a second copy is recognised there). The
         copy stays, not serving, until the holder has stored them."""
-        epoch = session.handed[1]
-        late = _stale_late(session)
+        handed = HandoverMark.of(session).handed
+        epoch = handed.epoch
+        late = _stale_late(session, handed)
         if session.state is not SessionState.FROZEN:
             session.freeze("restarted during a hand-over")
         session.hand_over(f"late messages to {holder}")
@@ -782,16 +869,26 @@ class Takeovers:
                 member.transport.send(peer, *encode(Switched()))
         self.on_peer_switched(self.node_id)
 
-    def on_peer_switched(self, peer: str) -> None:
-        """``peer`` routes with every move applied here (a barrier for all of them)."""
-        for out in list(self.outgoing.values()):
-            self._run_holder(out, out.peer_switched(peer))
+    def on_peer_switched(self, peer: str, moves: dict | None = None) -> None:
+        """``peer`` routes with every move applied there (``moves`` None: a barrier for
+        all of them), or with the moves to this node named in ``moves``."""
+        if moves is None:
+            for out in list(self.outgoing.values()):
+                self._run_holder(out, out.peer_switched(peer))
         for gate in list(self.incoming.values()):
-            self._run_gate(gate, gate.machine.peer_switched(peer))
+            m = gate.machine
+            if moves is None or moves.get(m.client_id, -1) >= m.epoch:
+                self._run_gate(gate, m.peer_switched(peer))
 
     def on_peer_restarted(self, peer: str) -> None:
         """``peer`` is a new process: what its old one forwarded before its barrier has
-        arrived or never will, so it counts as arrived for every hand-over waiting."""
+        arrived or never will, so it counts as arrived for every hand-over waiting. It
+        may have taken our barriers of moves to it with its old process: it is told
+        which moves to it this node has applied (its restored gates wait for them)."""
+        view = self.member.view
+        moves = {cid: view.owners[cid][1] for cid, holder in view.holders.items()
+                 if holder == peer and cid in view.owners}
+        self.member.transport.send(peer, *encode(Switched(moves)))
         self.on_peer_switched(peer)
         for gate in list(self.incoming.values()):
             if gate.machine.holder == peer and gate.session is not None:
@@ -829,7 +926,8 @@ class Takeovers:
             return  # we claimed it again meanwhile
         session = self.broker.sessions.get(client_id)
         holder = view.holders.get(client_id)
-        if session is not None and session.handed is not None and holder is not None \
+        if session is not None and HandoverMark.of(session).handed is not None \
+                and holder is not None \
                 and holder != self.node_id and client_id not in self.outgoing \
                 and session.state in (SessionState.OFFLINE, SessionState.FROZEN):
             # a copy a restart left handed over, not judged yet (the table could not be
@@ -893,11 +991,11 @@ def _now() -> float:
     return asyncio.get_running_loop().time()
 
 
-def _stale_late(session) -> list:
-    """The late messages of a copy handed over (``session.handed``): the queued ones
-    from its mark on, in wire form."""
-    first = session.handed[2]
-    return [_late_item(m, q, r, s, key) for m, q, r, s, key in session.queue if key >= first]
+def _stale_late(session, handed: Handed) -> list:
+    """The late messages of a copy handed over: the queued ones from its mark on, in
+    wire form."""
+    return [_late_item(m, q, r, s, key) for m, q, r, s, key in session.queue
+            if key >= handed.first]
 
 
 def _late_item(msg, qos: int, retain: bool, sub_ids, key: int) -> list:

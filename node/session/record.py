@@ -6,8 +6,9 @@ and the durable store: plain lists and dicts, no pickles, versioned.
                       "inflight_out": [[pid, msg, qos, retain, sub_ids, stage]...],
                       "queue": [[msg, qos, retain, sub_ids]...], "inflight_in": [pid...],
                       "will": will | None, "will_delay", "will_at",
-                      "handed": [to, epoch, first key] | None (absent: None),
-                      "late_seen": {node: [epoch, [key...]]} | None (absent: {})}
+                      "handover": the cluster's hand-over mark (cluster/marks.py) | None}
+    (records of older versions have "handed" and "late_seen" instead of "handover": read
+    into it)
     msg  = [topic, payload, qos, retain, properties | None, expires_at | None, origin]
     sub  = [topic_filter, qos, no_local, retain_as_published, retain_handling, sub_id,
             share_group]
@@ -86,8 +87,7 @@ def session_meta(s: Session) -> dict:
                                            props_out(will.properties)],
         "will_delay": s.will_delay,
         "will_at": s.will_at,
-        "handed": s.handed,
-        "late_seen": s.late_seen or None,
+        "handover": s.handover,
     }
 
 
@@ -99,7 +99,6 @@ def session_to_record(s: Session) -> dict:
     r["queue"] = [[message_to_record(m), qos, retain, list(sub_ids) if sub_ids else None]
                   for m, qos, retain, sub_ids, _ in s.queue]
     r["inflight_in"] = sorted(s.inflight_in)
-    r["handed"] = None  # this node's own hand-over state: not the receiver's
     return r
 
 
@@ -129,10 +128,12 @@ def session_from_record(r: dict, limits, counters) -> tuple[Session, list]:
         s.will = None if w is None else Will(w[0], w[1], w[2], w[3], props_in(w[4]) or {})
         s.will_delay = r["will_delay"]
         s.will_at = r["will_at"]
-        handed = r.get("handed")
-        s.handed = None if handed is None else [str(handed[0]), int(handed[1]), int(handed[2])]
-        s.late_seen = {str(node): [int(epoch), [int(k) for k in keys]]
-                       for node, (epoch, keys) in (r.get("late_seen") or {}).items()}
+        handover = r.get("handover")
+        if handover is None and (r.get("handed") or r.get("late_seen")):
+            handover = {"handed": r.get("handed"), "late_seen": r.get("late_seen")}
+        if handover is not None and not isinstance(handover, dict):
+            raise TypeError(f"handover is {type(handover).__name__}")
+        s.handover = handover or None
         return s, list(r["subscriptions"])
     except (KeyError, TypeError, ValueError) as err:
         raise RecordError(f"malformed session record: {err!r}") from err

@@ -121,7 +121,7 @@ class Session:
         "client_id", "state", "client", "subscriptions", "inflight_out", "queue", "queued_qos0",
         "inflight_in", "window", "limits", "counters", "next_pid", "expiry_interval",
         "expires_at", "will", "will_delay", "will_at", "version", "dropping", "created_at",
-        "timer_gen", "epoch", "gate", "journal", "seq", "handed", "late_seen", "__weakref__",
+        "timer_gen", "epoch", "gate", "journal", "seq", "handover", "__weakref__",
     )
 
     def __init__(self, client_id: str, limits: SessionLimits, counters: Counters) -> None:
@@ -153,12 +153,9 @@ class Session:
         self.gate = None
         self.journal = None  # node.persist.SessionJournal while the session is stored
         self.seq = 1  # the next message key in the store
-        # [to, epoch, first key] while this copy is handed over (cluster): queued messages
-        # from that key on arrived after the snapshot ("late"), the new holder lacks them
-        self.handed = None
-        # {old holder: [epoch, [its keys]]}: late messages of a hand-over to here already
-        # taken (an old holder restarted before it saw our answer sends them again)
-        self.late_seen: dict = {}
+        # The cluster's record of this session's hand-overs (cluster/marks.py gives it its
+        # shape): a plain dict stored with the session, or None. Opaque here.
+        self.handover: dict | None = None
 
     # -- state ---------------------------------------------------------------------------
 

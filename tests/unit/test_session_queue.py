@@ -167,19 +167,28 @@ def test_a_qos2_publish_to_a_stored_session_leaves_only_once_its_packet_id_is_du
 
 
 def test_hand_over_marks_travel_with_the_stored_record_but_not_the_snapshot():
-    """``handed`` (this copy's own hand-over) is stored, never sent to the new holder;
-    ``late_seen`` (late messages already taken) is both. Older records have neither."""
+    """The cluster's hand-over mark is stored with the session as it is; a snapshot for
+    the next holder carries only ``late_seen`` (late messages already taken), never this
+    copy's own ``handed`` or ``taking``. Records of the older version (``handed`` and
+    ``late_seen`` at the top level) are read into it."""
+    from cluster.marks import Handed, HandoverMark, Taking
     from node.session.record import pack, session_from_record, session_meta, \
         session_to_record, unpack
 
     s = offline_session()
-    s.handed = ["n2", 7, 40]
-    s.late_seen = {"n1": [3, [5, 6]]}
+    mark = HandoverMark(Handed("n2", 7, 40), {"n1": (3, [5, 6])},
+                        Taking("n3", 9, ("n1",), ("n1", "n3")))
+    mark.save(s)
     stored, _ = session_from_record(unpack(pack(session_meta(s))), s.limits, s.counters)
-    assert stored.handed == ["n2", 7, 40] and stored.late_seen == {"n1": [3, [5, 6]]}
-    sent, _ = session_from_record(unpack(pack(session_to_record(s))), s.limits, s.counters)
-    assert sent.handed is None and sent.late_seen == {"n1": [3, [5, 6]]}
+    assert HandoverMark.of(stored) == mark
+    record = unpack(pack(session_to_record(s)))
+    record["handover"] = HandoverMark.for_receiver(record["handover"])
+    sent, _ = session_from_record(record, s.limits, s.counters)
+    assert HandoverMark.of(sent) == HandoverMark(None, {"n1": (3, [5, 6])}, None)
     old = session_meta(offline_session())
-    del old["handed"], old["late_seen"]
+    del old["handover"]
+    old["handed"], old["late_seen"] = ["n2", 7, 40], {"n1": [3, [5, 6]]}
     before, _ = session_from_record(old, s.limits, s.counters)
-    assert before.handed is None and before.late_seen == {}
+    assert HandoverMark.of(before) == HandoverMark(Handed("n2", 7, 40), {"n1": (3, [5, 6])})
+    del old["handed"], old["late_seen"]
+    assert HandoverMark.of(session_from_record(old, s.limits, s.counters)[0]) == HandoverMark()
