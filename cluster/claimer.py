@@ -8,7 +8,7 @@ Client X connects to node B (or B adopts X's session from a leaving node). B kee
         |                      |  |                  |   \\--move refused--> OVERTAKEN
         |                      |  |                  \\--all in--> DONE  (before the verdict)
         |                      |  +--none--> OPEN    (it ended on the holder)
-        |                      |  +--stale / holder error--> REFUSED
+        |                      |  +--stale / busy / holder error--> REFUSED
         |                      |  +--unreachable--> REFUSED or FRESH  (``unreachable_owner``)
         |                      +--retry--> WAITING --holder changed--> FETCHING or OPEN
         |                                     \\--no change in time--> REFUSED or FRESH
@@ -42,6 +42,8 @@ from dataclasses import dataclass, field
 
 from node.mqtt.codes import ReasonCode
 
+from .messages import RESTART
+
 __all__ = ["ClaimerState", "ClaimerEvent", "TRANSITIONS", "ClaimerHandover", "LocalCopy", "Route",
            "ProposeClaim", "AskSnapshot", "AwaitHolderChange", "Open", "Refuse", "TakeBack",
            "ProposeFresh", "AwaitDurable", "ProposeMove", "Answer", "Admit", "GateOff",
@@ -51,8 +53,6 @@ __all__ = ["ClaimerState", "ClaimerEvent", "TRANSITIONS", "ClaimerHandover", "Lo
 #: cut off that long delays the session's messages from it no longer: they are delivered
 #: out of order with what the old holder still has)
 INCOMING_LIMIT = 60.0
-#: the source of the one late batch a restarted old holder sends (cluster/holder.py)
-RESTART = "restart"
 
 
 class ClaimerState(enum.Enum):
@@ -79,6 +79,7 @@ class ClaimerEvent(enum.Enum):
     RETRY = "retry"
     UNREACHABLE = "unreachable"
     HOLDER_ERROR = "holder_error"
+    BUSY = "busy"
     DURABLE = "durable"
     MOVE_COMMITTED = "move_committed"
     MOVE_REFUSED = "move_refused"
@@ -88,6 +89,7 @@ class ClaimerEvent(enum.Enum):
     LATE = "late"
     PEER_SWITCHED = "peer_switched"
     HOLDER_RESTARTED = "holder_restarted"
+    MOVE_APPLIED = "move_applied"
     EXPIRED = "expired"
     FORCE = "force"
     ALL_IN = "all_in"
@@ -106,6 +108,7 @@ TRANSITIONS: dict[tuple[ClaimerState, ClaimerEvent], ClaimerState] = {
     (S.FETCHING, E.RETRY): S.WAITING,
     (S.FETCHING, E.UNREACHABLE): S.REFUSED,  # or FRESH
     (S.FETCHING, E.HOLDER_ERROR): S.REFUSED,
+    (S.FETCHING, E.BUSY): S.REFUSED,
     (S.INSTALLED, E.DURABLE): S.INSTALLED,
     (S.INSTALLED, E.MOVE_COMMITTED): S.MOVED,
     (S.INSTALLED, E.MOVE_REFUSED): S.OVERTAKEN,
@@ -118,13 +121,13 @@ TRANSITIONS: dict[tuple[ClaimerState, ClaimerEvent], ClaimerState] = {
 }
 for _gated in (S.INSTALLED, S.MOVED):
     for _e in (E.MESSAGE, E.BARRIER, E.LATE, E.PEER_SWITCHED, E.HOLDER_RESTARTED,
-               E.EXPIRED, E.FORCE):
+               E.MOVE_APPLIED, E.EXPIRED, E.FORCE):
         TRANSITIONS[(_gated, _e)] = _gated
     TRANSITIONS[(_gated, E.ALL_IN)] = S.DONE
 # late answers, barriers and timers for a hand-over that is over: nothing to do
 for _over in (S.DONE, S.OVERTAKEN):
     for _e in (E.MESSAGE, E.BARRIER, E.LATE, E.PEER_SWITCHED, E.HOLDER_RESTARTED,
-               E.EXPIRED, E.FORCE):
+               E.MOVE_APPLIED, E.EXPIRED, E.FORCE):
         TRANSITIONS[(_over, _e)] = _over
 del S, E, _gated, _over, _e
 
@@ -268,6 +271,9 @@ class ClaimerHandover:
     verdict: bool | None = None
     decided: bool = False  # a verdict (even "unknown") was given to the client
     restarted: bool = False  # the old holder restarted: its batch from the store is awaited
+    moved_at: int | None = None  # the table position of the move, once applied here
+    #: table positions nodes said they route with before the move was applied here
+    switched: dict = field(default_factory=dict)
     why: str = ""  # the last reason a path was taken (logs)
 
     @classmethod
@@ -377,6 +383,13 @@ class ClaimerHandover:
         self._go(ClaimerEvent.RETRY)
         return [AwaitHolderChange(self.holder)]
 
+    def busy(self) -> list:
+        """The holder's own hand-over of the session is not finished (it waits for late
+        messages): try again later."""
+        self._go(ClaimerEvent.BUSY)
+        return [Refuse(ReasonCode.SERVER_UNAVAILABLE,
+                       f"the session's hand-over to {self.holder} is not finished yet")]
+
     def unreachable(self, why: str) -> list:
         self._go(ClaimerEvent.UNREACHABLE)
         return self._unreachable(why)
@@ -466,53 +479,75 @@ class ClaimerHandover:
         self.pending.discard(sender)
         return self._maybe_done()
 
-    def peer_switched(self, peer: str) -> list:
-        """``peer`` routes with every move applied (a barrier for all of them)."""
+    def peer_switched(self, peer: str, position: int | None = None) -> list:
+        """``peer`` routes with every move applied there (a barrier for all of them) or,
+        with ``position``, with those applied up to that table position: a barrier for
+        this move if it is in (once the move's position is known here)."""
         self._go(ClaimerEvent.PEER_SWITCHED)
+        if position is not None and (self.moved_at is None or position < self.moved_at):
+            if self.moved_at is None:
+                self.switched[peer] = max(position, self.switched.get(peer, 0))
+            return []
         self.early.discard(peer)
         self.pending.discard(peer)
         return self._maybe_done()
 
+    def move_applied(self, position: int) -> list:
+        """The move was applied here, at table ``position``: nodes that switched to a
+        table with it in count as their barriers."""
+        self._go(ClaimerEvent.MOVE_APPLIED)
+        if self.moved_at is not None:
+            return []
+        self.moved_at = position
+        for node, at in sorted(self.switched.items()):
+            if at >= position:
+                self.early.discard(node)
+                self.pending.discard(node)
+        self.switched.clear()
+        return self._maybe_done()
+
     def holder_restarted(self, retry_delay: float) -> list:
         """The old holder is a new process. What nodes forwarded to its old one is either
-        in its store, and comes back in one batch from its restart (``late`` with source
-        ``restart``: every queued message from the hand-over on, in arrival order), or
-        was never acknowledged; no forward reaches its new process with the old routes
-        (forwards name the process they were routed to). So no barrier is waited for any
-        more, and what nodes send here waits for that batch, to keep each one's order."""
+        in its store, and comes in one batch from its restart (``late`` with source
+        RESTART), or was never acknowledged (forwards name the process they were routed
+        to: its new one drops those). It sends that batch first: wait for it (bounded)."""
         self._go(ClaimerEvent.HOLDER_RESTARTED)
         if not self.gated:
             return []
-        self.pending.clear()
         self.restarted = True
         return [StartExpiryTimer(retry_delay)]
 
-    def late(self, source: str, items: list) -> list:
+    def late(self, source: str, items: list, still_pending=None) -> list:
         """The old holder's late batch from ``source`` (the unseen ones): admitted, then
-        what ``source`` sent here after its barrier. The batch of a restarted holder
-        carries every node's: all that was held goes after it."""
+        what ``source`` sent here after its barrier. A restarted holder's batch (source
+        RESTART) carries what its store kept from every node: what was held from the
+        nodes it names no more (``still_pending``) goes after it; the others' come in
+        batches of their own."""
         self._go(ClaimerEvent.LATE)
         if not self.gated:
             return [Admit(tuple(items))] if items else []
-        if source == RESTART and self.restarted:
+        if source == RESTART:
+            self.restarted = False
+            more = set(still_pending or ())
             actions = [Admit(tuple(items))] if items else []
-            for node in sorted(self.awaiting):
+            for node in sorted(self.awaiting - more):
                 actions += self._late_from(node, [])
             return actions + self._maybe_done()
         return self._late_from(source, items) + self._maybe_done()
 
-    def expired(self, now: float, holder_up: bool, retry_delay: float) -> list:
+    def expired(self, now: float, holder_member: bool, retry_delay: float) -> list:
         """The expiry timer: the old holder still waits for a node that is down or cut
-        off (its messages come once that node is back), unless it is gone itself or this
-        went on for ``INCOMING_LIMIT``."""
+        off, or is down or cut off itself: what it keeps comes once it is back (it is
+        stored there), unless it left the cluster or this went on for ``INCOMING_LIMIT``
+        (then what is held here is let in, before the rest: order given up, not
+        messages)."""
         self._go(ClaimerEvent.EXPIRED)
         if not self.gated:
             return []
-        if self.restarted:
-            return self.force("the old holder restarted and sent no batch in time")
-        if holder_up and now - self.started < INCOMING_LIMIT:
+        if holder_member and now - self.started < INCOMING_LIMIT:
             return [StartExpiryTimer(retry_delay)]
-        return self.force("the old holder is gone")
+        return self.force("the old holder left the cluster" if not holder_member
+                          else f"waited {INCOMING_LIMIT:.0f}s for the old holder")
 
     def force(self, why: str) -> list:
         """End the gate without the late batches still missing (their node or the old

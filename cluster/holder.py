@@ -10,6 +10,9 @@ a ``HolderHandover`` for X until the hand-over ends one way or the other:
        +--hand_back--> TAKEN_BACK  (E's move can never apply: a newer claim came first)
        +--(every barrier in, every late batch stored)--> FINISHED
 
+    RESTORED --judged(another node holds it)--> MOVED   (a restart; the table read)
+             --judged(this node holds it)--> TAKEN_BACK
+
 * HANDED: the snapshot went to B, B's ``moved`` is not applied here yet. Until it is,
   this copy is the session (B may die before its move commits).
 * MOVED: the move is applied here. A's copy waits for every node's barrier (DESIGN.md):
@@ -26,7 +29,8 @@ a ``HolderHandover`` for X until the hand-over ends one way or the other:
 
 Events in (one method each): ``kept`` (a message routed with the old routes arrived),
 ``barrier``, ``move_applied``, ``late_stored``, ``peer_switched``, ``barrier_timeout``
-(the time and the members passed in), ``hand_back``, ``supersede``, ``relay``. Actions
+(the time and the members passed in), ``hand_back``, ``supersede``, ``relay``,
+``judged`` (a RESTORED copy, once the table is read after a restart). Actions
 out: ``SendLate``, ``StartBarrierTimer``, ``EndCopy``, ``HandBack``. No asyncio and no
 sockets here: cluster/takeover.py runs it in a node, cluster/simulation in a simulated
 cluster.
@@ -37,10 +41,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from .messages import LateBatch
-
-#: the source of the late batch a restarted holder sends (every source's, from its store)
-RESTART = "restart"
+from .messages import RESTART, LateBatch
 
 __all__ = ["HolderState", "HolderEvent", "TRANSITIONS", "HolderHandover", "SendLate",
            "StartBarrierTimer", "EndCopy", "HandBack", "InvalidTransition"]
@@ -52,6 +53,7 @@ class HolderState(enum.Enum):
     FINISHED = "finished"      # all delivered: the copy ends
     TAKEN_BACK = "taken_back"  # the move can never apply: the copy is the session again
     SUPERSEDED = "superseded"  # this node took the session back first
+    RESTORED = "restored"      # brought back by a restart: the table not read yet
 
 
 class HolderEvent(enum.Enum):
@@ -65,6 +67,7 @@ class HolderEvent(enum.Enum):
     ALL_IN = "all_in"
     HAND_BACK = "hand_back"
     SUPERSEDE = "supersede"
+    JUDGED = "judged"
 
 
 S, E = HolderState, HolderEvent
@@ -90,6 +93,16 @@ TRANSITIONS: dict[tuple[HolderState, HolderEvent], HolderState] = {
     (S.HANDED, E.ALL_IN): S.FINISHED,
     (S.MOVED, E.ALL_IN): S.FINISHED,
     (S.HANDED, E.HAND_BACK): S.TAKEN_BACK,
+    # a restart found the copy handed over: it keeps what pending nodes send until the
+    # table says who holds the session (this node: the move never committed)
+    (S.RESTORED, E.KEPT): S.RESTORED,
+    (S.RESTORED, E.BARRIER): S.RESTORED,
+    (S.RESTORED, E.PEER_SWITCHED): S.RESTORED,
+    (S.RESTORED, E.MOVE_APPLIED): S.RESTORED,
+    (S.RESTORED, E.RELAY): S.RESTORED,
+    (S.RESTORED, E.JUDGED): S.MOVED,
+    (S.RESTORED, E.HAND_BACK): S.TAKEN_BACK,
+    (S.RESTORED, E.SUPERSEDE): S.SUPERSEDED,
     (S.HANDED, E.SUPERSEDE): S.SUPERSEDED,
     (S.MOVED, E.SUPERSEDE): S.SUPERSEDED,
 }
@@ -143,17 +156,35 @@ class HolderHandover:
     unconfirmed: int = 0
     #: the driver's handle on the copy (the session object); never looked into here
     copy: object = None
+    #: the table position of the move (once applied here)
+    moved_at: int | None = None
+    #: table positions nodes said they route with before the move was applied here
+    switched: dict[str, int] = field(default_factory=dict)
 
     @classmethod
-    def after_restart(cls, client_id: str, epoch: int, to: str, late: list,
-                      copy=None) -> tuple["HolderHandover", list]:
-        """A restart found this copy handed over and the move committed (the table names
-        ``to`` the holder): what reached the copy after its snapshot (``late``, the queued
-        messages from the hand-over mark on) goes to ``to``. Returns the hand-over and
-        its actions."""
-        h = cls(client_id, epoch, to, {RESTART}, HolderState.MOVED, copy=copy)
-        h.late[RESTART] = late
-        return h, h._send_late(RESTART)
+    def restored(cls, client_id: str, epoch: int, to: str, pending,
+                 copy=None) -> "HolderHandover":
+        """This node restarted with this copy handed over (to ``to``): RESTORED until the
+        table is read (``judged``). Which barriers its previous process saw is not stored:
+        it keeps what every node in ``pending`` sends, until that node's barrier or its
+        word that it applied the move (``Switched.moved_from``) arrives."""
+        return cls(client_id, epoch, to, set(pending), HolderState.RESTORED, copy=copy)
+
+    def judged(self, holder: str | None, me: str, stored_late: list) -> list:
+        """The table is read: ``holder`` holds the session. This node: the move never
+        committed, the copy is the session again. Another node: what the store kept after
+        the snapshot (``stored_late``: every node's, in arrival order, what was kept since
+        the restart included) goes to it in one batch (source RESTART) naming the nodes
+        whose messages may still come here (their batches follow, one each)."""
+        if holder is None or holder == me:
+            return self.hand_back(f"epoch {self.epoch} to {self.to} never moved")
+        self._go(HolderEvent.JUDGED)
+        self.to = holder
+        self.late.clear()  # (all in ``stored_late``)
+        self.unconfirmed += 1
+        return [SendLate(holder, LateBatch(self.client_id, self.epoch, RESTART, stored_late,
+                                           still_pending=sorted(self.pending))),
+                StartBarrierTimer()] + self._maybe_finish()
 
     # -- queries -----------------------------------------------------------------------
 
@@ -187,14 +218,28 @@ class HolderHandover:
         self._go(HolderEvent.BARRIER)
         if sender not in self.pending:
             return []
+        if self.state is HolderState.RESTORED:
+            self.pending.discard(sender)  # (what it sent is stored: in the RESTART batch)
+            return []
         return self._send_late(sender) + self._maybe_finish()
 
-    def move_applied(self) -> list:
-        """The move was applied here: the hand-over is certain. From now on the missing
-        barriers are waited for a bounded time only (a node that left sends none)."""
+    def move_applied(self, position: int | None = None) -> list:
+        """The move was applied here (at table ``position``): the hand-over is certain.
+        From now on the missing barriers are waited for a bounded time only (a node that
+        left sends none). Nodes that switched to a table with the move in it count as
+        their barriers."""
         first = self.state is HolderState.HANDED
         self._go(HolderEvent.MOVE_APPLIED)
-        return [StartBarrierTimer()] if first else []
+        if not first:
+            return []  # (RESTORED: judged starts the timer)
+        self.moved_at = position
+        actions: list = [StartBarrierTimer()]
+        if position is not None:
+            for node, at in sorted(self.switched.items()):
+                if at >= position and node in self.pending:
+                    actions += self._send_late(node)
+        self.switched.clear()
+        return actions + self._maybe_finish()
 
     def late_stored(self) -> list:
         """The new holder answered a late batch (stored, or given up on)."""
@@ -202,12 +247,22 @@ class HolderHandover:
         self.unconfirmed -= 1
         return self._maybe_finish()
 
-    def peer_switched(self, peer: str) -> list:
+    def peer_switched(self, peer: str, position: int | None = None) -> list:
         """``peer`` routes with every move applied there (its table was replaced by a Raft
-        snapshot, or it restarted): as good as its barrier, once the move is certain."""
+        snapshot at ``position``, or it restarted: None): as good as its barrier, once the
+        move is certain, if its table has the move."""
         self._go(HolderEvent.PEER_SWITCHED)
-        if self.state is not HolderState.MOVED or peer not in self.pending:
+        if self.state is HolderState.RESTORED:
+            self.pending.discard(peer)
             return []
+        if peer not in self.pending:
+            return []
+        if self.state is HolderState.HANDED:
+            if position is not None:
+                self.switched[peer] = max(position, self.switched.get(peer, 0))
+            return []
+        if position is not None and self.moved_at is not None and position < self.moved_at:
+            return []  # its table is older than the move: its barrier is still to come
         return self._send_late(peer) + self._maybe_finish()
 
     def barrier_timeout(self, members) -> list:
@@ -222,13 +277,16 @@ class HolderHandover:
         finished = self._maybe_finish()
         return actions + (finished or [StartBarrierTimer()])
 
-    def relay(self, items: list) -> list:
+    def relay(self, items: list, hops: int) -> list:
         """Late messages of an earlier hand-over to this node arrived after this copy was
-        handed on: they follow the session (already admitted to the copy's queue)."""
+        handed on: they follow the session (already admitted to the copy's queue). A
+        RESTORED copy keeps them: they go in its RESTART batch."""
         self._go(HolderEvent.RELAY)
-        self.late["relay"] = items
-        self.pending.add("relay")
-        return self._send_late("relay")
+        if self.state is HolderState.RESTORED:
+            return []
+        self.unconfirmed += 1
+        return [SendLate(self.to, LateBatch(self.client_id, self.epoch, "relay", items,
+                                            hops=hops))]
 
     def hand_back(self, why: str) -> list:
         """The move of this epoch can never apply: the copy is the session again."""
@@ -257,7 +315,8 @@ class HolderHandover:
         return [SendLate(self.to, LateBatch(self.client_id, self.epoch, source, items))]
 
     def _maybe_finish(self) -> list:
-        if self.pending or self.unconfirmed or self.ended:
+        if self.pending or self.unconfirmed or self.ended or \
+                self.state is HolderState.RESTORED:
             return []
         self._go(HolderEvent.ALL_IN)
         return [EndCopy(self.to)]

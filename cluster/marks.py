@@ -4,9 +4,10 @@ The broker keeps one opaque field per session, ``Session.handover`` (a plain dic
 None), writes it into the session's stored record and reads it back at a restart; only
 this module gives it a shape:
 
-* ``handed``: this copy was handed over (to node ``to``, at ``epoch``); the queued
-  messages from store key ``first`` on arrived after the snapshot ("late"), the new holder
-  may lack them. Set on the holding side, never sent to the receiver.
+* ``handed``: this copy was handed over (to node ``to``, at ``epoch``, the ``members``
+  then being the nodes whose barriers it waits for); the queued messages from store key
+  ``first`` on arrived after the snapshot ("late"), the new holder may lack them. Set on
+  the holding side, never sent to the receiver.
 * ``late_seen``: per old holder, the late messages already taken (its epoch and their
   store keys there), so that a batch sent again after a restart adds nothing twice. Sent
   with the session.
@@ -27,6 +28,7 @@ class Handed:
     to: str
     epoch: int
     first: int  # the store key from which queued messages are late
+    members: tuple[str, ...] = ()  # whose barriers the hand-over waited for
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,8 @@ class HandoverMark:
         handed = raw.get("handed")
         taking = raw.get("taking")
         return cls(
-            None if handed is None else Handed(str(handed[0]), int(handed[1]), int(handed[2])),
+            None if handed is None else Handed(str(handed[0]), int(handed[1]), int(handed[2]),
+                                               tuple(handed[3]) if len(handed) > 3 else ()),
             {str(node): (int(epoch), [int(k) for k in keys])
              for node, (epoch, keys) in (raw.get("late_seen") or {}).items()},
             None if taking is None else Taking(str(taking[0]), int(taking[1]),
@@ -62,7 +65,7 @@ class HandoverMark:
         raw = {}
         if self.handed is not None:
             h = self.handed
-            raw["handed"] = [h.to, h.epoch, h.first]
+            raw["handed"] = [h.to, h.epoch, h.first, sorted(h.members)]
         if self.late_seen:
             raw["late_seen"] = {node: [epoch, list(keys)]
                                 for node, (epoch, keys) in self.late_seen.items()}

@@ -22,7 +22,6 @@ from node.session.session import SessionState
 from node.topics import SubEntry, SubscriptionTree
 
 from .discovery import MdnsDiscovery
-from .marks import HandoverMark
 from .membership import Membership
 from .messages import (KINDS, Adopt, Barrier, LateBatch, MalformedMessage, SnapChunk,
                        SnapshotRequest, Switched, decode)
@@ -126,7 +125,8 @@ class ClusterMember:
         messages = {
             "pubs": self._on_pubs, "pubc": self._on_pubc, "pubc_ok": self._on_pubc_ok,
             Barrier.kind: t.on_barrier,
-            Switched.kind: lambda peer, switched: t.on_peer_switched(peer, switched.moves),
+            Switched.kind: lambda peer, sw: t.on_peer_switched(peer, sw.moves, sw.moved_from,
+                                                               sw.position),
             SnapChunk.kind: self._on_snap_chunk,
             "ret": lambda peer, body: self._apply_retained(*body), "stats": self._on_stats,
         }
@@ -144,7 +144,9 @@ class ClusterMember:
 
     async def start(self) -> None:
         config = self.config
-        self.takeovers.restore_gates()  # before any link: they wait for what peers send
+        # before any link: they wait for what peers send
+        self.takeovers.restore_gates()
+        self.takeovers.restore_handed()
         self._reserve_raft_port()
         await self.transport.start()
         if config.discovery == "mdns":
@@ -180,26 +182,32 @@ class ClusterMember:
             self._tasks.append(self.loop.create_task(self._judge_later(restored)))
 
     async def _judge_later(self, restored: dict) -> None:
+        """Judge the stored sessions the start could not, once the table can be read:
+        the copies nothing touched since (no connect, no hand-over). One being claimed
+        right now is judged in a later round."""
+        left = dict(restored)
         delay = 0.5
-        while True:
+        while left:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
             try:
                 await self.raft.run(("sync",), 10.0)
             except RaftUnavailable:
                 continue
-            # only the copies nothing touched since the start (no connect, no hand-over)
             t = self.takeovers
-            untouched = {cid for cid, s in restored.items()
-                         if self.broker.sessions.get(cid) is s
-                         and s.state is SessionState.OFFLINE and cid not in t.in_progress
-                         and (cid not in t.incoming or t.incoming[cid].restored)
-                         and cid not in t.outgoing}
-            log.info("routing table caught up node=%s: judging %d stored sessions",
-                     self.node_id, len(untouched))
-            await self._adopt_stored_sessions(True, untouched)
-            self.unjudged = 0
-            return
+            touched = {cid for cid, s in left.items()
+                       if self.broker.sessions.get(cid) is not s
+                       or not (s.state is SessionState.OFFLINE or t.restored_handed(cid))
+                       or (cid in t.incoming and not t.incoming[cid].restored)}
+            now = {cid for cid in left if cid not in touched and cid not in t.in_progress}
+            if now:
+                log.info("routing table caught up node=%s: judging %d stored sessions",
+                         self.node_id, len(now))
+                await self._adopt_stored_sessions(True, now)
+            for cid in touched | now:
+                del left[cid]
+            self.unjudged = len(left)
+            delay = 0.5
 
     async def _catch_up(self) -> bool:
         """A read barrier: wait until the view holds every entry committed before now (a
@@ -251,29 +259,16 @@ class ClusterMember:
                     broker.sessions[cid].epoch = epoch
             log.info("stored sessions claimed node=%s count=%d not_committed=%d", me,
                      len(unheld) - failed, failed)
-        # a copy this node was handing over when it went down, whose move committed: the
-        # messages that reached it after the snapshot go to the new holder before it ends
-        late = {}
-        for cid, session in broker.sessions.items():
-            if cid not in judged:
-                continue
-            mark = HandoverMark.of(session)
-            if cid in keep:
-                if mark.handed is not None and cid not in self.takeovers.outgoing:
-                    mark.handed = None  # the move never committed: it is ours again
-                    mark.save(session)
-                    broker.persist(session)
-            elif mark.handed is not None and holders.get(cid) is not None:
-                # (even with nothing late: the new holder waits for this batch)
-                late[cid] = holders[cid]
-        dropped = broker.keep_sessions(lambda cid: cid in keep or cid in late,
+        # a copy this node was handing over when it went down (its hand-over resumed at
+        # the start) whose move never committed is the session again
+        for cid in sorted(judged):
+            self.takeovers.judged(cid, holders.get(cid))
+        dropped = broker.keep_sessions(lambda cid: cid in keep,
                                        "held by another node since this one went down")
         self.takeovers.forget_gates()
         if dropped:
             log.info("stored sessions taken over while down, dropped node=%s count=%d",
                      me, dropped)
-        for cid, holder in late.items():
-            self.takeovers.resend_after_restart(broker.sessions[cid], holder)
         if broker.filter_refs:
             try:
                 await self.raft.run(("routes", me, sorted(broker.filter_refs), []), 10.0)
@@ -681,7 +676,8 @@ class ClusterMember:
             self.takeovers.on_released(ev.client_id, ev.node)
 
     def _on_moved(self, ev: Moved) -> None:
-        self.takeovers.on_moved(ev.client_id, ev.epoch, ev.from_node, ev.to_node, ev.ok)
+        self.takeovers.on_moved(ev.client_id, ev.epoch, ev.from_node, ev.to_node, ev.ok,
+                                ev.position)
 
     def _on_member(self, ev: MemberChanged) -> None:
         self.membership.save_soon()

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import MISSING, asdict, dataclass, fields
 
 __all__ = ["SnapshotRequest", "SnapChunk", "Barrier", "Switched", "LateBatch", "Adopt",
-           "KINDS", "encode", "decode", "MalformedMessage"]
+           "KINDS", "encode", "decode", "MalformedMessage", "RESTART"]
 
 
 class MalformedMessage(ValueError):
@@ -51,11 +51,17 @@ class Barrier:
 @dataclass(frozen=True)
 class Switched:
     """``moves`` None: the sender routes with every move applied there (its table was
-    replaced by a snapshot). A map: the sessions the sender's table has at the receiver
-    (ClientID -> epoch), sent when it sees the receiver restarted: as good as its
-    barriers for those moves, which the receiver's previous process may have taken."""
+    replaced by a snapshot). Maps, sent when the sender sees the receiver restarted: the
+    sessions the sender's table has at the receiver (``moves``) and, of the hand-overs
+    the receiver's handshake says its restart resumed, those whose move the sender
+    applied (``moved_from``), ClientID -> epoch: as good as its barriers for those moves,
+    which the receiver's previous process may have taken."""
     kind = "switched"
     moves: dict | None = None
+    moved_from: dict | None = None
+    #: with ``moves`` None: the sender's table position (routing.Tables.position): the
+    #: moves applied at or before it are the ones it routes with
+    position: int | None = None
 
 
 @dataclass(frozen=True)
@@ -65,9 +71,16 @@ class LateBatch:
     kind = "late"
     client_id: str
     epoch: int
-    source: str  # the node that forwarded them ("restart", "relay": see cluster/holder.py)
+    source: str  # the node that forwarded them (RESTART, "relay": see cluster/holder.py)
     messages: list
     hops: int = 0  # passed on by nodes the session had left (at most RELAY_HOPS)
+    #: with source RESTART: the nodes whose late messages may still come, one batch each
+    still_pending: list | None = None
+
+
+#: the source of the batch a restarted old holder sends first: every late message its
+#: store kept, whatever node forwarded it
+RESTART = "restart"
 
 
 @dataclass(frozen=True)

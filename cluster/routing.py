@@ -67,11 +67,14 @@ class Tables:
     routes: dict[str, set[str]] = field(default_factory=dict)
     next_epoch: int = 1
     cluster_id: str | None = None
+    #: operations applied so far: the same in every copy at the same point of the log
+    #: (a snapshot carries it), so "has a node applied this move?" is a comparison
+    position: int = 0
 
     def copy(self) -> "Tables":
         return Tables({k: dict(v) for k, v in self.members.items()}, dict(self.owners),
                       dict(self.holders), {f: set(n) for f, n in self.routes.items()},
-                      self.next_epoch, self.cluster_id)
+                      self.next_epoch, self.cluster_id, self.position)
 
 
 # What an operation changed, as the view's listeners see it (cluster/member.py dispatches
@@ -101,6 +104,7 @@ class Moved:
     from_node: str
     to_node: str
     ok: bool  # False: refused (an older claim's move, or the holder changed)
+    position: int = 0  # the table's position once applied (Tables.position)
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,7 +188,7 @@ def _moved(t: Tables, client_id: str, epoch: int, from_node: str, to_node: str):
         tuple(owner) == (to_node, epoch)
     if ok:
         t.holders[client_id] = to_node
-    return ok, Moved(client_id, epoch, from_node, to_node, ok)
+    return ok, Moved(client_id, epoch, from_node, to_node, ok, t.position)
 
 
 def _sync(t: Tables):
@@ -238,6 +242,8 @@ def apply(tables: Tables, op: tuple):
     rule = RULES.get(op[0])
     if rule is None:
         raise ValueError(f"unknown operation {op[0]!r}")
+    # (counted before the rule runs: one that raises counts too, in every copy alike)
+    tables.position = getattr(tables, "position", 0) + 1
     return rule(tables, *op[1:])
 
 

@@ -136,9 +136,11 @@ class SimLoop(asyncio.SelectorEventLoop):
         task = asyncio.Task(coro, loop=loop, **kwargs)
         inc = CURRENT.get()
         if inc is not None:
-            tasks = self.tasks_of.setdefault(inc, set())
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
+            # (a dict, not a set: iterating objects hashed by address would make the
+            # order, and so the run, differ between processes)
+            tasks = self.tasks_of.setdefault(inc, {})
+            tasks[task] = None
+            task.add_done_callback(lambda t: tasks.pop(t, None))
         return task
 
 
@@ -306,6 +308,10 @@ class SimTransport:
 
     def is_up(self, peer: str) -> bool:
         return self.world.net.link_up(self.node_id, peer)
+
+    def peer_info(self, peer: str):
+        inc = self.world.incarnation(peer)
+        return None if inc is None else inc.member.info
 
     def peer_incarnation(self, peer: str) -> str | None:
         known = self.world.net.seen.get((self.node_id, peer))
@@ -531,6 +537,7 @@ class SimMember(ClusterMember):
         self.takeovers = world.plants.takeovers(self)
         self._message_handlers, self._request_handlers = self._handler_tables()
         self.snapshot_chunks = {}
+        self.info = {}
         self.peer_stats = {}
         self.retained_ts = {}
         self._group_cursor = 0
@@ -967,7 +974,9 @@ class World:
         inc.run(lambda: broker.attach_store(store, store.load()))
         member = inc.member = inc.run(SimMember, self, inc, broker, config)
         broker.attach_cluster(member)
-        inc.run(member.takeovers.restore_gates)  # as ClusterMember.start, before links
+        # as ClusterMember.start, before any link
+        inc.run(member.takeovers.restore_gates)
+        inc.run(member.takeovers.restore_handed)
         # the routing table as Raft has it now (a restarted node replays it first: its
         # events are history, not news)
         if first:
@@ -996,7 +1005,7 @@ class World:
         member._tasks = []
         await member._judge_stored_sessions()
         for task in member._tasks:
-            self.loop.tasks_of.setdefault(inc, set()).add(task)
+            self.loop.tasks_of.setdefault(inc, {})[task] = None
         inc.serving = True
         inc.spawn(member._reconcile_loop())
         self.note(f"restarted {inc.node_id} kept={sorted(inc.broker.sessions)}")

@@ -56,6 +56,7 @@ log = logging.getLogger("shoal.takeover")
 CHUNK = 2000  # queued messages per snapshot chunk
 #: how many times a late batch is passed on after a session that left its receiver
 RELAY_HOPS = 3
+
 #: seconds an old holder keeps trying to hand its late messages to the new holder
 LATE_DELIVERY_LIMIT = 120.0
 #: upper bounds (seconds) of the takeover latency histogram (GET /metrics)
@@ -81,7 +82,7 @@ class _Ticket:
     marks the ClientID until the session is open (or, for a hand-over, until the move's
     verdict): a claim of another node applied meanwhile freezes the session only then."""
 
-    __slots__ = ("takeovers", "client_id", "fut", "gate", "t0", "stale_late")
+    __slots__ = ("takeovers", "client_id", "fut", "gate", "t0")
 
     def __init__(self, takeovers: "Takeovers", client_id: str, fut: asyncio.Future,
                  t0: float) -> None:
@@ -90,9 +91,6 @@ class _Ticket:
         self.fut = fut
         self.gate: _Gate | None = None
         self.t0 = t0
-        #: (epoch, wire items) of a copy here that a restart left handed over: see
-        #: Takeovers._merge_stale_copy
-        self.stale_late: tuple | None = None
 
     def settle(self) -> None:
         if not self.fut.done():
@@ -110,7 +108,6 @@ class _Ticket:
         t = self.takeovers
         self.gate.session = session
         t._take_back_late(self.gate, session)
-        t._merge_stale_copy(self, session)
         session.gate = t._incoming_gate(self.gate)
         t._save_gate(self.gate)  # (durable before the move is proposed)
 
@@ -231,11 +228,6 @@ class Takeovers:
                                      opened=ticket.opened)
                     ticket.gate = gate = _Gate(m)
                     self.incoming[client_id] = gate
-                    local = self.broker.sessions.get(client_id)
-                    handed = None if local is None else HandoverMark.of(local).handed
-                    if handed is not None and client_id not in self.outgoing:
-                        # (the session installed from the record replaces it)
-                        ticket.stale_late = (handed.epoch, _stale_late(local, handed))
                     following = [a for a in actions if isinstance(a, C.StartExpiryTimer)]
                     for timer in following:
                         asyncio.get_running_loop().call_later(timer.delay, self._expired,
@@ -300,6 +292,8 @@ class Takeovers:
             return m.stale()
         if answer.get("retry"):
             return m.retry()
+        if answer.get("busy"):
+            return m.busy()
         if answer.get("none"):
             return m.none()
         record = answer["record"]
@@ -376,7 +370,14 @@ class Takeovers:
         def done(fut: asyncio.Future) -> None:
             if fut.cancelled() or fut.exception() is not None:
                 return
-            epoch, _holder = fut.result()
+            epoch, holder = fut.result()
+            if holder == self.node_id:
+                # the session is here: a release would drop it from the table (its next
+                # connect elsewhere would start fresh); the claim takes nothing from
+                # anyone (no other node has a copy), the next claim simply follows it
+                log.info("late claim kept client_id=%s node=%s epoch=%d: the session is "
+                         "held here", client_id, self.node_id, epoch)
+                return
             log.info("late claim given back client_id=%s node=%s epoch=%d", client_id,
                      self.node_id, epoch)
             self.member.raft.submit(("release", client_id, self.node_id, epoch))
@@ -476,6 +477,59 @@ class Takeovers:
                         "barriers=%s late=%s", client_id, self.node_id, taking.holder,
                         taking.epoch, sorted(m.pending), sorted(m.awaiting))
 
+    def restore_handed(self) -> None:
+        """At start, before any link is up: a copy the store brought back handed over
+        (its mark's ``handed``) goes on with its hand-over at once: what it kept after the
+        snapshot goes to the node it was handed to in one batch, and it keeps what the
+        nodes whose barrier may not have come still send it (cluster/holder.py
+        ``after_restart``). Whether the move committed is known once the table is read:
+        if it did not, the copy is the session again (``judged``)."""
+        resumed = []
+        for client_id, session in list(self.broker.sessions.items()):
+            handed = HandoverMark.of(session).handed
+            if handed is None or client_id in self.outgoing:
+                continue
+            session.freeze("restarted during a hand-over")
+            session.hand_over(f"restarted: handed to {handed.to}")
+            pending = set(handed.members) - {self.node_id}
+            out = HolderHandover.restored(client_id, handed.epoch, handed.to, pending,
+                                          copy=session)
+            self.outgoing[client_id] = out
+            session.gate = self._outgoing_gate(out)
+            resumed.append([client_id, handed.epoch])
+            log.warning("hand-over resumed after a restart client_id=%s node=%s to=%s "
+                        "epoch=%s waiting_for=%s", client_id, self.node_id, handed.to,
+                        handed.epoch, sorted(pending))
+        # named in this node's handshake: each peer says, before it routes anything here,
+        # which of these moves it applied (``on_peer_restarted``, ``Switched.moved_from``)
+        self.member.info["handed"] = resumed
+
+    def restored_handed(self, client_id: str) -> bool:
+        """Is this a copy resumed handed over at the start, the table not read yet?"""
+        out = self.outgoing.get(client_id)
+        return out is not None and out.state is HolderState.RESTORED
+
+    def judged(self, client_id: str, holder: str | None) -> None:
+        """The table is read after a restart: a copy resumed handed over goes to the
+        session's holder with what its store kept, or is the session again (the move
+        never committed)."""
+        out = self.outgoing.get(client_id)
+        if out is None or out.state is not HolderState.RESTORED:
+            return
+        session = out.copy
+        handed = HandoverMark.of(session).handed
+        late = _stale_late(session, handed) if handed is not None else []
+        actions = out.judged(holder, self.node_id, late)
+        if out.state is HolderState.TAKEN_BACK:
+            del self.outgoing[client_id]
+            self._run_holder(out, actions)
+            self.broker.unfreeze(session, "hand-over never moved: held here")
+            return
+        log.warning("late messages of a hand-over sent after a restart client_id=%s "
+                    "node=%s to=%s epoch=%s count=%d still_from=%s", client_id,
+                    self.node_id, holder, out.epoch, len(late), sorted(out.pending))
+        self._run_holder(out, actions)
+
     def forget_gates(self) -> None:
         """Gates whose session is gone (a restart dropped a copy the table does not
         give this node)."""
@@ -505,9 +559,8 @@ class Takeovers:
         m = gate.machine
         if self.incoming.get(m.client_id) is not gate:
             return
-        holder_up = self.member.transport.is_up(m.holder) and \
-            m.holder in self.member.view.members
-        actions = m.expired(_now(), holder_up, self.config.barrier_timeout)
+        actions = m.expired(_now(), m.holder in self.member.view.members,
+                            self.config.barrier_timeout)
         if m.state is C.ClaimerState.DONE:
             self._log_forced(m)
         self._run_gate(gate, actions)
@@ -544,21 +597,6 @@ class Takeovers:
                         "%d late messages kept client_id=%s node=%s", out.epoch, out.to,
                         waiting, len(late), client_id, self.node_id)
 
-    def _merge_stale_copy(self, ticket: _Ticket, session) -> None:
-        """The session is installed here from its holder's record, replacing a copy this
-        node was handing over when it went down, whose late messages (stored, acknowledged)
-        it never sent: they go into the session now (those its record says it has
-        already, named by their keys, excepted)."""
-        if ticket.stale_late is None:
-            return
-        epoch, items = ticket.stale_late
-        late = self._unseen(session, self.node_id, epoch, items)
-        for item in late:
-            session.admit(*item)
-        if late:
-            log.warning("late messages of a copy left handed over kept client_id=%s node=%s "
-                        "epoch=%s count=%d", session.client_id, self.node_id, epoch, len(late))
-
     async def on_late(self, sender: str, batch: LateBatch) -> dict:
         """The old holder's late messages (a request): answered once they are stored
         here (or where the session went), so that it keeps them until then."""
@@ -593,7 +631,8 @@ class Takeovers:
                             "from=%s epoch=%s to=%s count=%d", client_id, sender,
                             batch.epoch, out.to, len(late))
                 items = [_late_item(*item, session.admit(*item)) for item in late]
-                self._run_holder(out, out.relay(items))
+                if batch.hops < RELAY_HOPS:
+                    self._run_holder(out, out.relay(items, batch.hops + 1))
                 return None
             if late and session is not None and session.state is not SessionState.ENDED:
                 # the hand-over's state went with a restart of this node, or it completed
@@ -622,7 +661,7 @@ class Takeovers:
                           len(late))
             return None
         late = self._unseen(gate.session, sender, batch.epoch, batch.messages)
-        self._run_gate(gate, gate.machine.late(batch.source, late))
+        self._run_gate(gate, gate.machine.late(batch.source, late, batch.still_pending))
         return None
 
     def _unseen(self, session, sender: str, epoch: int, items: list) -> list:
@@ -669,8 +708,13 @@ class Takeovers:
         if gate is not None:
             await asyncio.wait({gate.done}, timeout=self.config.barrier_timeout + 1.0)
             if self.incoming.get(client_id) is gate:
-                # our own hand-over still waits for a node's late messages: what it holds
-                # goes into the session now, so the record carries it
+                if gate.machine.awaiting and gate.machine.holder in view.members:
+                    # our own hand-over still waits for late messages its old holder
+                    # stored (acknowledged): what is held here must follow them, so the
+                    # session moves on once they are in (the gate lets go by itself after
+                    # INCOMING_LIMIT); the client is told to try again
+                    return {"busy": True}
+                # what it holds goes into the session now, so the record carries it
                 self._force(gate, f"handed on to {sender}")
         if view.owners.get(client_id) != (sender, epoch):
             return {"stale": True}  # claimed again while we waited
@@ -697,7 +741,7 @@ class Takeovers:
         # on disk before any late message (the log keeps order): after a crash, the
         # queued messages from this key on are the ones the new holder may lack
         mark = HandoverMark.of(session)
-        mark.handed = Handed(sender, epoch, session.seq)
+        mark.handed = Handed(sender, epoch, session.seq, tuple(sorted(view.members)))
         mark.save(session)
         self.broker.persist(session)
         out = HolderHandover(client_id, epoch, sender, set(view.members), copy=session)
@@ -714,6 +758,11 @@ class Takeovers:
                     client_id, epoch, nchunks, queue[i:i + CHUNK])))
                 nchunks += 1
         self.stats["snapshots_sent"] += 1
+        # the mark on disk before the answer: a restart of this node then always knows
+        # it handed the session over, and tells the new holder what it kept since
+        durable = self.broker.durable_wait()
+        if durable is not None:
+            await durable
         return {"record": record, "chunks": nchunks}
 
     def _outgoing_gate(self, out: HolderHandover):
@@ -821,28 +870,6 @@ class Takeovers:
             session.gate = None
             self.broker.end_session(session, f"moved to {to}", release=False, will=False)
 
-    def resend_after_restart(self, session, holder: str) -> None:
-        """A restart found this copy handed over (its mark's ``handed``) and ``holder``
-        holding the session: the move committed. Queued messages that reached the copy
-        after its snapshot may never have reached the new holder (the crash came before
-        it answered that it stored them): they go to ``holder`` now, as the hand-over's
-        late messages (named by their keys, so a second copy is recognised there). The
-        copy stays, not serving, until the holder has stored them."""
-        handed = HandoverMark.of(session).handed
-        epoch = handed.epoch
-        late = _stale_late(session, handed)
-        if session.state is not SessionState.FROZEN:
-            session.freeze("restarted during a hand-over")
-        session.hand_over(f"late messages to {holder}")
-        out, actions = HolderHandover.after_restart(session.client_id, epoch, holder, late,
-                                                    copy=session)
-        self.outgoing[session.client_id] = out
-        session.gate = self._outgoing_gate(out)  # (nothing is late any more: no source)
-        log.warning("late messages of a hand-over sent again after a restart client_id=%s "
-                    "node=%s to=%s epoch=%s count=%d", session.client_id, self.node_id,
-                    holder, epoch, len(late))
-        self._run_holder(out, actions)
-
     # -- every node: barriers and switches -------------------------------------------------
 
     def on_barrier(self, sender: str, barrier: Barrier) -> None:
@@ -864,20 +891,27 @@ class Takeovers:
         member.flush_outbox()
         log.warning("routing table replaced by a Raft snapshot node=%s: barriers for every "
                     "hand-over sent", self.node_id)
+        position = member.view.tables.position
         for peer in list(member.view.members):
             if peer != self.node_id:
-                member.transport.send(peer, *encode(Switched()))
-        self.on_peer_switched(self.node_id)
+                member.transport.send(peer, *encode(Switched(position=position)))
+        self.on_peer_switched(self.node_id, position=position)
 
-    def on_peer_switched(self, peer: str, moves: dict | None = None) -> None:
+    def on_peer_switched(self, peer: str, moves: dict | None = None,
+                         moved_from: dict | None = None, position: int | None = None) -> None:
         """``peer`` routes with every move applied there (``moves`` None: a barrier for
-        all of them), or with the moves to this node named in ``moves``."""
-        if moves is None:
-            for out in list(self.outgoing.values()):
-                self._run_holder(out, out.peer_switched(peer))
+        all of them, or those up to table ``position``), or with the moves to and from
+        this node it names."""
+        for out in list(self.outgoing.values()):
+            if moves is None:
+                self._run_holder(out, out.peer_switched(peer, position))
+            elif moved_from and moved_from.get(out.client_id, -1) >= out.epoch:
+                self._run_holder(out, out.barrier(peer))
         for gate in list(self.incoming.values()):
             m = gate.machine
-            if moves is None or moves.get(m.client_id, -1) >= m.epoch:
+            if moves is None:
+                self._run_gate(gate, m.peer_switched(peer, position))
+            elif moves.get(m.client_id, -1) >= m.epoch:
                 self._run_gate(gate, m.peer_switched(peer))
 
     def on_peer_restarted(self, peer: str) -> None:
@@ -888,7 +922,15 @@ class Takeovers:
         view = self.member.view
         moves = {cid: view.owners[cid][1] for cid, holder in view.holders.items()
                  if holder == peer and cid in view.owners}
-        self.member.transport.send(peer, *encode(Switched(moves)))
+        # the hand-overs its restart resumed (its handshake names them): those whose move
+        # this node applied (another holder in its table, at that epoch or later)
+        info = self.member.transport.peer_info(peer) or {}
+        moved_from = {}
+        for cid, epoch in info.get("handed") or ():
+            owner = view.owners.get(cid)
+            if owner is not None and owner[1] >= epoch and view.holders.get(cid) != peer:
+                moved_from[cid] = owner[1]
+        self.member.transport.send(peer, *encode(Switched(moves, moved_from)))
         self.on_peer_switched(peer)
         for gate in list(self.incoming.values()):
             if gate.machine.holder == peer and gate.session is not None:
@@ -925,16 +967,7 @@ class Takeovers:
         if cur is not None and cur[0] == self.node_id:
             return  # we claimed it again meanwhile
         session = self.broker.sessions.get(client_id)
-        holder = view.holders.get(client_id)
-        if session is not None and HandoverMark.of(session).handed is not None \
-                and holder is not None \
-                and holder != self.node_id and client_id not in self.outgoing \
-                and session.state in (SessionState.OFFLINE, SessionState.FROZEN):
-            # a copy a restart left handed over, not judged yet (the table could not be
-            # read then): its late messages go to the holder before it ends
-            self.resend_after_restart(session, holder)
-            return
-        if session is not None and holder != self.node_id \
+        if session is not None and view.holders.get(client_id) != self.node_id \
                 and client_id not in self.incoming \
                 and session.state in (SessionState.ONLINE, SessionState.OFFLINE):
             # a copy installed for a hand-over whose move never committed: the table says
@@ -960,14 +993,18 @@ class Takeovers:
             self.broker.unfreeze(session, f"claim of {node_id} given back")
 
     def on_moved(self, client_id: str, epoch: int, from_node: str, to_node: str,
-                 ok: bool = True) -> None:
+                 ok: bool = True, position: int | None = None) -> None:
         if not ok:
             return  # refused (an older claim's move, or the holder changed): no switch
         member = self.member
         me = self.node_id
         out = self.outgoing.get(client_id)
         if from_node == me and out is not None and out.epoch == epoch:
-            self._run_holder(out, out.move_applied())
+            self._run_holder(out, out.move_applied(position))
+        gate = self.incoming.get(client_id)
+        if to_node == me and gate is not None and gate.machine.epoch == epoch \
+                and position is not None:
+            self._run_gate(gate, gate.machine.move_applied(position))
         # our barrier: what we forwarded before this point used the old routes. Forwards
         # wait in the outbox until the end of the loop iteration: flush them first, or the
         # barrier overtakes them and the old holder ends the session before they arrive

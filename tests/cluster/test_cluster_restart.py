@@ -233,7 +233,8 @@ def test_an_old_holder_killed_in_the_last_step_of_a_hand_over_loses_nothing(clus
              message=lambda: f"every acknowledged message ({late} late at the kill); "
                              f"missing {sorted(want - set(got()))[:20]} of {len(want)}")
     # the resent late messages arrive with the restart; give a second copy time to show
-    wait_for(lambda: "late messages of a hand-over sent again" in a.log_path.read_text(), 10)
+    wait_for(lambda: "late messages of a hand-over sent after a restart" in
+             a.log_path.read_text(), 10)
     def twice():
         return sorted(n for n, k in Counter(got()).items() if k > 1)
     assert holds_for(lambda: not twice(), 2.0), f"delivered twice: {twice()[:20]}"
