@@ -158,7 +158,8 @@ class HolderHandover:
     copy: object = None
     #: the table position of the move (once applied here)
     moved_at: int | None = None
-    #: table positions nodes said they route with before the move was applied here
+    #: table positions nodes said they route with before the move was applied here (or,
+    #: RESTORED, before the table was read)
     switched: dict[str, int] = field(default_factory=dict)
 
     @classmethod
@@ -170,7 +171,8 @@ class HolderHandover:
         word that it applied the move (``Switched.moved_from``) arrives."""
         return cls(client_id, epoch, to, set(pending), HolderState.RESTORED, copy=copy)
 
-    def judged(self, holder: str | None, me: str, stored_late: list) -> list:
+    def judged(self, holder: str | None, me: str, stored_late: list,
+               moved_at: int | None = None) -> list:
         """The table is read: ``holder`` holds the session. This node: the move never
         committed, the copy is the session again. Another node: what the store kept after
         the snapshot (``stored_late``: every node's, in arrival order, what was kept since
@@ -181,6 +183,15 @@ class HolderHandover:
         self._go(HolderEvent.JUDGED)
         self.to = holder
         self.late.clear()  # (all in ``stored_late``)
+        # this node's table has the move now; so have the nodes that said they route with
+        # a table at least as new (``moved_at``: the position of the session's last move)
+        self.pending.discard(me)
+        self.moved_at = moved_at
+        if moved_at is not None:
+            for node, at in self.switched.items():
+                if at >= moved_at:
+                    self.pending.discard(node)
+        self.switched.clear()
         self.unconfirmed += 1
         return [SendLate(holder, LateBatch(self.client_id, self.epoch, RESTART, stored_late,
                                            still_pending=sorted(self.pending))),
@@ -253,7 +264,10 @@ class HolderHandover:
         move is certain, if its table has the move."""
         self._go(HolderEvent.PEER_SWITCHED)
         if self.state is HolderState.RESTORED:
-            self.pending.discard(peer)
+            if position is None:
+                self.pending.discard(peer)  # a new process: its old routes went with it
+            else:
+                self.switched[peer] = max(position, self.switched.get(peer, 0))
             return []
         if peer not in self.pending:
             return []

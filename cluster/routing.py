@@ -70,11 +70,15 @@ class Tables:
     #: operations applied so far: the same in every copy at the same point of the log
     #: (a snapshot carries it), so "has a node applied this move?" is a comparison
     position: int = 0
+    #: per held ClientID, the position of its latest move (to compare with a position
+    #: a node says it routes with)
+    moved_at: dict[str, int] = field(default_factory=dict)
 
     def copy(self) -> "Tables":
         return Tables({k: dict(v) for k, v in self.members.items()}, dict(self.owners),
                       dict(self.holders), {f: set(n) for f, n in self.routes.items()},
-                      self.next_epoch, self.cluster_id, self.position)
+                      self.next_epoch, self.cluster_id, self.position,
+                      dict(getattr(self, "moved_at", {})))
 
 
 # What an operation changed, as the view's listeners see it (cluster/member.py dispatches
@@ -171,8 +175,17 @@ def _release(t: Tables, client_id: str, node_id: str, epoch: int):
         released = True
     if t.holders.get(client_id) == node_id:
         del t.holders[client_id]
+        _moved_at(t).pop(client_id, None)
         released = True
     return released, (Released(client_id, node_id, epoch) if released else None)
+
+
+def _moved_at(t: Tables) -> dict:
+    """(a table unpickled from a snapshot of an older version has none)"""
+    moved_at = t.__dict__.get("moved_at")
+    if moved_at is None:
+        moved_at = t.moved_at = {}
+    return moved_at
 
 
 def _routes(t: Tables, node_id: str, added, removed):
@@ -188,6 +201,7 @@ def _moved(t: Tables, client_id: str, epoch: int, from_node: str, to_node: str):
         tuple(owner) == (to_node, epoch)
     if ok:
         t.holders[client_id] = to_node
+        _moved_at(t)[client_id] = t.position
     return ok, Moved(client_id, epoch, from_node, to_node, ok, t.position)
 
 
@@ -214,6 +228,7 @@ def _forget(t: Tables, node_id: str):
     for cid in released:
         if t.holders.get(cid) == node_id:
             del t.holders[cid]
+            _moved_at(t).pop(cid, None)
         owner = t.owners.get(cid)
         if owner is not None and owner[0] == node_id:
             del t.owners[cid]

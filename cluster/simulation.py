@@ -42,6 +42,7 @@ import contextvars
 import hashlib
 import itertools
 import logging
+import math
 import os
 import random
 import selectors
@@ -74,6 +75,13 @@ log = logging.getLogger("shoal.simulation")
 
 #: the least time between two deliveries on one link (they keep their order)
 TICK = 1e-6
+#: the clock's grain: deliveries, commits and wake-ups fall on it, so that many happen in
+#: one loop iteration, as in a busy node (a barrier and a forward in the same iteration)
+GRAIN = 0.001
+
+
+def _grain(t: float) -> float:
+    return math.ceil(t / GRAIN) * GRAIN
 
 #: the incarnation whose code runs now (tasks inherit it: a crash cancels its tasks)
 CURRENT: contextvars.ContextVar = contextvars.ContextVar("shoal_sim_node", default=None)
@@ -362,7 +370,8 @@ class Net:
         # strictly after the link's previous message: asyncio runs timers due at the
         # same instant in no particular order
         last = queue[-1][0] if queue else 0.0
-        queue.append([max(last + TICK, self.world.loop.time() + self.delay()), src, item, up])
+        queue.append([max(last + TICK, _grain(self.world.loop.time() + self.delay())), src,
+                      item, up])
         self._pump_later(key)
 
     def _pump_later(self, key) -> None:
@@ -477,6 +486,8 @@ class Log:
 
     def propose(self, inc: "Incarnation", batch: list) -> None:
         w = self.world
+        if inc.dead:
+            return  # (a timer of a crashed process: its proposals never left it)
         loop = w.loop
         now = loop.time()
         if not self.has_quorum(inc.node_id) or (now < self.stall_until and w.rng.random() < 0.3):
@@ -484,7 +495,8 @@ class Log:
             loop.call_at(now + w.rng.uniform(0.02, 0.2), _fail_all, [f for _, f in batch],
                          RaftUnavailable("no leader"))
             return
-        at = max(now, self.stall_until, self.commit_at) + w.rng.uniform(0.0005, 0.006)
+        at = _grain(max(now, self.stall_until, self.commit_at) + w.rng.uniform(0.0005, 0.006))
+        at = max(at, self.commit_at + TICK)
         self.commit_at = at
         loop.call_at(at, self._commit, inc, batch)
 
@@ -1048,7 +1060,7 @@ class World:
         if applied is not None and applied >= len(self.raft.entries):
             return
         self.applying.add(node)
-        self.loop.call_at(self.loop.time() + self.rng.uniform(0.0, 0.004), self._apply_next,
+        self.loop.call_at(_grain(self.loop.time() + self.rng.uniform(0.0, 0.004)), self._apply_next,
                           node, self.nodes[node])
 
     def _apply_next(self, node: str, inc: Incarnation) -> None:
@@ -1145,7 +1157,8 @@ class World:
         for seq in range(1, self.scenario.messages + 1):
             if self.loop.time() >= until:
                 break
-            await asyncio.sleep(rng.uniform(0.005, 0.15))
+            await asyncio.sleep(_grain(self.loop.time() + rng.uniform(0.005, 0.15))
+                                - self.loop.time())
             if inc is None or inc.dead or rng.random() < 0.05:
                 live = self.serving()
                 if not live:

@@ -67,13 +67,15 @@ class _Gate:
     """A claimer-side hand-over whose session is installed here: the machine, the session
     it gates, and a future set once the gate is gone."""
 
-    __slots__ = ("machine", "session", "done", "restored")
+    __slots__ = ("machine", "session", "done", "opened", "restored")
 
     def __init__(self, machine: ClaimerHandover, restored: bool = False) -> None:
         self.machine = machine
         self.restored = restored  # rebuilt from the store at a restart
         self.session = None
-        self.done = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self.done = loop.create_future()
+        self.opened = loop.create_future()  # set once the session is open here
 
 
 class _Ticket:
@@ -107,6 +109,8 @@ class _Ticket:
         """The handed-over session is installed here: its gate goes up."""
         t = self.takeovers
         self.gate.session = session
+        if not self.gate.opened.done():
+            self.gate.opened.set_result(None)
         t._take_back_late(self.gate, session)
         session.gate = t._incoming_gate(self.gate)
         t._save_gate(self.gate)  # (durable before the move is proposed)
@@ -135,6 +139,7 @@ class Takeovers:
         self.outgoing: dict[str, HolderHandover] = {}
         self.in_progress: dict[str, asyncio.Future] = {}  # claims being decided here
         self._timers: dict[HolderHandover, asyncio.TimerHandle] = {}
+        self._late_locks: dict[HolderHandover, asyncio.Lock] = {}
         self.stats = {"takeovers": 0, "takeovers_fresh": 0, "takeover_ms_total": 0.0,
                       "snapshots_sent": 0, "late_sent": 0, "barrier_timeouts": 0}
         self.latencies: list[float] = []  # seconds, last 1000 takeovers
@@ -468,6 +473,7 @@ class Takeovers:
                                          taking.awaiting, now)
             gate = _Gate(m, restored=True)
             gate.session = session
+            gate.opened.set_result(None)
             self.incoming[client_id] = gate
             session.gate = self._incoming_gate(gate)
             asyncio.get_running_loop().call_later(
@@ -491,7 +497,10 @@ class Takeovers:
                 continue
             session.freeze("restarted during a hand-over")
             session.hand_over(f"restarted: handed to {handed.to}")
-            pending = set(handed.members) - {self.node_id}
+            # keys go on from the mark: what is kept from now on is late too
+            session.seq = max(session.seq, handed.first)
+            # (this node too: until its table shows the move, its own publishes route here)
+            pending = set(handed.members) | {self.node_id}
             out = HolderHandover.restored(client_id, handed.epoch, handed.to, pending,
                                           copy=session)
             self.outgoing[client_id] = out
@@ -519,7 +528,8 @@ class Takeovers:
         session = out.copy
         handed = HandoverMark.of(session).handed
         late = _stale_late(session, handed) if handed is not None else []
-        actions = out.judged(holder, self.node_id, late)
+        actions = out.judged(holder, self.node_id, late,
+                             self.member.view.tables.moved_at.get(client_id))
         if out.state is HolderState.TAKEN_BACK:
             del self.outgoing[client_id]
             self._run_holder(out, actions)
@@ -600,6 +610,11 @@ class Takeovers:
     async def on_late(self, sender: str, batch: LateBatch) -> dict:
         """The old holder's late messages (a request): answered once they are stored
         here (or where the session went), so that it keeps them until then."""
+        gate = self.incoming.get(batch.client_id)
+        if gate is not None and gate.session is None and gate.machine.epoch == batch.epoch:
+            # the session is being opened here (the CONNECT goes on in its own task): its
+            # late messages go into it, not before it
+            await asyncio.wait({gate.opened}, timeout=self.config.takeover_timeout)
         target = self._take_late(sender, batch)
         if target is not None:
             # the session left this node meanwhile: they follow it (the answer waits)
@@ -768,9 +783,18 @@ class Takeovers:
     def _outgoing_gate(self, out: HolderHandover):
         me = self.node_id
 
+        view = self.member.view
+
         def keep_or_drop(session, msg, qos, retain, sub_ids) -> None:
             via = msg.via or me
-            if out.keeps(via):
+            if out.state is HolderState.RESTORED and \
+                    view.holders.get(out.client_id) in (None, me):
+                # after a restart, while this node's table does not show the move: it may
+                # never have committed (then this copy is the session): nothing is dropped
+                keep = True
+            else:
+                keep = out.keeps(via) and not (via == me and out.state is HolderState.RESTORED)
+            if keep:
                 # into this copy's queue, on disk: until the new holder has them (or the
                 # hand-over is taken back) they exist nowhere else; the store key names
                 # the message for the new holder (a resend after a restart is recognised)
@@ -812,7 +836,11 @@ class Takeovers:
         transport = self.member.transport
         deadline = _now() + LATE_DELIVERY_LIMIT
         answered = False
+        # one batch at a time, in the order the machine made them (a restarted holder's
+        # RESTART batch before the batches of single nodes that follow it)
+        lock = self._late_locks.setdefault(out, asyncio.Lock())
         try:
+            await lock.acquire()
             await failpoints.pause("takeover.before_late")
             for attempt in range(10_000):
                 try:
@@ -829,9 +857,13 @@ class Takeovers:
             await failpoints.pause("takeover.after_late")
             answered = True
         finally:
+            if lock.locked():
+                lock.release()
             if not answered:
                 # cancelled at shutdown: the copy stays, in the store too
                 out.unconfirmed -= 1
+            if not out.unconfirmed:
+                self._late_locks.pop(out, None)
         if answered:
             actions = out.late_stored()
             if self.outgoing.get(out.client_id) is out:
