@@ -83,6 +83,13 @@ GRAIN = 0.001
 def _grain(t: float) -> float:
     return math.ceil(t / GRAIN) * GRAIN
 
+
+def _tick(world: "World", t: float) -> float:
+    """``t`` on the grain, plus a jitter well under the loop's clock resolution: timers
+    due at one tick run in one loop iteration, in a seeded order (asyncio runs timers due
+    at the same instant in heap order, which would favour the one scheduled first)."""
+    return _grain(t) + world.rng.uniform(0.0, 4e-10)
+
 #: the incarnation whose code runs now (tasks inherit it: a crash cancels its tasks)
 CURRENT: contextvars.ContextVar = contextvars.ContextVar("shoal_sim_node", default=None)
 
@@ -942,6 +949,7 @@ class World:
         self.disks: dict[str, Disk] = {}
         self.applied: dict[str, int] = {}
         self.applying: set[str] = set()
+        self.apply_paused: dict[str, float] = {}
         self.numbers = itertools.count(1)
         self.config = self._config()
         self.subscribers: list[Subscriber] = []
@@ -1060,11 +1068,17 @@ class World:
         if applied is not None and applied >= len(self.raft.entries):
             return
         self.applying.add(node)
-        self.loop.call_at(_grain(self.loop.time() + self.rng.uniform(0.0, 0.004)), self._apply_next,
-                          node, self.nodes[node])
+        self.loop.call_at(_tick(self, self.loop.time() + self.rng.uniform(0.0, 0.004)),
+                          self._apply_next, node, self.nodes[node])
 
     def _apply_next(self, node: str, inc: Incarnation) -> None:
         self.applying.discard(node)
+        paused = self.apply_paused.get(node, 0.0)
+        if paused > self.loop.time():
+            # a slow node (a GC pause, a slow disk): it forwards with its old table meanwhile
+            self.applying.add(node)
+            self.loop.call_at(_grain(paused), self._apply_next, node, inc)
+            return
         if inc.dead or self.nodes[node] is not inc or not self.raft.has_quorum(node):
             return
         entries = self.raft.entries
@@ -1157,8 +1171,8 @@ class World:
         for seq in range(1, self.scenario.messages + 1):
             if self.loop.time() >= until:
                 break
-            await asyncio.sleep(_grain(self.loop.time() + rng.uniform(0.005, 0.15))
-                                - self.loop.time())
+            at = _grain(self.loop.time() + rng.uniform(0.005, 0.15))
+            await asyncio.sleep(at - self.loop.time() - GRAIN / 2)
             if inc is None or inc.dead or rng.random() < 0.05:
                 live = self.serving()
                 if not live:
@@ -1175,7 +1189,11 @@ class World:
             mid = (f"{name}.{connection}", seq)
             self.qos_of[mid] = qos
             msg = Message(sub.topic, f"{mid[0]}:{seq}".encode(), qos, False, None, None, name)
-            inc.spawn(self._publish(inc, msg, mid))
+            # the PUBLISH is read in a plain callback on the clock's grain, as a socket's
+            # data is: in the same loop iteration as Raft's applies due then
+            self.loop.call_at(max(_tick(self, at), self.loop.time()), self._publish_now, inc,
+                              msg, mid)
+            await asyncio.sleep(max(0.0, at - self.loop.time()))
 
     @staticmethod
     async def _claim_publisher(inc: Incarnation, name: str):
@@ -1185,16 +1203,21 @@ class World:
         except ConnectRefused:
             return None
 
-    async def _publish(self, inc: Incarnation, msg: Message, mid) -> None:
+    def _publish_now(self, inc: Incarnation, msg: Message, mid) -> None:
         """PUBLISH on ``inc`` as on_publish runs it: the PUBACK / PUBREC waits for the
         local commit and for the receiving nodes' confirmations."""
+        if inc.dead:
+            return
         broker = inc.broker
-        mark = broker.store_mark()
-        broker.publish(msg)
-        remote = inc.member.take_forward_waits()
-        wait = broker.commit_wait(mark)
+        mark = inc.run(broker.store_mark)
+        inc.run(broker.publish, msg)
+        remote = inc.run(inc.member.take_forward_waits)
+        wait = inc.run(broker.commit_wait, mark)
         if remote:
-            wait = broker.all_done(wait, *remote)
+            wait = inc.run(broker.all_done, wait, *remote)
+        inc.spawn(self._acked_when(inc, wait, mid))
+
+    async def _acked_when(self, inc: Incarnation, wait, mid) -> None:
         if wait is not None:
             try:
                 await asyncio.wait_for(wait, STORE_COMMIT_TIMEOUT)
@@ -1237,6 +1260,10 @@ class World:
             elif sc.stalls and r < 0.7:
                 self.raft.stall_until = self.loop.time() + rng.uniform(0.1, 1.2)
                 self.note(f"raft stall until {self.raft.stall_until:.3f}")
+            elif sc.stalls and r < 0.85:
+                node = rng.choice(names)
+                self.apply_paused[node] = self.loop.time() + rng.uniform(0.1, 1.5)
+                self.note(f"slow {node} until {self.apply_paused[node]:.3f}")
 
     def restart(self, node: str) -> None:
         if self.alive(node):
