@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 ARGS        ?=
 PYTEST_ARGS ?=
 
-.PHONY: run run-node test system-packages docs clean
+.PHONY: run run-node test simulate system-packages docs clean
 
 # A local 3-node cluster: MQTT on 127.0.0.1:1883-1885, admin API on 127.0.0.1:8080-8082,
 # node-to-node ports from 7001, data in ./data/nodeN; Ctrl-C stops it.
@@ -24,6 +24,15 @@ run-node: $(STAMP)
 # the Debian packages first: python3-venv is one of them
 test: system-packages $(STAMP)
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+# The deterministic simulation of a cluster (cluster/simulation.py): `make simulate
+# SEEDS=300`, or one seed with its whole trace: `make simulate SEED=17`. The last line:
+# simulation: seeds=N steps=S violations=V trace=<digest> (the same seeds, the same digest).
+SEEDS ?= 300
+SEED  ?=
+simulate: $(STAMP)
+	PYTHONHASHSEED=0 $(VENV)/bin/python -m cluster.simulation \
+		$(if $(SEED),--seed $(SEED),--seeds $(SEEDS)) $(SIM_ARGS)
 
 system-packages:
 	tests/system-packages.sh

@@ -1,7 +1,7 @@
-"""The one seam between the broker core and the cluster.
+"""The one seam between the broker core and the cluster, declared in both directions.
 
-``node`` never imports ``cluster``. The broker talks to whatever implements
-``ClusterHooks``: "claim this ClientID", "this session ended", "these filters are now
+``node`` never imports ``cluster``. The cluster uses a broker only through
+``BrokerSeam``; the broker talks to whatever implements ``ClusterHooks``: "claim this ClientID", "this session ended", "these filters are now
 (no longer) subscribed here", "forward this message", "this retained topic changed".
 A single node uses ``LocalCluster``: it owns every ClientID, claims complete at once, and
 there is nobody to forward to. The cluster (``cluster/member.py``) implements the same
@@ -10,7 +10,7 @@ hooks over Raft and the node-to-node transport.
 
 from __future__ import annotations
 
-from typing import Awaitable, Protocol
+from typing import Any, Awaitable, Callable, Mapping, Protocol
 
 
 class Claim:
@@ -74,6 +74,48 @@ class ClusterHooks(Protocol):
     def not_ready_reason(self) -> str | None:
         """Why this node should not take new clients now (joining, leaving, in a Raft
         minority), or None when it can: ``GET /readyz``."""
+
+
+class BrokerSeam(Protocol):
+    """What the cluster (cluster/) may use of a broker: the one declared way in. A test
+    (tests/unit/test_seam.py) holds every ``broker.<name>`` in cluster/ to this list; the
+    simulation (cluster/simulation.py) drives the real Broker through it too.
+
+    Sessions: the cluster reads ``sessions`` (ClientID -> node.session.Session) and, while
+    a session moves, sets its ``gate`` (the one hook: messages for it go to the gate
+    instead of ``deliver``) and its ``handover`` mark (stored with it, shaped by
+    cluster/marks.py). Everything else it does to sessions goes through the methods here.
+    """
+
+    config: Any
+    sessions: Mapping[str, Any]
+    counters: Any
+    clients: set
+    retained: Any
+    filter_refs: Mapping[str, int]
+
+    def attach_cluster(self, cluster: "ClusterHooks") -> None: ...
+
+    # hand-overs
+    def snapshot(self, session) -> dict: ...
+    def freeze_session(self, client_id: str, why: str): ...
+    def unfreeze(self, session, why: str) -> None: ...
+    def adopt_session(self, claim: Claim): ...
+    async def confirm_claim(self, claim: Claim, session) -> bool | None: ...
+    def end_session(self, session, why: str, release: bool = True,
+                    will: bool = True) -> None: ...
+    def keep_sessions(self, keep: Callable[[str], bool], why: str) -> int: ...
+
+    # the store
+    def persist(self, session) -> None: ...
+    def durable_wait(self) -> Awaitable | None: ...
+    def all_done(self, *waits) -> Awaitable: ...
+
+    # messages from other nodes, retained messages, connections
+    def route_remote(self, msg, normal: bool, groups) -> int: ...
+    def set_retained(self, topic: str, msg) -> None: ...
+    def kick(self, client_id: str, reason: int = ...) -> bool: ...
+    def kick_all(self, reason: int, send_will: bool) -> None: ...
 
 
 class LocalCluster:
