@@ -450,6 +450,12 @@ class ClaimerHandover:
         self.early = set(waiting)
         self.early_epoch = epoch
 
+    def waits_for_holder(self) -> bool:
+        """Is the gate waiting for the old holder itself: its batch after a restart, or
+        the late messages of a node whose barrier has come here (so the old holder has
+        them, or will once that barrier reaches it)?"""
+        return self.gated and (self.restarted or bool(self.awaiting - self.pending))
+
     def message(self, via: str, item) -> "Route":
         """A message for the session forwarded by ``via`` (this node's id for a local
         publish): admit it now, drop it (the old holder has it) or hold it."""

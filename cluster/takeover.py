@@ -723,11 +723,12 @@ class Takeovers:
         if gate is not None:
             await asyncio.wait({gate.done}, timeout=self.config.barrier_timeout + 1.0)
             if self.incoming.get(client_id) is gate:
-                if gate.machine.awaiting and gate.machine.holder in view.members:
-                    # our own hand-over still waits for late messages its old holder
-                    # stored (acknowledged): what is held here must follow them, so the
+                if gate.machine.waits_for_holder() and gate.machine.holder in view.members:
+                    # our own hand-over still waits for late messages its old holder has
+                    # (stored, acknowledged): what is held here must follow them, so the
                     # session moves on once they are in (the gate lets go by itself after
-                    # INCOMING_LIMIT); the client is told to try again
+                    # INCOMING_LIMIT); the client is told to try again. (A gate that waits
+                    # for another node's barrier is let go: that node sends nothing now.)
                     return {"busy": True}
                 # what it holds goes into the session now, so the record carries it
                 self._force(gate, f"handed on to {sender}")
