@@ -73,7 +73,8 @@ class ClusterMember:
             self.node_id, config.cluster_name, config.cluster_secret.encode(), config.host,
             config.cluster_port, on_message=self._on_message, on_request=self._on_request,
             on_peer_up=self._on_peer_up, on_peer_down=self._on_peer_down,
-            on_peer_restarted=lambda peer: self.takeovers.on_peer_restarted(peer))
+            on_peer_restarted=lambda peer: self.takeovers.on_peer_restarted(peer),
+            on_peer_process=lambda peer: self.takeovers.on_peer_process(peer))
         self.transport.info = self.info
         self.takeovers = Takeovers(self)
         self._message_handlers, self._request_handlers = self._handler_tables()

@@ -377,6 +377,29 @@ def raft_conf(secret: str, bind_addr: str, journal: str | None = None,
     )
 
 
+class Proposals:
+    """Operations proposed from the loop: every op submitted in one loop iteration goes
+    in one entry (``_flush``, at the end of the iteration). Shared by ``RaftNode`` and
+    the simulation's Raft (cluster/simulation.py); needs ``loop``, ``_pending``,
+    ``_flush_scheduled`` and ``_flush``."""
+
+    def submit(self, op: tuple) -> asyncio.Future:
+        """Queue one operation; every op submitted in one loop iteration is one entry."""
+        fut = self.loop.create_future()
+        self._pending.append((op, fut))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush)
+        return fut
+
+    async def run(self, op: tuple, timeout: float):
+        fut = self.submit(op)
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), timeout)
+        except asyncio.TimeoutError:
+            raise RaftUnavailable(f"{op[0]} not committed within {timeout:.1f}s") from None
+
+
 class RaftNode:
     """pysyncobj wrapped for asyncio: starts the Raft thread, batches operations, and
     bridges results and events into the loop."""
@@ -402,21 +425,8 @@ class RaftNode:
 
     # -- proposing ---------------------------------------------------------------------------
 
-    def submit(self, op: tuple) -> asyncio.Future:
-        """Queue one operation; every op submitted in one loop iteration is one entry."""
-        fut = self.loop.create_future()
-        self._pending.append((op, fut))
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self.loop.call_soon(self._flush)
-        return fut
-
-    async def run(self, op: tuple, timeout: float):
-        fut = self.submit(op)
-        try:
-            return await asyncio.wait_for(asyncio.shield(fut), timeout)
-        except asyncio.TimeoutError:
-            raise RaftUnavailable(f"{op[0]} not committed within {timeout:.1f}s") from None
+    submit = Proposals.submit
+    run = Proposals.run
 
     def _flush(self) -> None:
         self._flush_scheduled = False

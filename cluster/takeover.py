@@ -947,11 +947,13 @@ class Takeovers:
             elif moves.get(m.client_id, -1) >= m.epoch:
                 self._run_gate(gate, m.peer_switched(peer))
 
-    def on_peer_restarted(self, peer: str) -> None:
-        """``peer`` is a new process: what its old one forwarded before its barrier has
-        arrived or never will, so it counts as arrived for every hand-over waiting. It
-        may have taken our barriers of moves to it with its old process: it is told
-        which moves to it this node has applied (its restored gates wait for them)."""
+    def on_peer_process(self, peer: str) -> None:
+        """The first link with a process of ``peer`` (a new node, or one that restarted,
+        or this node is new): it may have taken this node's barriers with an earlier
+        process, or this node's earlier process sent them. It is told, before anything
+        else this node routes to it, which moves to it and which of the hand-overs its
+        handshake names (resumed after its restart) this node has applied: its restored
+        gates and hand-overs wait for those."""
         view = self.member.view
         moves = {cid: view.owners[cid][1] for cid, holder in view.holders.items()
                  if holder == peer and cid in view.owners}
@@ -964,6 +966,10 @@ class Takeovers:
             if owner is not None and owner[1] >= epoch and view.holders.get(cid) != peer:
                 moved_from[cid] = owner[1]
         self.member.transport.send(peer, *encode(Switched(moves, moved_from)))
+
+    def on_peer_restarted(self, peer: str) -> None:
+        """``peer`` is a new process: what its old one forwarded before its barrier has
+        arrived or never will, so it counts as arrived for every hand-over waiting."""
         self.on_peer_switched(peer)
         for gate in list(self.incoming.values()):
             if gate.machine.holder == peer and gate.session is not None:

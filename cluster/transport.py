@@ -162,6 +162,7 @@ class Transport:
                  on_peer_up: Callable[[str], None] | None = None,
                  on_peer_down: Callable[[str], None] | None = None,
                  on_peer_restarted: Callable[[str], None] | None = None,
+                 on_peer_process: Callable[[str], None] | None = None,
                  queue_limit: int = 100_000, max_frame: int = 16 * 1024 * 1024) -> None:
         if not secret:
             raise ValueError("the cluster secret must not be empty")
@@ -182,6 +183,7 @@ class Transport:
         self._on_peer_down = on_peer_down
         # a peer came back as a new process: nothing its old one queued will arrive now
         self._on_peer_restarted = on_peer_restarted
+        self._on_peer_process = on_peer_process
         self._peers: dict[str, _Peer] = {}
         self._pending: dict[int, tuple[str, asyncio.Future]] = {}
         self._rids = itertools.count(1)
@@ -752,6 +754,8 @@ class Transport:
         peer_inc = hello["inc"]
         old = st.link
         restarted = st.inc is not None and st.inc != peer_inc
+        # (before the callbacks below: what the new process advertises is what they read)
+        st.info = hello.get("info")
         was_up = old is not None
         if old is not None:
             st.link = None
@@ -770,6 +774,9 @@ class Transport:
             st.inc = peer_inc
             st.rx_last = 0
             st.ack_sent = 0
+            # the first link with this process of the peer: what is sent from here on is
+            # meant for it (queued after what was never written)
+            self._call(self._on_peer_process, peer_id)
         # our send numbering
         if auth.get("known_inc") == self.incarnation and st.tx_inc == peer_inc:
             ack = min(auth["rx"], st.acked + len(st.unacked))
@@ -795,7 +802,6 @@ class Transport:
             self.stats["retransmitted"] += resend
             st.unacked.extend(st.pending)
             st.pending, st.unacked = st.unacked, deque()
-        st.info = hello.get("info")
         link = _Link(peer_id, reader, writer, direction)
         link.tr.set_write_buffer_limits(high=self.WRITE_HIGH, low=self.WRITE_LOW)
         st.link = link
