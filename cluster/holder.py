@@ -264,9 +264,10 @@ class HolderHandover:
         move is certain, if its table has the move."""
         self._go(HolderEvent.PEER_SWITCHED)
         if self.state is HolderState.RESTORED:
-            if position is None:
-                self.pending.discard(peer)  # a new process: its old routes went with it
-            else:
+            # (whether the move committed is not known yet: a new process of ``peer``
+            # routes with its table, which may not have it; its first message says which
+            # moves it applied, and its switches name a table position)
+            if position is not None:
                 self.switched[peer] = max(position, self.switched.get(peer, 0))
             return []
         if peer not in self.pending:

@@ -788,13 +788,12 @@ class Takeovers:
 
         def keep_or_drop(session, msg, qos, retain, sub_ids) -> None:
             via = msg.via or me
-            if out.state is HolderState.RESTORED and \
-                    view.holders.get(out.client_id) in (None, me):
-                # after a restart, while this node's table does not show the move: it may
-                # never have committed (then this copy is the session): nothing is dropped
-                keep = True
+            if via == me and out.state is HolderState.RESTORED:
+                # published here after a restart: routed to the new holder too once this
+                # node's table shows the move, else only here
+                keep = view.holders.get(out.client_id) in (None, me)
             else:
-                keep = out.keeps(via) and not (via == me and out.state is HolderState.RESTORED)
+                keep = out.keeps(via)
             if keep:
                 # into this copy's queue, on disk: until the new holder has them (or the
                 # hand-over is taken back) they exist nowhere else; the store key names
