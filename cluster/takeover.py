@@ -28,6 +28,12 @@ Client X connects to B; A holds X's session.
 Every message about X carries the epoch; an older epoch is refused (``stale``). Two claims
 racing for X both ask the holder: it hands the session only to the current owner's epoch;
 the loser's connection is closed when the winner's claim is applied on its node.
+
+The decisions and the states are in two sans-IO machines: B's side in cluster/claimer.py
+(``ClaimerHandover``), A's side in cluster/holder.py (``HolderHandover``). This module is
+their driver: it performs their actions (Raft proposals, node messages and requests with
+their retries, timers, the broker's sessions through node/ownership.BrokerSeam) and feeds
+them the outcomes, on the loop's clock (so cluster/simulation.py runs it unchanged).
 """
 
 from __future__ import annotations
