@@ -95,6 +95,7 @@ class ClusterMember:
         self.confirm_forwards = config.durability == "safe"
         self._forward_waits: list = []  # confirmation futures since take_forward_waits()
         self._held_into: list | None = None  # held-message waits of the batch being routed
+        self.forward_position: int | None = None  # its sender's table position, if known
         self._confirms: dict[int, tuple] = {}  # id -> (node, future, sent at)
         self._confirm_ids = itertools.count(1)
         self._outbox_scheduled = False
@@ -478,7 +479,8 @@ class ClusterMember:
             # routed with what this node knew of that node's process: a batch still in
             # the link's buffer when it restarts is not for its new process (see _on_pubc)
             self.transport.send(node, "pubc", [cid, items,
-                                               self.transport.peer_incarnation(node)], True)
+                                               self.transport.peer_incarnation(node),
+                                               self.view.tables.position], True)
             return
         if self.transport.send(node, "pubs", items, must_arrive):
             self._dropping_to.discard(node)
@@ -558,10 +560,14 @@ class ClusterMember:
                         "node=%s from=%s count=%d", self.node_id, peer, len(items))
             return
         held = self._held_into = []
+        # the sender's table position when it routed them (a restarted old holder that
+        # cannot tell yet whether they used the new routes compares it with the move's)
+        self.forward_position = body[3] if len(body) > 3 else None
         try:
             self._route_forwarded(peer, items)
         finally:
             self._held_into = None
+            self.forward_position = None
         wait = self.broker.durable_wait()
         if held:
             wait = self.broker.all_done(wait, *held)

@@ -554,6 +554,7 @@ class SimMember(ClusterMember):
         self.confirm_forwards = True
         self._forward_waits = []
         self._held_into = None
+        self.forward_position = None
         self._confirms = {}
         self._confirm_ids = itertools.count(1)
         self._outbox_scheduled = False

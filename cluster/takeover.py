@@ -146,6 +146,8 @@ class Takeovers:
         self.in_progress: dict[str, asyncio.Future] = {}  # claims being decided here
         self._timers: dict[HolderHandover, asyncio.TimerHandle] = {}
         self._late_locks: dict[HolderHandover, asyncio.Lock] = {}
+        #: restored copies' messages not yet known to be late: (position, via, item, wait)
+        self._undecided: dict[HolderHandover, list] = {}
         self.stats = {"takeovers": 0, "takeovers_fresh": 0, "takeover_ms_total": 0.0,
                       "snapshots_sent": 0, "late_sent": 0, "barrier_timeouts": 0}
         self.latencies: list[float] = []  # seconds, last 1000 takeovers
@@ -524,6 +526,23 @@ class Takeovers:
         out = self.outgoing.get(client_id)
         return out is not None and out.state is HolderState.RESTORED
 
+    def _decide(self, out: HolderHandover, moved_at: int | None, into=None) -> None:
+        """Messages a restored copy held undecided: those routed with a table older than
+        the move (or all, ``moved_at`` None: the move never committed, or the session is
+        taken back into ``into``) are kept; the others reached the new holder too."""
+        items = self._undecided.pop(out, [])
+        if not items:
+            return
+        session = into if into is not None else out.copy
+        held = []
+        for position, via, item, fut in items:
+            if moved_at is None or position < moved_at:
+                key = session.admit(*item)
+                if into is None:
+                    out.kept(via, _late_item(*item, key))
+            held.append(fut)
+        _stored(held, self.broker.durable_wait())
+
     def judged(self, client_id: str, holder: str | None) -> None:
         """The table is read after a restart: a copy resumed handed over goes to the
         session's holder with what its store kept, or is the session again (the move
@@ -532,10 +551,11 @@ class Takeovers:
         if out is None or out.state is not HolderState.RESTORED:
             return
         session = out.copy
+        moved_at = self.member.view.tables.moved_at.get(client_id)
+        self._decide(out, None if holder in (None, self.node_id) else moved_at)
         handed = HandoverMark.of(session).handed
         late = _stale_late(session, handed) if handed is not None else []
-        actions = out.judged(holder, self.node_id, late,
-                             self.member.view.tables.moved_at.get(client_id))
+        actions = out.judged(holder, self.node_id, late, moved_at)
         if out.state is HolderState.TAKEN_BACK:
             del self.outgoing[client_id]
             self._run_holder(out, actions)
@@ -604,6 +624,7 @@ class Takeovers:
             return
         del self.outgoing[client_id]
         self._cancel_timer(out)
+        self._decide(out, None, into=session)
         late, waiting = out.supersede()
         gate.machine.took_back(out.epoch, waiting)
         for item in late:
@@ -798,6 +819,16 @@ class Takeovers:
                 # published here after a restart: routed to the new holder too once this
                 # node's table shows the move, else only here
                 keep = view.holders.get(out.client_id) in (None, me)
+            elif out.state is HolderState.RESTORED and out.keeps(via) and \
+                    self.member.forward_position is not None:
+                # after a restart, from a node whose barrier is not known here: whether it
+                # used the new routes is decided once this node's table is read (its
+                # position against the move's, ``judged``); unacknowledged until then
+                held = self.member.loop.create_future()
+                self._undecided.setdefault(out, []).append(
+                    (self.member.forward_position, via, (msg, qos, retain, sub_ids), held))
+                self.member.held_wait(held)
+                return
             else:
                 keep = out.keeps(via)
             if keep:
@@ -903,6 +934,8 @@ class Takeovers:
         if self.outgoing.get(out.client_id) is out:
             del self.outgoing[out.client_id]
         self._cancel_timer(out)
+        for _p, _v, _item, fut in self._undecided.pop(out, []):
+            fut.cancel()  # (never stored here: their publishers send them again)
         session = out.copy
         if session.state is not SessionState.ENDED:
             session.gate = None
