@@ -406,13 +406,16 @@ class Takeovers:
         m, me = gate.machine, self.node_id
 
         def admit_or_hold(session, msg, qos, retain, sub_ids) -> None:
-            held = self.member.loop.create_future()
-            route = m.message(msg.via or me, (msg, qos, retain, sub_ids, held))
+            item = [msg, qos, retain, sub_ids]
+            route = m.message(msg.via or me, item)
             if route is C.Route.ADMIT:
                 session.admit(msg, qos, retain, sub_ids)
             elif route is C.Route.HOLD:
                 # held in memory until the old holder's late batch: its publisher's
-                # PUBACK (or the forward's confirmation) waits until it is stored
+                # PUBACK (or the forward's confirmation) waits until it is stored (the
+                # wait rides with the held item; made only for the few held ones)
+                held = self.member.loop.create_future()
+                item.append(held)
                 self.member.held_wait(held)
         return admit_or_hold
 
