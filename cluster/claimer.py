@@ -38,6 +38,7 @@ and admitted) are opaque here.
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field
 
 from node.mqtt.codes import ReasonCode
@@ -46,8 +47,8 @@ from .messages import RESTART
 
 __all__ = ["ClaimerState", "ClaimerEvent", "TRANSITIONS", "ClaimerHandover", "LocalCopy", "Route",
            "ProposeClaim", "AskSnapshot", "AwaitHolderChange", "Open", "Refuse", "TakeBack",
-           "ProposeFresh", "AwaitDurable", "ProposeMove", "Answer", "Admit", "GateOff",
-           "StartExpiryTimer", "INCOMING_LIMIT"]
+           "ProposeFresh", "AwaitDurable", "ProposeMove", "Answer", "Admit", "Release",
+           "GateOff", "StartExpiryTimer", "INCOMING_LIMIT"]
 
 #: seconds a new holder waits at most for the old holder's late messages (a node that is
 #: cut off that long delays the session's messages from it no longer: they are delivered
@@ -233,6 +234,13 @@ class Admit:
 
 
 @dataclass(frozen=True)
+class Release:
+    """Confirm these held items without admitting them: they were routed with the old
+    routes, the old holder has them."""
+    items: tuple
+
+
+@dataclass(frozen=True)
 class GateOff:
     """Nothing left to order: messages go to the session directly again."""
 
@@ -274,6 +282,12 @@ class ClaimerHandover:
     moved_at: int | None = None  # the table position of the move, once applied here
     #: table positions nodes said they route with before the move was applied here
     switched: dict = field(default_factory=dict)
+    #: messages from a node whose barrier is not in, routed with a table at a known
+    #: position, while the move's position is not known here: [position, via, item]
+    #: (kept in arrival order; decided by ``move_applied``)
+    undecided: list = field(default_factory=list)
+    #: rebuilt by a restart of this node, whose table is not read yet (``move_applied``)
+    unread: bool = False
     why: str = ""  # the last reason a path was taken (logs)
 
     @classmethod
@@ -282,10 +296,11 @@ class ClaimerHandover:
         """A gate a restart of this node brings back (cluster/marks.py ``taking``). The
         move's verdict is not known here (the store cannot tell): a copy the table does
         not give this node is not kept, or is dropped once the gate ends (``stale_copy``).
-        This node's own barrier: once its table is read, it routes with the move."""
+        This node's own barrier: once its table is read, it routes with the move. The
+        move's table position is known once the table is read (``move_applied``)."""
         return cls(node_id, client_id, False, unreachable_owner, ClaimerState.MOVED, epoch,
                    holder, set(pending) - {node_id}, set(awaiting), started=now,
-                   verdict=None, decided=True)
+                   verdict=None, decided=True, unread=True)
 
     def _go(self, event: ClaimerEvent, to: ClaimerState | None = None) -> None:
         new = TRANSITIONS.get((self.state, event))
@@ -456,16 +471,39 @@ class ClaimerHandover:
         them, or will once that barrier reaches it)?"""
         return self.gated and (self.restarted or bool(self.awaiting - self.pending))
 
-    def message(self, via: str, item) -> "Route":
+    def message(self, via: str, item, position: int | None = None) -> "Route":
         """A message for the session forwarded by ``via`` (this node's id for a local
-        publish): admit it now, drop it (the old holder has it) or hold it."""
+        publish; ``position``: the sender's table position when it routed it, if known):
+        admit it now, drop it (the old holder has it) or hold it."""
         self._go(ClaimerEvent.MESSAGE)
         if not self.gated:
             return Route.ADMIT
         if via in self.early:
             return Route.ADMIT  # routed here before the hand-over this claim superseded
+        if any(u[1] == via for u in self.undecided):
+            # behind ``via``'s undecided ones (routed after them: with the move if its
+            # barrier or switch has come since)
+            at = math.inf if via not in self.pending else max(
+                position or 0, max(u[0] for u in self.undecided if u[1] == via))
+            self.undecided.append([at, via, item])
+            return Route.HOLD
         if via in self.pending:
-            return Route.DROP  # routed with the old routes: the old holder keeps it for X
+            at = self.switched.get(via)
+            if position is not None and self.moved_at is not None:
+                if position < self.moved_at:
+                    return Route.DROP  # routed with the old routes: the old holder has it
+                # routed with the move: its barrier went to an earlier process of this
+                # node (or is on its way behind this)
+                self.pending.discard(via)
+            elif at is not None or (position is not None and self.unread):
+                # it routes with a table at a known position, the move's is not known here
+                # yet (this node restarted and has not read its table, or applies the move
+                # later than that node): whether it went to the old holder too is decided
+                # once the move is applied here
+                self.undecided.append([max(at or 0, position or 0), via, item])
+                return Route.HOLD
+            else:
+                return Route.DROP  # routed with the old routes: the old holder keeps it for X
         if via in self.awaiting:
             # after that node's barrier: behind what it sent the old holder before
             self.held.setdefault(via, []).append(item)
@@ -483,7 +521,19 @@ class ClaimerHandover:
             return []
         self.early.discard(sender)
         self.pending.discard(sender)
-        return self._maybe_done()
+        mine = [u for u in self.undecided if u[1] == sender]
+        if not mine:
+            return self._maybe_done()
+        self.undecided = [u for u in self.undecided if u[1] != sender]
+        # what it sent before it, held undecided, was routed with the old routes (but
+        # not what came after a word that it routes with every move: kept)
+        actions: list = [Release(tuple(u[2] for u in mine if u[0] != math.inf))]
+        after = [u[2] for u in mine if u[0] == math.inf]
+        if after and sender in self.awaiting:
+            self.held.setdefault(sender, []).extend(after)
+        elif after:
+            actions.append(Admit(tuple(after)))
+        return [a for a in actions if a.items] + self._maybe_done()
 
     def peer_switched(self, peer: str, position: int | None = None) -> list:
         """``peer`` routes with every move applied there (a barrier for all of them) or,
@@ -498,19 +548,39 @@ class ClaimerHandover:
         self.pending.discard(peer)
         return self._maybe_done()
 
-    def move_applied(self, position: int) -> list:
+    def move_applied(self, position: int | None) -> list:
         """The move was applied here, at table ``position``: nodes that switched to a
-        table with it in count as their barriers."""
+        table with it in count as their barriers, and the undecided messages are decided
+        (routed with a table that has the move: kept, in order; older: the old holder has
+        them). ``position`` None: a restored gate whose move is not in the table (it never
+        committed, or the session moved on): none of them was routed with it."""
         self._go(ClaimerEvent.MOVE_APPLIED)
         if self.moved_at is not None:
             return []
+        self.unread = False
         self.moved_at = position
+        moved_at = math.inf if position is None else position
         for node, at in sorted(self.switched.items()):
-            if at >= position:
+            if at >= moved_at:
                 self.early.discard(node)
                 self.pending.discard(node)
         self.switched.clear()
-        return self._maybe_done()
+        admit, release = [], []
+        for at, via, item in self.undecided:
+            if at < moved_at:
+                release.append(item)
+                continue
+            self.pending.discard(via)
+            self.early.discard(via)
+            if via in self.awaiting:
+                self.held.setdefault(via, []).append(item)
+            else:
+                admit.append(item)
+        self.undecided.clear()
+        actions: list = [Release(tuple(release))] if release else []
+        if admit:
+            actions.append(Admit(tuple(admit)))
+        return actions + self._maybe_done()
 
     def holder_restarted(self, retry_delay: float) -> list:
         """The old holder is a new process. What nodes forwarded to its old one is either
@@ -567,6 +637,9 @@ class ClaimerHandover:
         actions: list = []
         for node in sorted(self.awaiting):
             actions += self._late_from(node, [])
+        if self.undecided:
+            actions.append(Admit(tuple(u[2] for u in self.undecided)))
+            self.undecided.clear()
         return actions + self._maybe_done()
 
     def _late_from(self, source: str, items: list) -> list:
@@ -576,7 +649,7 @@ class ClaimerHandover:
         return [Admit(both)] if both else []
 
     def _maybe_done(self) -> list:
-        if not self.gated or self.awaiting or self.pending:
+        if not self.gated or self.awaiting or self.pending or self.undecided:
             return []
         self._go(ClaimerEvent.ALL_IN)
         return [GateOff()]

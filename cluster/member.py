@@ -89,7 +89,8 @@ class ClusterMember:
         self.forward_dropped = 0  # QoS 0 messages dropped at a full node-to-node queue
         self.forward_stale = 0  # forwards meant for a previous process of this node
         self._dropping_to: set[str] = set()
-        self._outbox: dict[str, list] = {}  # node -> [[wire blobs...], must_arrive, confirm]
+        #: node -> [[wire blobs...], must_arrive, confirm, table position when routed]
+        self._outbox: dict[str, list] = {}
         # forward confirmations (durability safe): a batch holding QoS 1/2 messages asks
         # its receiver to answer once what it stored for them is durable
         self.confirm_forwards = config.durability == "safe"
@@ -97,7 +98,9 @@ class ClusterMember:
         self._held_into: list | None = None  # held-message waits of the batch being routed
         self.forward_position: int | None = None  # its sender's table position, if known
         self._confirms: dict[int, tuple] = {}  # id -> (node, future, sent at)
-        self._confirm_ids = itertools.count(1)
+        # confirmation ids unique to this process: a confirmation its previous process
+        # was owed can still arrive (sent to it, never written) and must match nothing
+        self._confirm_ids = itertools.count(secrets.randbits(40) << 20)
         self._outbox_scheduled = False
         self.received = 0
         self.leader_changes = 0
@@ -242,8 +245,11 @@ class ClusterMember:
         holders = self.view.holders
         # a session being handed over right now (a claim that reached this node while it
         # started) ends with its hand-over, not here
+        # a copy installed for a claim of this node that is still the current one: its
+        # move may still commit (proposed before the restart, not applied yet)
         keep = {cid for cid in broker.sessions if cid not in judged
-                or holders.get(cid) == me or cid in self.takeovers.outgoing}
+                or holders.get(cid) == me or cid in self.takeovers.outgoing
+                or self.takeovers.claim_current(cid)}
         unheld = [cid for cid in sorted(judged) if holders.get(cid) is None]
         if unheld:
             # one Raft entry for all of them (ops submitted in one loop iteration batch)
@@ -413,7 +419,9 @@ class ClusterMember:
         for node, (normal, groups) in targets.items():
             batch = out.get(node)
             if batch is None:
-                batch = out[node] = [[], False, None]
+                # (a move applied here flushes the outbox before its barrier: a batch is
+                # routed with one table as far as moves go)
+                batch = out[node] = [[], False, None, self.view.tables.position]
             if normal and not groups:
                 if plain_blob is None:
                     plain_blob = pack_forward(msg, True, None)
@@ -472,7 +480,7 @@ class ClusterMember:
 
     def _send_batch(self, node: str, batch: list) -> None:
         """The messages forwarded to one node in one loop iteration go as one message."""
-        items, must_arrive, confirm = batch
+        items, must_arrive, confirm, position = batch
         if confirm is not None:
             cid = next(self._confirm_ids)
             self._confirms[cid] = (node, confirm, time.monotonic())
@@ -480,7 +488,7 @@ class ClusterMember:
             # the link's buffer when it restarts is not for its new process (see _on_pubc)
             self.transport.send(node, "pubc", [cid, items,
                                                self.transport.peer_incarnation(node),
-                                               self.view.tables.position], True)
+                                               position], True)
             return
         if self.transport.send(node, "pubs", items, must_arrive):
             self._dropping_to.discard(node)
@@ -578,8 +586,11 @@ class ClusterMember:
                 w, peer, cid))
 
     def _on_pubc_ok(self, peer: str, cid) -> None:
-        entry = self._confirms.pop(cid, None)
-        if entry is not None and not entry[1].done():
+        entry = self._confirms.get(cid)
+        if entry is None or entry[0] != peer:
+            return  # (owed to a previous process of this node: see _confirm_ids)
+        del self._confirms[cid]
+        if not entry[1].done():
             entry[1].set_result(None)
 
     def _on_snap_chunk(self, peer: str, chunk: SnapChunk) -> None:

@@ -55,7 +55,9 @@ class Switched:
     sessions the sender's table has at the receiver (``moves``) and, of the hand-overs
     the receiver's handshake says its restart resumed, those whose move the sender
     applied (``moved_from``), ClientID -> epoch: as good as its barriers for those moves,
-    which the receiver's previous process may have taken."""
+    which the receiver's previous process may have taken. ``moved_from`` goes with a
+    replaced table's switch too (a position cannot be compared with that of a move the
+    session has made since)."""
     kind = "switched"
     moves: dict | None = None
     moved_from: dict | None = None

@@ -556,7 +556,7 @@ class SimMember(ClusterMember):
         self._held_into = None
         self.forward_position = None
         self._confirms = {}
-        self._confirm_ids = itertools.count(1)
+        self._confirm_ids = itertools.count(inc.number << 32)  # (unique per process)
         self._outbox_scheduled = False
         self.received = 0
         self.leaving = False
@@ -855,6 +855,9 @@ class Scenario:
     #: the real transport). Off by default: a node's restart is told to a peer that was
     #: itself restarted meanwhile too (see the README's stated limits)
     strict_restarts: bool = False
+    #: subscribers hop between nodes every few dozen milliseconds (a flapping client:
+    #: hand-overs overlap, and one is taken back while another still waits)
+    flapping: bool = False
 
 
 class Plants:
@@ -1227,7 +1230,8 @@ class World:
     async def _hopper(self, sub: Subscriber, until: float) -> None:
         rng = self.rng
         while self.loop.time() < until:
-            await asyncio.sleep(rng.uniform(0.05, 1.2))
+            await asyncio.sleep(rng.uniform(0.01, 0.15) if self.scenario.flapping
+                                else rng.uniform(0.05, 1.2))
             if sub.conn is not None and rng.random() < 0.3:
                 sub.disconnect()
                 continue
@@ -1259,7 +1263,9 @@ class World:
                 self.note(f"raft stall until {self.raft.stall_until:.3f}")
             elif sc.stalls and r < 0.85:
                 node = rng.choice(names)
-                self.apply_paused[node] = self.loop.time() + rng.uniform(0.1, 1.5)
+                # (a flapping client meets slow nodes longer than a hand-over waits)
+                self.apply_paused[node] = self.loop.time() + rng.uniform(
+                    0.1, 6.0 if sc.flapping else 1.5)
                 self.note(f"slow {node} until {self.apply_paused[node]:.3f}")
 
     def restart(self, node: str) -> None:
@@ -1406,6 +1412,8 @@ def main(argv=None) -> int:
                    help="with --plant: stop at the first failing seed")
     p.add_argument("--strict-restarts", action="store_true",
                    help="a restarted node does not know its peers' earlier processes")
+    p.add_argument("--flapping", action="store_true",
+                   help="subscribers hop between nodes every few dozen milliseconds")
     p.add_argument("--verbose", action="store_true", help="show the nodes' own logs")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.CRITICAL,
@@ -1413,7 +1421,7 @@ def main(argv=None) -> int:
     if not args.verbose:
         logging.getLogger("shoal").setLevel(logging.CRITICAL)
     t0 = time.monotonic()
-    scenario = Scenario(strict_restarts=args.strict_restarts)
+    scenario = Scenario(strict_restarts=args.strict_restarts, flapping=args.flapping)
     if args.seed is not None:
         world = run_seed(args.seed, scenario, plant=args.plant, keep_trace=True)
         for line in world.lines:

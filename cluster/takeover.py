@@ -275,7 +275,8 @@ class Takeovers:
         if local is None or local.state is not SessionState.HANDING_OVER:
             return LocalCopy.NONE
         out = self.outgoing.get(client_id)
-        if out is not None and out.state is HolderState.HANDED and out.epoch < epoch and \
+        if out is not None and out.state in (HolderState.HANDED, HolderState.RESTORED) \
+                and out.epoch < epoch and \
                 self.member.view.holders.get(client_id) == self.node_id:
             return LocalCopy.HANDED_UNMOVED
         return LocalCopy.HANDING
@@ -407,7 +408,10 @@ class Takeovers:
 
         def admit_or_hold(session, msg, qos, retain, sub_ids) -> None:
             item = [msg, qos, retain, sub_ids]
-            route = m.message(msg.via or me, item)
+            # (a forward's sender table position: after a restart of this node, whether it
+            # routed with the move is decided by it once the table is read)
+            route = m.message(msg.via or me, item,
+                              self.member.forward_position if msg.via else None)
             if route is C.Route.ADMIT:
                 session.admit(msg, qos, retain, sub_ids)
             elif route is C.Route.HOLD:
@@ -454,6 +458,8 @@ class Takeovers:
                         held.append(item[4])
                 if held:
                     _stored(held, self.broker.durable_wait())
+            elif isinstance(action, C.Release):
+                _stored([item[4] for item in action.items if len(item) > 4], None)
             elif isinstance(action, C.GateOff):
                 if self.incoming.get(gate.machine.client_id) is gate:
                     del self.incoming[gate.machine.client_id]
@@ -524,25 +530,40 @@ class Takeovers:
         # which of these moves it applied (``on_peer_restarted``, ``Switched.moved_from``)
         self.member.info["handed"] = resumed
 
+    def claim_current(self, client_id: str) -> bool:
+        """Is there a gate here whose claim is still the table's current one (its move
+        may still commit)?"""
+        gate = self.incoming.get(client_id)
+        return gate is not None and tuple(self.member.view.owners.get(client_id) or ()) \
+            == (self.node_id, gate.machine.epoch)
+
     def restored_handed(self, client_id: str) -> bool:
         """Is this a copy resumed handed over at the start, the table not read yet?"""
         out = self.outgoing.get(client_id)
         return out is not None and out.state is HolderState.RESTORED
 
-    def _decide(self, out: HolderHandover, moved_at: int | None, into=None) -> None:
-        """Messages a restored copy held undecided: those routed with a table older than
+    def _decide(self, out: HolderHandover, moved_at: int | None, into=None,
+                via: str | None = None) -> None:
+        """Messages held undecided (a restored copy's, or from a node that switched to a
+        table whose position was not comparable yet): those routed with a table older than
         the move (or all, ``moved_at`` None: the move never committed, or the session is
-        taken back into ``into``) are kept; the others reached the new holder too."""
+        taken back into ``into``, or ``via``'s barrier came after them) are kept; the
+        others reached the new holder too. ``via``: only that node's."""
         items = self._undecided.pop(out, [])
+        if via is not None:
+            rest = [i for i in items if i[1] != via]
+            items = [i for i in items if i[1] == via]
+            if rest:
+                self._undecided[out] = rest
         if not items:
             return
         session = into if into is not None else out.copy
         held = []
-        for position, via, item, fut in items:
+        for position, frm, item, fut in items:
             if moved_at is None or position < moved_at:
                 key = session.admit(*item)
                 if into is None:
-                    out.kept(via, _late_item(*item, key))
+                    out.kept(frm, _late_item(*item, key))
             held.append(fut)
         _stored(held, self.broker.durable_wait())
 
@@ -550,8 +571,24 @@ class Takeovers:
         """The table is read after a restart: a copy resumed handed over goes to the
         session's holder with what its store kept, or is the session again (the move
         never committed)."""
+        gate = self.incoming.get(client_id)
+        if gate is not None and gate.machine.unread:
+            # a gate this restart rebuilt: the move's position decides the messages held
+            # undecided (None: the table has no move of it to this node)
+            self._run_gate(gate, gate.machine.move_applied(
+                self.member.view.tables.moved_at.get(client_id)
+                if holder == self.node_id else None))
         out = self.outgoing.get(client_id)
         if out is None or out.state is not HolderState.RESTORED:
+            return
+        if holder == self.node_id and \
+                tuple(self.member.view.owners.get(client_id) or ()) == (out.to, out.epoch):
+            # the claim it was handed to is still the current one: its move may still
+            # commit (it was proposed while this node was down). Judged again when it is
+            # applied here (on_moved), or taken back when a newer claim asks (or this
+            # node claims it again)
+            log.info("hand-over resumed after a restart waits for its move client_id=%s "
+                     "node=%s to=%s epoch=%d", client_id, self.node_id, out.to, out.epoch)
             return
         session = out.copy
         moved_at = self.member.view.tables.moved_at.get(client_id)
@@ -627,11 +664,11 @@ class Takeovers:
             return
         del self.outgoing[client_id]
         self._cancel_timer(out)
-        self._decide(out, None, into=session)
         late, waiting = out.supersede()
         gate.machine.took_back(out.epoch, waiting)
         for item in late:
             session.admit(*_late_message(item))
+        self._decide(out, None, into=session)  # (they came after the kept ones)
         if late or waiting:
             log.warning("hand-over of epoch %d to %s superseded before barriers from %s: "
                         "%d late messages kept client_id=%s node=%s", out.epoch, out.to,
@@ -715,6 +752,10 @@ class Takeovers:
         holder that restarted before it saw our answer, and sends them again, causes no
         duplicate."""
         mark = HandoverMark.of(session) if session is not None else HandoverMark()
+        # (under the old holder that sent them first: a batch passed on by a node the
+        # session left names that node; the epoch names the old holder)
+        sender = next((node for node, (e, _keys) in sorted(mark.late_seen.items())
+                       if e == epoch), sender)
         seen = mark.late_seen.get(sender)
         known = set(seen[1]) if seen is not None and seen[0] == epoch else set()
         late, keys = [], []
@@ -769,7 +810,8 @@ class Takeovers:
             return {"none": True}
         if session.state is SessionState.HANDING_OVER:
             out = self.outgoing.get(client_id)
-            if out is None or out.epoch >= epoch or out.state is not HolderState.HANDED \
+            if out is None or out.epoch >= epoch or \
+                    out.state not in (HolderState.HANDED, HolderState.RESTORED) \
                     or view.holders.get(client_id) != self.node_id:
                 return {"retry": True}
             # handed to an older claim whose move was never applied: it can no longer be
@@ -818,18 +860,26 @@ class Takeovers:
 
         def keep_or_drop(session, msg, qos, retain, sub_ids) -> None:
             via = msg.via or me
+            # (a forward's sender table position: compared with the move's)
+            position = self.member.forward_position if msg.via else None
             if via == me and out.state is HolderState.RESTORED:
                 # published here after a restart: routed to the new holder too once this
                 # node's table shows the move, else only here
                 keep = view.holders.get(out.client_id) in (None, me)
-            elif out.state is HolderState.RESTORED and out.keeps(via) and \
-                    self.member.forward_position is not None:
-                # after a restart, from a node whose barrier is not known here: whether it
-                # used the new routes is decided once this node's table is read (its
-                # position against the move's, ``judged``); unacknowledged until then
+            elif position is not None and out.moved_at is not None and \
+                    position >= out.moved_at:
+                keep = False  # routed with the move (its barrier went elsewhere)
+            elif out.keeps(via) and position is not None and (
+                    out.state is HolderState.RESTORED
+                    or (out.state is HolderState.HANDED and via in out.switched)):
+                # from a node whose barrier is not known here, routed with a table whose
+                # position cannot be compared with the move's yet (this node restarted and
+                # has not read its table, or that node switched to a table before this
+                # node applied the move): decided once it can (``_decide``), the new
+                # holder's gate holding its copy the same way; unacknowledged until then
                 held = self.member.loop.create_future()
                 self._undecided.setdefault(out, []).append(
-                    (self.member.forward_position, via, (msg, qos, retain, sub_ids), held))
+                    (position, via, (msg, qos, retain, sub_ids), held))
                 self.member.held_wait(held)
                 return
             else:
@@ -913,6 +963,7 @@ class Takeovers:
         """The hand-over ``out`` will never complete: the session is frozen here again,
         with what arrived for it meanwhile appended to its queue."""
         del self.outgoing[out.client_id]
+        self._decide(out, None)  # (every message held undecided is this copy's)
         self._run_holder(out, out.hand_back(why))
 
     def _barrier_timeout(self, out: HolderHandover) -> None:
@@ -953,6 +1004,7 @@ class Takeovers:
             self._run_gate(gate, gate.machine.barrier(sender, epoch))
         out = self.outgoing.get(client_id)
         if out is not None and out.epoch == epoch:
+            self._decide(out, None, via=sender)  # (what came before its barrier is kept)
             self._run_holder(out, out.barrier(sender))
 
     def on_reset(self) -> None:
@@ -965,10 +1017,28 @@ class Takeovers:
         member.flush_outbox()
         log.warning("routing table replaced by a Raft snapshot node=%s: barriers for every "
                     "hand-over sent", self.node_id)
-        position = member.view.tables.position
-        for peer in list(member.view.members):
+        view, me = member.view, self.node_id
+        position = view.tables.position
+        # the moves inside it: hand-overs from and to here whose move is in the new table
+        # (the session's last move's position: this one's, or a later one's)
+        for client_id, out in list(self.outgoing.items()):
+            if out.state is HolderState.HANDED and view.holders.get(client_id) not in (
+                    None, me):
+                moved_at = view.tables.moved_at.get(client_id)
+                self._decide(out, moved_at)
+                self._run_holder(out, out.move_applied(moved_at))
+        for client_id, gate in list(self.incoming.items()):
+            m = gate.machine
+            if m.gated and m.moved_at is None and not m.unread and \
+                    view.holders.get(client_id) == me and \
+                    tuple(view.owners.get(client_id) or ()) == (me, m.epoch):
+                self._run_gate(gate, m.move_applied(view.tables.moved_at.get(client_id)))
+        for peer in list(view.members):
             if peer != self.node_id:
-                member.transport.send(peer, *encode(Switched(position=position)))
+                # (and which of the hand-overs its restart resumed this table has moved:
+                # a copy that moved on since cannot compare positions with that move's)
+                member.transport.send(peer, *encode(Switched(
+                    moved_from=self._moved_from(peer), position=position)))
         self.on_peer_switched(self.node_id, position=position)
 
     def on_peer_switched(self, peer: str, moves: dict | None = None,
@@ -977,10 +1047,10 @@ class Takeovers:
         all of them, or those up to table ``position``), or with the moves to and from
         this node it names."""
         for out in list(self.outgoing.values()):
-            if moves is None:
-                self._run_holder(out, out.peer_switched(peer, position))
-            elif moved_from and moved_from.get(out.client_id, -1) >= out.epoch:
+            if moved_from and moved_from.get(out.client_id, -1) >= out.epoch:
                 self._run_holder(out, out.barrier(peer))
+            elif moves is None:
+                self._run_holder(out, out.peer_switched(peer, position))
         for gate in list(self.incoming.values()):
             m = gate.machine
             if moves is None:
@@ -998,15 +1068,19 @@ class Takeovers:
         view = self.member.view
         moves = {cid: view.owners[cid][1] for cid, holder in view.holders.items()
                  if holder == peer and cid in view.owners}
-        # the hand-overs its restart resumed (its handshake names them): those whose move
-        # this node applied (another holder in its table, at that epoch or later)
+        self.member.transport.send(peer, *encode(Switched(moves, self._moved_from(peer))))
+
+    def _moved_from(self, peer: str) -> dict:
+        """The hand-overs ``peer``'s restart resumed (its handshake names them) whose move
+        this node applied: another holder in its table, at that epoch or later."""
+        view = self.member.view
         info = self.member.transport.peer_info(peer) or {}
         moved_from = {}
         for cid, epoch in info.get("handed") or ():
             owner = view.owners.get(cid)
             if owner is not None and owner[1] >= epoch and view.holders.get(cid) != peer:
                 moved_from[cid] = owner[1]
-        self.member.transport.send(peer, *encode(Switched(moves, moved_from)))
+        return moved_from
 
     def on_peer_restarted(self, peer: str) -> None:
         """``peer`` is a new process: what its old one forwarded before its barrier has
@@ -1079,7 +1153,12 @@ class Takeovers:
         member = self.member
         me = self.node_id
         out = self.outgoing.get(client_id)
-        if from_node == me and out is not None and out.epoch == epoch:
+        if from_node == me and out is not None and out.epoch == epoch and \
+                out.state is HolderState.RESTORED:
+            self.judged(client_id, to_node)  # (its move, awaited since the restart)
+        elif from_node == me and out is not None and out.epoch == epoch:
+            if out.state is HolderState.HANDED:
+                self._decide(out, position)  # (into the late batches the move sends)
             self._run_holder(out, out.move_applied(position))
         gate = self.incoming.get(client_id)
         if to_node == me and gate is not None and gate.machine.epoch == epoch \
