@@ -275,6 +275,7 @@ class ClaimerHandover:
     #: until their barrier of that epoch arrives (see ``took_back``)
     early: set = field(default_factory=set)
     early_epoch: int = 0
+    early_moved_at: int | None = None  # that hand-over's move position (its table's)
     #: the move's verdict once known: True (committed), False (refused), None (unknown)
     verdict: bool | None = None
     decided: bool = False  # a verdict (even "unknown") was given to the client
@@ -457,13 +458,15 @@ class ClaimerHandover:
 
     # -- the gate ------------------------------------------------------------------------
 
-    def took_back(self, epoch: int, waiting) -> None:
-        """This node handed the session away (``epoch``) and takes it back with this
-        claim, before the nodes in ``waiting`` sent their barrier of that hand-over: they
-        still route with the routes from before it, which named this node. What they
-        send here until that barrier is the session's, and nobody else has it."""
+    def took_back(self, epoch: int, waiting, moved_at: int | None = None) -> None:
+        """This node handed the session away (``epoch``, its move at table position
+        ``moved_at``) and takes it back with this claim, before the nodes in ``waiting``
+        sent their barrier of that hand-over: they still route with the routes from before
+        it, which named this node. What they send here until that barrier (or a table
+        with that move) is the session's, and nobody else has it."""
         self.early = set(waiting)
         self.early_epoch = epoch
+        self.early_moved_at = moved_at
 
     def waits_for_holder(self) -> bool:
         """Is the gate waiting for the old holder itself: its batch after a restart, or
@@ -479,7 +482,10 @@ class ClaimerHandover:
         if not self.gated:
             return Route.ADMIT
         if via in self.early:
-            return Route.ADMIT  # routed here before the hand-over this claim superseded
+            if position is None or self.early_moved_at is None or \
+                    position < self.early_moved_at:
+                return Route.ADMIT  # routed here before the hand-over this claim superseded
+            self.early.discard(via)  # (routed with that move: as any node's, below)
         if any(u[1] == via for u in self.undecided):
             # behind ``via``'s undecided ones (routed after them: with the move if its
             # barrier or switch has come since)
@@ -540,6 +546,9 @@ class ClaimerHandover:
         with ``position``, with those applied up to that table position: a barrier for
         this move if it is in (once the move's position is known here)."""
         self._go(ClaimerEvent.PEER_SWITCHED)
+        if position is not None and self.early_moved_at is not None and \
+                position >= self.early_moved_at:
+            self.early.discard(peer)  # (it routes with the superseded hand-over's move)
         if position is not None and (self.moved_at is None or position < self.moved_at):
             if self.moved_at is None:
                 self.switched[peer] = max(position, self.switched.get(peer, 0))

@@ -161,15 +161,19 @@ class HolderHandover:
     #: table positions nodes said they route with before the move was applied here (or,
     #: RESTORED, before the table was read)
     switched: dict[str, int] = field(default_factory=dict)
+    #: RESTORED: what the store kept after the snapshot, as the restart found it (wire
+    #: items); taken back with the session if it is superseded before it is judged
+    stored: list = field(default_factory=list)
 
     @classmethod
     def restored(cls, client_id: str, epoch: int, to: str, pending,
-                 copy=None) -> "HolderHandover":
+                 copy=None, stored=()) -> "HolderHandover":
         """This node restarted with this copy handed over (to ``to``): RESTORED until the
         table is read (``judged``). Which barriers its previous process saw is not stored:
         it keeps what every node in ``pending`` sends, until that node's barrier or its
         word that it applied the move (``Switched.moved_from``) arrives."""
-        return cls(client_id, epoch, to, set(pending), HolderState.RESTORED, copy=copy)
+        return cls(client_id, epoch, to, set(pending), HolderState.RESTORED, copy=copy,
+                   stored=list(stored))
 
     def judged(self, holder: str | None, me: str, stored_late: list,
                moved_at: int | None = None) -> list:
@@ -183,6 +187,7 @@ class HolderHandover:
         self._go(HolderEvent.JUDGED)
         self.to = holder
         self.late.clear()  # (all in ``stored_late``)
+        self.stored = []
         # this node's table has the move now; so have the nodes that said they route with
         # a table at least as new (``moved_at``: the position of the session's last move)
         self.pending.discard(me)
@@ -292,15 +297,16 @@ class HolderHandover:
         finished = self._maybe_finish()
         return actions + (finished or [StartBarrierTimer()])
 
-    def relay(self, items: list, hops: int) -> list:
-        """Late messages of an earlier hand-over to this node arrived after this copy was
-        handed on: they follow the session (already admitted to the copy's queue). A
+    def relay(self, items: list, hops: int, epoch: int) -> list:
+        """Late messages of an earlier hand-over (``epoch``) to this node arrived after this
+        copy was handed on: they follow the session (already admitted to the copy's queue),
+        named as they came (that hand-over's epoch, its old holder's store keys). A
         RESTORED copy keeps them: they go in its RESTART batch."""
         self._go(HolderEvent.RELAY)
         if self.state is HolderState.RESTORED:
             return []
         self.unconfirmed += 1
-        return [SendLate(self.to, LateBatch(self.client_id, self.epoch, "relay", items,
+        return [SendLate(self.to, LateBatch(self.client_id, epoch, "relay", items,
                                             hops=hops))]
 
     def hand_back(self, why: str) -> list:
@@ -315,8 +321,10 @@ class HolderHandover:
         still waited: returns the late messages (in source order) for the session taken
         back, and the nodes whose barrier never came."""
         self._go(HolderEvent.SUPERSEDE)
-        late = [item for source in sorted(self.late) for item in self.late[source]]
+        late = self.stored + [item for source in sorted(self.late)
+                              for item in self.late[source]]
         waiting = sorted(self.pending)
+        self.stored = []
         self.late.clear()
         self.pending.clear()
         return late, waiting

@@ -11,6 +11,10 @@ this module gives it a shape:
 * ``late_seen``: per old holder, the late messages already taken (its epoch and their
   store keys there), so that a batch sent again after a restart adds nothing twice. Sent
   with the session.
+* ``relayed``: messages of an earlier hand-over that reached this copy after it was
+  handed on, and went on to the new holder (``relay``): their store key here -> the epoch
+  and store key that name them where they came from, so that a restart resends them under
+  that name (the new holder skips those it has). Never sent.
 * ``taking``: this node is taking the session over from ``holder`` at ``epoch`` and its
   gate is up: the nodes whose barrier (``pending``) and whose late batch from the old
   holder (``awaiting``) have not arrived. A restart rebuilds the gate from it. Never sent.
@@ -44,6 +48,7 @@ class HandoverMark:
     handed: Handed | None = None
     late_seen: dict[str, tuple[int, list[int]]] = field(default_factory=dict)
     taking: Taking | None = None
+    relayed: dict[int, tuple[int, int]] = field(default_factory=dict)
 
     @classmethod
     def of(cls, session) -> "HandoverMark":
@@ -58,7 +63,8 @@ class HandoverMark:
             {str(node): (int(epoch), [int(k) for k in keys])
              for node, (epoch, keys) in (raw.get("late_seen") or {}).items()},
             None if taking is None else Taking(str(taking[0]), int(taking[1]),
-                                               tuple(taking[2]), tuple(taking[3])))
+                                               tuple(taking[2]), tuple(taking[3])),
+            {int(k): (int(e), int(o)) for k, e, o in raw.get("relayed") or ()})
 
     def save(self, session) -> None:
         """Into the session (the caller stores it: ``broker.persist``)."""
@@ -72,6 +78,8 @@ class HandoverMark:
         if self.taking is not None:
             t = self.taking
             raw["taking"] = [t.holder, t.epoch, sorted(t.pending), sorted(t.awaiting)]
+        if self.relayed:
+            raw["relayed"] = [[k, e, o] for k, (e, o) in sorted(self.relayed.items())]
         session.handover = raw or None
 
     @staticmethod

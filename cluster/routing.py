@@ -73,12 +73,17 @@ class Tables:
     #: per held ClientID, the position of its latest move (to compare with a position
     #: a node says it routes with)
     moved_at: dict[str, int] = field(default_factory=dict)
+    #: per held ClientID, per node it moved away from, the position of that move (a node
+    #: restarted in the middle of handing it over compares with its own move, not with
+    #: a later one)
+    left_at: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def copy(self) -> "Tables":
         return Tables({k: dict(v) for k, v in self.members.items()}, dict(self.owners),
                       dict(self.holders), {f: set(n) for f, n in self.routes.items()},
                       self.next_epoch, self.cluster_id, self.position,
-                      dict(getattr(self, "moved_at", {})))
+                      dict(getattr(self, "moved_at", {})),
+                      {c: dict(n) for c, n in getattr(self, "left_at", {}).items()})
 
 
 # What an operation changed, as the view's listeners see it (cluster/member.py dispatches
@@ -176,6 +181,7 @@ def _release(t: Tables, client_id: str, node_id: str, epoch: int):
     if t.holders.get(client_id) == node_id:
         del t.holders[client_id]
         _moved_at(t).pop(client_id, None)
+        _left_at(t).pop(client_id, None)
         released = True
     return released, (Released(client_id, node_id, epoch) if released else None)
 
@@ -186,6 +192,14 @@ def _moved_at(t: Tables) -> dict:
     if moved_at is None:
         moved_at = t.moved_at = {}
     return moved_at
+
+
+def _left_at(t: Tables) -> dict:
+    """(as ``_moved_at``)"""
+    left_at = t.__dict__.get("left_at")
+    if left_at is None:
+        left_at = t.left_at = {}
+    return left_at
 
 
 def _routes(t: Tables, node_id: str, added, removed):
@@ -202,6 +216,7 @@ def _moved(t: Tables, client_id: str, epoch: int, from_node: str, to_node: str):
     if ok:
         t.holders[client_id] = to_node
         _moved_at(t)[client_id] = t.position
+        _left_at(t).setdefault(client_id, {})[from_node] = t.position
     return ok, Moved(client_id, epoch, from_node, to_node, ok, t.position)
 
 
@@ -229,6 +244,7 @@ def _forget(t: Tables, node_id: str):
         if t.holders.get(cid) == node_id:
             del t.holders[cid]
             _moved_at(t).pop(cid, None)
+            _left_at(t).pop(cid, None)
         owner = t.owners.get(cid)
         if owner is not None and owner[0] == node_id:
             del t.owners[cid]
