@@ -154,7 +154,7 @@ class HoldingSide:
         """The table position of the session's move away from this node (the last one;
         its last move of all in a table of an older version)."""
         tables = self.member.view.tables
-        left = tables.left_at.get(client_id, {}).get(self.node_id)
+        left = getattr(tables, "left_at", {}).get(client_id, {}).get(self.node_id)
         return left if left is not None else tables.moved_at.get(client_id)
 
     async def on_snapshot_request(self, sender: str, req: SnapshotRequest) -> dict:

@@ -761,7 +761,7 @@ class Takeovers(HoldingSide):
         view, me = member.view, self.node_id
         position = view.tables.position
         # the moves inside it: hand-overs from and to here whose move is in the new table
-        # (the session's last move's position: this one's, or a later one's)
+        # (the position of the session's move away from here, or of the move to here)
         for client_id, out in list(self.outgoing.items()):
             if out.state is HolderState.HANDED and view.holders.get(client_id) not in (
                     None, me):
