@@ -39,6 +39,7 @@ them the outcomes, on the loop's clock (so cluster/simulation.py runs it unchang
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from dataclasses import replace
 
@@ -148,6 +149,7 @@ class Takeovers(HoldingSide):
         self._late_locks: dict[HolderHandover, asyncio.Lock] = {}
         #: the last send of messages a take-back carries, per (ClientID, epoch)
         self._carrying: dict[tuple[str, int], asyncio.Task] = {}
+        self._carry_names = itertools.count(1)
         #: restored copies' messages not yet known to be late: (position, via, item, wait)
         self._undecided: dict[HolderHandover, list] = {}
         self.stats = {"takeovers": 0, "takeovers_fresh": 0, "takeover_ms_total": 0.0,
@@ -571,10 +573,16 @@ class Takeovers(HoldingSide):
         del self.outgoing[client_id]
         self._cancel_timer(out)
         late, waiting = out.supersede()
+        # (not those the session took already: a late batch it stored before it came back
+        # here, whose answer a restart of this node may have lost)
+        late = self._unseen(session, self.node_id, out.epoch, late)
         gate.machine.took_back(out.epoch, waiting, out.moved_at)
         for item in late:
             session.admit(*_late_message(item))
-        late += self._decide(out, None, into=session)  # (they came after the kept ones)
+        # (they came after the kept ones; not those routed with its move: the node it went
+        # to had them)
+        moved_at = out.moved_at if out.moved_at is not None else self._left_at(client_id)
+        late += self._decide(out, moved_at, into=session)
         if late or waiting:
             log.warning("hand-over of epoch %d to %s superseded before barriers from %s: "
                         "%d late messages kept client_id=%s node=%s", out.epoch, out.to,
@@ -593,6 +601,9 @@ class Takeovers(HoldingSide):
             return
         epoch, to = gate.carry
         me = self.node_id
+        # each named, to be known when it comes back: by its store key, or (one the session
+        # took without storing it yet) by a name of this process's own, below zero
+        items = [i if i[4] else i[:4] + [-next(self._carry_names)] for i in items]
         mark = HandoverMark.of(session)
         seen = mark.late_seen.get(me)
         known = set(seen[1]) if seen is not None and seen[0] == epoch else set()

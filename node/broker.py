@@ -309,7 +309,8 @@ class Broker:
                                              2 * self.config.takeover_timeout + 10.0)
         except asyncio.TimeoutError:
             return None
-        if verdict is False:
+        if verdict is False and session.state is not SessionState.ENDED:
+            # (the cluster may have dropped the copy already, as stale, while it waited)
             self.end_session(session, "a newer claim overtook its hand-over", release=False,
                              will=False)
         return verdict
