@@ -533,12 +533,9 @@ class ClaimerHandover:
         self.undecided = [u for u in self.undecided if u[1] != sender]
         # what it sent before it, held undecided, was routed with the old routes (but
         # not what came after a word that it routes with every move: kept)
-        actions: list = [Release(tuple(u[2] for u in mine if u[0] != math.inf))]
-        after = [u[2] for u in mine if u[0] == math.inf]
-        if after and sender in self.awaiting:
-            self.held.setdefault(sender, []).extend(after)
-        elif after:
-            actions.append(Admit(tuple(after)))
+        actions: list = [Release(tuple(u[2] for u in mine if u[0] != math.inf)),
+                         Admit(tuple(self._behind_batch(
+                             [(sender, u[2]) for u in mine if u[0] == math.inf])))]
         return [a for a in actions if a.items] + self._maybe_done()
 
     def peer_switched(self, peer: str, position: int | None = None) -> list:
@@ -574,17 +571,12 @@ class ClaimerHandover:
                 self.early.discard(node)
                 self.pending.discard(node)
         self.switched.clear()
-        admit, release = [], []
-        for at, via, item in self.undecided:
-            if at < moved_at:
-                release.append(item)
-                continue
+        release = [item for at, _via, item in self.undecided if at < moved_at]
+        routed = [(via, item) for at, via, item in self.undecided if at >= moved_at]
+        for via, _item in routed:
             self.pending.discard(via)
             self.early.discard(via)
-            if via in self.awaiting:
-                self.held.setdefault(via, []).append(item)
-            else:
-                admit.append(item)
+        admit = self._behind_batch(routed)
         self.undecided.clear()
         actions: list = [Release(tuple(release))] if release else []
         if admit:
@@ -650,6 +642,17 @@ class ClaimerHandover:
             actions.append(Admit(tuple(u[2] for u in self.undecided)))
             self.undecided.clear()
         return actions + self._maybe_done()
+
+    def _behind_batch(self, routed: list) -> list:
+        """Messages ``(via, item)`` a node sent after its barrier: held behind the old
+        holder's late batch from it while that is awaited; returns the others, to admit."""
+        admit = []
+        for via, item in routed:
+            if via in self.awaiting:
+                self.held.setdefault(via, []).append(item)
+            else:
+                admit.append(item)
+        return admit
 
     def _late_from(self, source: str, items: list) -> list:
         held = self.held.pop(source, [])

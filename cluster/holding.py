@@ -307,8 +307,6 @@ class HoldingSide:
     async def _deliver_late(self, out: HolderHandover, send: H.SendLate) -> None:
         """Until the new holder answers that it stored them (bounded: a holder that stays
         away that long has lost the session's newest messages with its disk anyway)."""
-        transport = self.member.transport
-        deadline = _now() + LATE_DELIVERY_LIMIT
         answered = False
         # one batch at a time, in the order the machine made them (a restarted holder's
         # RESTART batch before the batches of single nodes that follow it)
@@ -316,18 +314,7 @@ class HoldingSide:
         try:
             await lock.acquire()
             await failpoints.pause("takeover.before_late")
-            for attempt in range(10_000):
-                try:
-                    await transport.request(send.to, *encode(send.batch), 10.0)
-                    break
-                except (PeerUnreachable, RequestTimeout, RemoteError) as err:
-                    if _now() >= deadline:
-                        log.error("late messages not delivered client_id=%s node=%s to=%s "
-                                  "count=%d after %d attempts: %r", out.client_id,
-                                  self.node_id, send.to, len(send.batch.messages),
-                                  attempt + 1, err)
-                        break
-                    await asyncio.sleep(0.2)  # the new holder restarting: try again
+            await self._request_late(send.to, send.batch)
             await failpoints.pause("takeover.after_late")
             answered = True
         finally:
@@ -342,6 +329,24 @@ class HoldingSide:
             actions = out.late_stored()
             if self.outgoing.get(out.client_id) is out:
                 self._run_holder(out, actions)
+
+    async def _request_late(self, to: str, batch) -> None:
+        """Send a late batch until ``to`` answers that it stored it (bounded: a node that
+        stays away that long has lost the session's newest messages with its disk anyway);
+        given up with an error in the log."""
+        deadline = _now() + LATE_DELIVERY_LIMIT
+        for attempt in range(10_000):
+            try:
+                await self.member.transport.request(to, *encode(batch), 10.0)
+                return
+            except (PeerUnreachable, RequestTimeout, RemoteError) as err:
+                if _now() >= deadline:
+                    log.error("late messages not delivered client_id=%s node=%s to=%s "
+                              "epoch=%d source=%s count=%d after %d attempts: %r",
+                              batch.client_id, self.node_id, to, batch.epoch, batch.source,
+                              len(batch.messages), attempt + 1, err)
+                    return
+                await asyncio.sleep(0.2)  # the node restarting: try again
 
     def _hand_back(self, out: HolderHandover, why: str) -> None:
         """The hand-over ``out`` will never complete: the session is frozen here again,

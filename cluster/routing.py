@@ -186,20 +186,22 @@ def _release(t: Tables, client_id: str, node_id: str, epoch: int):
     return released, (Released(client_id, node_id, epoch) if released else None)
 
 
+def _added_map(t: Tables, name: str) -> dict:
+    """A dict field added since the first version (a table unpickled from a snapshot of
+    an older version has none)."""
+    value = t.__dict__.get(name)
+    if value is None:
+        value = {}
+        setattr(t, name, value)
+    return value
+
+
 def _moved_at(t: Tables) -> dict:
-    """(a table unpickled from a snapshot of an older version has none)"""
-    moved_at = t.__dict__.get("moved_at")
-    if moved_at is None:
-        moved_at = t.moved_at = {}
-    return moved_at
+    return _added_map(t, "moved_at")
 
 
 def _left_at(t: Tables) -> dict:
-    """(as ``_moved_at``)"""
-    left_at = t.__dict__.get("left_at")
-    if left_at is None:
-        left_at = t.left_at = {}
-    return left_at
+    return _added_map(t, "left_at")
 
 
 def _routes(t: Tables, node_id: str, added, removed):

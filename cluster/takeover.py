@@ -51,8 +51,7 @@ from node.session.session import SessionState
 from . import claimer as C
 from .claimer import ClaimerHandover, LocalCopy
 from .holder import HolderHandover, HolderState
-from .holding import (LATE_DELIVERY_LIMIT, HoldingSide, _late_item, _late_message, _now,
-                      _stored)
+from .holding import HoldingSide, _late_item, _late_message, _now, _stored
 from .marks import HandoverMark, Taking
 from .messages import Barrier, LateBatch, SnapshotRequest, Switched, encode
 from .routing import RaftUnavailable
@@ -604,12 +603,7 @@ class Takeovers(HoldingSide):
         # each named, to be known when it comes back: by its store key, or (one the session
         # took without storing it yet) by a name of this process's own, below zero
         items = [i if i[4] else i[:4] + [-next(self._carry_names)] for i in items]
-        mark = HandoverMark.of(session)
-        seen = mark.late_seen.get(me)
-        known = set(seen[1]) if seen is not None and seen[0] == epoch else set()
-        mark.late_seen[me] = (epoch, sorted(known.union(i[4] for i in items if i[4])))
-        mark.save(session)
-        self.broker.persist(session)
+        self._unseen(session, me, epoch, items)  # (their names remembered, stored)
         batch = LateBatch(gate.machine.client_id, epoch, "relay", items, hops=1)
         key = (batch.client_id, epoch)
         task = asyncio.get_running_loop().create_task(
@@ -622,22 +616,9 @@ class Takeovers(HoldingSide):
         task.add_done_callback(done)
 
     async def _send_carried(self, to: str, batch: LateBatch, before) -> None:
-        transport = self.member.transport
         if before is not None:
             await asyncio.wait({before})  # (in the order they came)
-        deadline = _now() + LATE_DELIVERY_LIMIT
-        for attempt in range(10_000):
-            try:
-                await transport.request(to, *encode(batch), 10.0)
-                return
-            except (PeerUnreachable, RequestTimeout, RemoteError) as err:
-                if _now() >= deadline:
-                    log.error("messages of a superseded hand-over not passed on "
-                              "client_id=%s node=%s to=%s count=%d after %d attempts: %r",
-                              batch.client_id, self.node_id, to, len(batch.messages),
-                              attempt + 1, err)
-                    return
-                await asyncio.sleep(0.2)
+        await self._request_late(to, batch)
 
     async def on_late(self, sender: str, batch: LateBatch) -> dict:
         """The old holder's late messages (a request): answered once they are stored
