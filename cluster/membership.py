@@ -316,10 +316,7 @@ class Membership:
         raft = member.raft
         if raft.status()["leader"] is None:
             await self._wait_leader(60.0, "the cluster")
-        try:
-            agreed = await raft.run(("init", cluster_id or uuid.uuid4().hex), 10.0)
-        except RaftUnavailable as err:
-            raise self.ClusterError(f"the cluster id could not be committed: {err}") from err
+        agreed = await self._commit_init(raft, cluster_id or uuid.uuid4().hex)
         if cluster_id is not None and agreed != cluster_id:
             raise self.ClusterError(
                 f"this node's stored membership is of cluster id {cluster_id}, but its Raft "
@@ -333,6 +330,29 @@ class Membership:
         await member.wait_member(self.node_id, 15.0)
         for peer, _a in ready[:1]:
             await member.fetch_retained(peer)
+
+    async def _commit_init(self, raft, cluster_id: str, tries: int = 6) -> str:
+        """Commit ``init`` and return the cluster id the table holds. A node rejoining a
+        busy cluster sees it only once it has applied the whole log behind it; pysyncobj's
+        follower may throw away a stretch it applied already when a stale append arrives
+        (it logs "truncating already-applied log entries") and fetch it again, so one 10 s
+        wait is not always enough: retry while a leader is known, up to ``tries`` times."""
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return await raft.run(("init", cluster_id), 10.0)
+            except RaftUnavailable as err:
+                st = raft.status()
+                if attempt >= tries or st["leader"] is None:
+                    raise self.ClusterError(
+                        f"the cluster id could not be committed: {err} (leader "
+                        f"{st['leader']}, applied {st['last_applied']}, commit index "
+                        f"{st['commit_index']}); check that a quorum of the members named "
+                        "in cluster.json is up and reachable") from err
+                log.warning("still catching up with the Raft log node=%s attempt=%d "
+                            "applied=%d commit_index=%d leader=%s", self.node_id, attempt,
+                            st["last_applied"], st["commit_index"], st["leader"])
 
     async def _join_via(self, ready: list) -> bool:
         """Ask serving members to add this node (they forward to the leader)."""

@@ -47,6 +47,8 @@ FAULT_SECONDS = 8.0
 
 
 class Nemesis:
+    name = "nemesis"   # reported next to the workers' names when it fails
+
     def __init__(self, cluster, history, rng: random.Random, *, lab=None, proxies=(),
                  seconds: float | None = None, every: tuple = (1.5, 3.0),
                  down_for: tuple = (1.0, 2.0), isolate_for: tuple = (2.0, 4.0),
