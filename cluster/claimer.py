@@ -81,6 +81,7 @@ class ClaimerEvent(enum.Enum):
     UNREACHABLE = "unreachable"
     HOLDER_ERROR = "holder_error"
     BUSY = "busy"
+    HOLDER_DOWN = "holder_down"
     DURABLE = "durable"
     MOVE_COMMITTED = "move_committed"
     MOVE_REFUSED = "move_refused"
@@ -110,6 +111,7 @@ TRANSITIONS: dict[tuple[ClaimerState, ClaimerEvent], ClaimerState] = {
     (S.FETCHING, E.UNREACHABLE): S.REFUSED,  # or FRESH
     (S.FETCHING, E.HOLDER_ERROR): S.REFUSED,
     (S.FETCHING, E.BUSY): S.REFUSED,
+    (S.FETCHING, E.HOLDER_DOWN): S.REFUSED,
     (S.INSTALLED, E.DURABLE): S.INSTALLED,
     (S.INSTALLED, E.MOVE_COMMITTED): S.MOVED,
     (S.INSTALLED, E.MOVE_REFUSED): S.OVERTAKEN,
@@ -405,6 +407,14 @@ class ClaimerHandover:
         self._go(ClaimerEvent.BUSY)
         return [Refuse(ReasonCode.SERVER_UNAVAILABLE,
                        f"the session's hand-over to {self.holder} is not finished yet")]
+
+    def holder_down(self) -> list:
+        """The holder was declared down while this claim waited for it: its session was
+        promoted on a replica (or waits for it); a new claim finds where it is now."""
+        self._go(ClaimerEvent.HOLDER_DOWN)
+        self.why = f"{self.holder} was declared down"
+        return [Refuse(ReasonCode.SERVER_UNAVAILABLE,
+                       f"the session's node {self.holder} was declared down: connect again")]
 
     def unreachable(self, why: str) -> list:
         self._go(ClaimerEvent.UNREACHABLE)

@@ -25,7 +25,8 @@ from .discovery import MdnsDiscovery
 from .membership import Membership
 from .messages import (KINDS, Adopt, Barrier, LateBatch, MalformedMessage, SnapChunk,
                        SnapshotRequest, Switched, decode)
-from .routing import (Claimed, Event, Forgotten, MemberChanged, Moved, RaftNode,
+from .replication import Replication
+from .routing import (Claimed, Event, Forgotten, MemberChanged, Moved, NodeDown, RaftNode,
                       RaftUnavailable, Released, Replaced, RoutesChanged, RoutingView)
 from .takeover import Takeovers
 from .transport import PeerUnreachable, RemoteError, RequestTimeout, Transport
@@ -73,10 +74,15 @@ class ClusterMember:
             self.node_id, config.cluster_name, config.cluster_secret.encode(), config.host,
             config.cluster_port, on_message=self._on_message, on_request=self._on_request,
             on_peer_up=self._on_peer_up, on_peer_down=self._on_peer_down,
-            on_peer_restarted=lambda peer: self.takeovers.on_peer_restarted(peer),
+            on_peer_restarted=self._on_peer_restarted,
             on_peer_process=lambda peer: self.takeovers.on_peer_process(peer))
         self.transport.info = self.info
         self.takeovers = Takeovers(self)
+        self.replication = Replication(self)
+        #: per sender, forwards that wait until this node has applied a promotion the
+        #: sender routed them with (cluster/replication.py)
+        self._waiting_forwards: dict[str, list] = {}
+        self.view.after_apply.append(self._release_waiting_forwards)
         self._message_handlers, self._request_handlers = self._handler_tables()
         self.snapshot_chunks: dict[tuple, dict] = {}
         self.peer_stats: dict[str, dict] = {}
@@ -121,6 +127,7 @@ class ClusterMember:
             RoutesChanged: self._on_routes, Claimed: self._on_claimed,
             Released: self._on_released, Moved: self._on_moved, MemberChanged: self._on_member,
             Forgotten: self._on_forgotten, Replaced: self._on_replaced,
+            NodeDown: self._on_node_down,
         }
 
     def _handler_tables(self) -> tuple[dict, dict]:
@@ -134,6 +141,8 @@ class ClusterMember:
                                                                sw.position),
             SnapChunk.kind: self._on_snap_chunk,
             "ret": lambda peer, body: self._apply_retained(*body), "stats": self._on_stats,
+            "repl": self.replication.on_repl,
+            "repl_ok": self.replication.on_ack, "pubr": self._on_pubr,
         }
         requests = {
             SnapshotRequest.kind: t.on_snapshot_request, LateBatch.kind: t.on_late,
@@ -152,6 +161,7 @@ class ClusterMember:
         # before any link: they wait for what peers send
         self.takeovers.restore_gates()
         self.takeovers.restore_handed()
+        self.replication.open()
         self._reserve_raft_port()
         await self.transport.start()
         if config.discovery == "mdns":
@@ -168,9 +178,11 @@ class ClusterMember:
         if self.discovery is not None:
             self.discovery.update_properties({"formed": "1"})
         await self._judge_stored_sessions()
+        self.replication.adopt_promoted()
         self.broker.attach_cluster(self)
         self._tasks.append(self.loop.create_task(self._gossip_loop()))
         self._tasks.append(self.loop.create_task(self._reconcile_loop()))
+        self.replication.start()
         log.info("cluster member up node=%s members=%s voters=%s leader=%s", self.node_id,
                  sorted(self.view.members), self.raft.voters(), self.raft.status()["leader"])
 
@@ -370,6 +382,7 @@ class ClusterMember:
                 pass  # cancelled just above: the normal end of these loops
         if self.discovery is not None:
             await self.discovery.stop()
+        await self.replication.stop()
         await self.transport.stop()
         if self.raft is not None:
             await asyncio.to_thread(self.raft.destroy)
@@ -483,12 +496,12 @@ class ClusterMember:
         items, must_arrive, confirm, position = batch
         if confirm is not None:
             cid = next(self._confirm_ids)
-            self._confirms[cid] = (node, confirm, time.monotonic())
+            self._confirms[cid] = (node, confirm, time.monotonic(), items)
             # routed with what this node knew of that node's process: a batch still in
             # the link's buffer when it restarts is not for its new process (see _on_pubc)
             self.transport.send(node, "pubc", [cid, items,
                                                self.transport.peer_incarnation(node),
-                                               position], True)
+                                               position, self._promoted_at()], True)
             return
         if self.transport.send(node, "pubs", items, must_arrive):
             self._dropping_to.discard(node)
@@ -547,6 +560,31 @@ class ClusterMember:
         else:
             self._forward_waits.append(fut)  # a local publish: its handler takes them
 
+    def _promoted_at(self) -> int:
+        return getattr(self.view.tables, "promoted_at", 0)
+
+    def _wait_for_promotion(self, peer: str, kind: str, body, promoted_at) -> bool:
+        """Hold a forward routed with a promotion this node has not applied yet (its
+        sessions are not here yet), and every later one from that sender, in order."""
+        waiting = self._waiting_forwards.get(peer)
+        if waiting is None and (not promoted_at or
+                                promoted_at <= self.view.tables.position):
+            return False
+        self._waiting_forwards.setdefault(peer, []).append((kind, body, promoted_at or 0))
+        return True
+
+    def _release_waiting_forwards(self) -> None:
+        if not self._waiting_forwards:
+            return
+        position = self.view.tables.position
+        for peer in list(self._waiting_forwards):
+            queue = self._waiting_forwards[peer]
+            while queue and queue[0][2] <= position:
+                kind, body, _at = queue.pop(0)
+                (self._take_pubc if kind == "pubc" else self._take_pubr)(peer, body)
+            if not queue:
+                del self._waiting_forwards[peer]
+
     def _on_pubs(self, peer: str, blobs: list) -> None:
         """Forwards nobody waits a confirmation for (QoS 0, or the fast mode)."""
         self._held_into = []
@@ -556,6 +594,11 @@ class ClusterMember:
             self._held_into = None
 
     def _on_pubc(self, peer: str, body) -> None:
+        if self._wait_for_promotion(peer, "pubc", body, body[4] if len(body) > 4 else 0):
+            return
+        self._take_pubc(peer, body)
+
+    def _take_pubc(self, peer: str, body) -> None:
         cid, items = body[0], body[1]
         meant = body[2] if len(body) > 2 else None
         if meant is not None and meant != self.transport.incarnation:
@@ -576,6 +619,7 @@ class ClusterMember:
         finally:
             self._held_into = None
             self.forward_position = None
+        self.replication.mark_forward(peer, cid)
         wait = self.broker.durable_wait()
         if held:
             wait = self.broker.all_done(wait, *held)
@@ -584,6 +628,88 @@ class ClusterMember:
         else:
             wait.add_done_callback(lambda w, peer=peer, cid=cid: self._confirm_stored(
                 w, peer, cid))
+
+    def _on_pubr(self, peer: str, body) -> None:
+        """A forward sent again: its first receiver (``body[2]``) died before confirming
+        it, and its sessions were promoted here."""
+        if self._wait_for_promotion(peer, "pubr", body, body[5]):
+            return
+        self._take_pubr(peer, body)
+
+    def _take_pubr(self, peer: str, body) -> None:
+        cid, items, source, first_cid = body[0], body[1], body[2], body[3]
+        wait = self._redo_here(peer, items, source, first_cid)
+        if wait is None:
+            self.transport.send(peer, "pubc_ok", cid, True)
+        else:
+            wait.add_done_callback(lambda w, peer=peer, cid=cid: self._confirm_stored(
+                w, peer, cid))
+
+    def _redo_here(self, sender: str, items: list, source: str, first_cid: int):
+        """Deliver a re-sent forward to the sessions promoted here from ``source``, unless
+        ``source`` had stored it (its replica stream marked it). Returns the wait for
+        the store (and replicas), or None."""
+        rep = self.replication
+        if rep.marked(source, sender, first_cid):
+            return None
+        only = {c for c, src in rep.promoted_from.items() if src == source}
+        if not only:
+            return None
+        now = time.time()
+        held = self._held_into = []
+        try:
+            for blob in items:
+                msg, normal, groups = unpack_forward(blob)
+                msg.via = sender
+                if msg.expires_at is not None and msg.expires_at <= now:
+                    continue
+                self.broker.route_remote(msg, normal, groups, only)
+        finally:
+            self._held_into = None
+        rep.redone += len(items)
+        rep.mark_forward(sender, first_cid)
+        wait = self.broker.durable_wait()
+        if held:
+            wait = self.broker.all_done(wait, *held)
+        return wait
+
+    def redo_forwards(self, node: str, targets: list[str]) -> None:
+        """``node`` was declared down: the batches forwarded to it that it never confirmed
+        go again to the nodes its sessions were promoted to (``pubr``); their publishers'
+        acknowledgements wait for those confirmations instead."""
+        lost = [(cid, e) for cid, e in self._confirms.items() if e[0] == node]
+        if not lost:
+            return
+        for cid, (_node, fut, _t, items) in lost:
+            del self._confirms[cid]
+            waits = []
+            for target in targets:
+                if target == self.node_id:
+                    w = self._redo_here(self.node_id, items, node, cid)
+                    if w is not None:
+                        waits.append(w)
+                    continue
+                new = next(self._confirm_ids)
+                done = self.loop.create_future()
+                self._confirms[new] = (target, done, time.monotonic(), items)
+                self.transport.send(target, "pubr", [new, items, node, cid,
+                                                     self.view.tables.position,
+                                                     self._promoted_at()], True)
+                waits.append(done)
+            if not targets:
+                # its sessions had no replica: nobody can store these now; the publishers'
+                # acknowledgements are given up (their connections close, they send again)
+                if not fut.done():
+                    fut.cancel()
+                continue
+            combined = self.broker.all_done(*waits) if waits else None
+            if combined is None:
+                if not fut.done():
+                    fut.set_result(None)
+            else:
+                combined.add_done_callback(lambda c, fut=fut: _pass_on(c, fut))
+        log.info("forwards sent again node=%s dead=%s batches=%d to=%s", self.node_id, node,
+                 len(lost), targets)
 
     def _on_pubc_ok(self, peer: str, cid) -> None:
         entry = self._confirms.get(cid)
@@ -621,8 +747,8 @@ class ClusterMember:
         """Confirmations that never came (the receiver died before storing): the
         PUBACKs waiting for them were given up long ago (their connections closed)."""
         limit = time.monotonic() - older_than
-        for cid in [c for c, (_, _, t) in self._confirms.items() if t < limit]:
-            _node, fut, _t = self._confirms.pop(cid)
+        for cid in [c for c, e in self._confirms.items() if e[2] < limit]:
+            fut = self._confirms.pop(cid)[1]
             fut.cancel()
 
     async def _on_request(self, peer: str, kind: str, body):
@@ -664,6 +790,10 @@ class ClusterMember:
             return  # a newer update already applied (last writer wins)
         self.retained_ts[topic] = ts
         self.broker.set_retained(topic, None if record is None else message_from_record(record))
+
+    def _on_peer_restarted(self, peer: str) -> None:
+        self.takeovers.on_peer_restarted(peer)
+        self.replication.on_peer_restarted(peer)
 
     def _on_peer_up(self, peer: str) -> None:
         self.peer_down_since.pop(peer, None)
@@ -717,9 +847,51 @@ class ClusterMember:
         self._drop_peer_later(ev.node)
         self._rebuild_remote()
         if self.caught_up:
+            self.replication.on_node_down(ev.node, ev.promoted, ev.position)
+            for client_id, target, epoch in ev.promoted:
+                if target != self.node_id:
+                    self.takeovers.on_claimed(client_id, target, epoch, target, False)
             for client_id in ev.released:
                 # a session frozen here for a claim of the forgotten node stays here
                 self.takeovers.on_released(client_id, ev.node)
+
+    def _on_node_down(self, ev: NodeDown) -> None:
+        log.warning("node declared down node=%s down=%s promoted=%d unreplicated=%d",
+                    self.node_id, ev.node, len(ev.promoted), ev.stuck)
+        self._rebuild_remote()  # its routes went to the nodes that got its sessions
+        if not self.caught_up:
+            return  # replaying history: promotions here are adopted after it
+        if ev.node == self.node_id:
+            self._declared_down()
+            return
+        self.replication.on_node_down(ev.node, ev.promoted, ev.position)
+        for client_id, target, epoch in ev.promoted:
+            if target != self.node_id:
+                self.takeovers.on_claimed(client_id, target, epoch, target, False)
+
+    def _declared_down(self) -> None:
+        """The cluster declared this node down (it was silent too long): the sessions it
+        held that were promoted elsewhere are not its own any more; it announces itself
+        again to be counted as up."""
+        view = self.view
+        gone = [cid for cid in self.broker.sessions if view.holders.get(cid) not in
+                (None, self.node_id)]
+        for cid in gone:
+            session = self.broker.sessions.get(cid)
+            if session is not None:
+                self.broker.kick(cid)
+                session = self.broker.sessions.get(cid)
+            if session is not None:
+                self.broker.end_session(session, "promoted on another node while this one "
+                                        "was declared down", release=False, will=False)
+        log.warning("this node was declared down node=%s: %d sessions promoted elsewhere "
+                    "dropped; announcing it again", self.node_id, len(gone))
+        if self.raft is not None:
+            fut = self.raft.submit(("member", self.node_id, self.info))
+            fut.add_done_callback(_log_failure("member", self.node_id))
+            if self.broker.filter_refs:
+                self.raft.submit(("routes", self.node_id, sorted(self.broker.filter_refs),
+                                  [])).add_done_callback(_log_failure("routes", self.node_id))
 
     def _on_replaced(self, ev: Replaced) -> None:
         self._rebuild_remote()
@@ -874,6 +1046,15 @@ def _log_failure(what: str, key: str):
         if err is not None:
             log.info("%s not committed key=%s: %r (reconciled later)", what, key, err)
     return done
+
+
+def _pass_on(done: asyncio.Future, fut: asyncio.Future) -> None:
+    if fut.done():
+        return
+    if done.cancelled() or done.exception() is not None:
+        fut.cancel()
+    else:
+        fut.set_result(None)
 
 
 def new_secret() -> str:

@@ -21,6 +21,11 @@ Operations (tuples, the first item names them):
     ("forget", node_id)                          -> [client_id...] (a dead node removed:
                                                     its member entry, routes and sessions)
     ("init", cluster_id)                         -> the cluster id (the first one sticks)
+    ("replicas", client_id, holder, [node...])   -> bool (the session's in-sync replicas)
+    ("unreplicate", holder, node)                -> int (node dropped from the in-sync
+                                                    replicas of every session holder holds)
+    ("down", node_id)                            -> [(client_id, new holder, epoch)...]
+                                                    (declared down: sessions promoted)
 
 Ownership has two parts. ``owners[client_id] = (node, epoch)`` is who may serve the
 ClientID now: every claim takes it with a new epoch (strictly increasing: one counter for
@@ -33,8 +38,22 @@ session ended) clears the owner if it is still that (node, epoch), and the holde
 that node.
 
 ``forget`` is an operator's word that a node is gone for good (``shoal cluster forget``):
-its member entry and routes go, and so do the ClientIDs it owned or held, so that their
-next claim starts a fresh session instead of asking a node that never answers.
+its member entry and routes go; its sessions with an in-sync replica are promoted there
+(as ``down`` does), the ClientIDs it owned or held otherwise go, so that their next claim
+starts a fresh session instead of asking a node that never answers.
+
+Replicas (cluster/replication.py). ``replicas[client_id]`` is the in-sync replica set of
+the session at its current holder: nodes that hold a copy of every change the holder
+acknowledged. The holder records a node there once the node stored its seed (``replicas``,
+refused unless the proposer still holds the session); a replica that stops answering is
+dropped (``unreplicate``). A move, a clean claim or a release empties it (the new holder
+seeds its own). ``down`` is the leader's verdict that a node has been silent for
+``failover_timeout``: for every session it held that has an in-sync replica up, the first
+such replica becomes owner and holder under a new epoch (the fence: the old node's
+messages about it carry an older epoch), and the dead node's routes go to the nodes that
+got its sessions (they narrow them to their real filters at the next reconciliation).
+Sessions without a replica stay held by it. ``member`` with info (the node came back)
+clears ``down``.
 """
 
 from __future__ import annotations
@@ -77,13 +96,22 @@ class Tables:
     #: restarted in the middle of handing it over compares with its own move, not with
     #: a later one)
     left_at: dict[str, dict[str, int]] = field(default_factory=dict)
+    #: per held ClientID, its in-sync replica nodes (at its current holder)
+    replicas: dict[str, list[str]] = field(default_factory=dict)
+    #: nodes declared down (not heard from for failover_timeout), with the position
+    down: dict[str, int] = field(default_factory=dict)
+    #: the position of the latest ``down`` that promoted sessions (0: none): a forward
+    #: routed with a table at or past it waits at a receiver that has not applied it
+    promoted_at: int = 0
 
     def copy(self) -> "Tables":
         return Tables({k: dict(v) for k, v in self.members.items()}, dict(self.owners),
                       dict(self.holders), {f: set(n) for f, n in self.routes.items()},
                       self.next_epoch, self.cluster_id, self.position,
                       dict(getattr(self, "moved_at", {})),
-                      {c: dict(n) for c, n in getattr(self, "left_at", {}).items()})
+                      {c: dict(n) for c, n in getattr(self, "left_at", {}).items()},
+                      {c: list(n) for c, n in _replicas(self).items()}, dict(_down(self)),
+                      getattr(self, "promoted_at", 0))
 
 
 # What an operation changed, as the view's listeners see it (cluster/member.py dispatches
@@ -133,6 +161,17 @@ class MemberChanged:
 class Forgotten:
     node: str
     released: tuple[str, ...]  # the ClientIDs it owned or held
+    promoted: tuple[tuple[str, str, int], ...] = ()  # (client_id, new holder, epoch)
+    position: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class NodeDown:
+    """A node declared down (or forgotten): its replicated sessions promoted."""
+    node: str
+    promoted: tuple[tuple[str, str, int], ...]  # (client_id, new holder, epoch)
+    stuck: int  # sessions it held with no in-sync replica up (they wait for it)
+    position: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,7 +185,7 @@ class Replaced:
 
 
 Event = Claimed | Released | Moved | RoutesChanged | MemberChanged | Forgotten | \
-    ClusterIdSet | Replaced
+    ClusterIdSet | Replaced | NodeDown
 
 
 def _change_routes(routes: dict, node_id: str, added, removed) -> None:
@@ -168,6 +207,7 @@ def _claim(t: Tables, client_id: str, node_id: str, clean: bool):
     t.owners[client_id] = (node_id, epoch)
     if clean or holder is None:
         t.holders[client_id] = node_id
+        _replicas(t).pop(client_id, None)
     return (epoch, holder), Claimed(client_id, node_id, epoch, prev[0] if prev else None,
                                     holder, bool(clean))
 
@@ -182,6 +222,7 @@ def _release(t: Tables, client_id: str, node_id: str, epoch: int):
         del t.holders[client_id]
         _moved_at(t).pop(client_id, None)
         _left_at(t).pop(client_id, None)
+        _replicas(t).pop(client_id, None)
         released = True
     return released, (Released(client_id, node_id, epoch) if released else None)
 
@@ -204,6 +245,14 @@ def _left_at(t: Tables) -> dict:
     return _added_map(t, "left_at")
 
 
+def _replicas(t: Tables) -> dict:
+    return _added_map(t, "replicas")
+
+
+def _down(t: Tables) -> dict:
+    return _added_map(t, "down")
+
+
 def _routes(t: Tables, node_id: str, added, removed):
     _change_routes(t.routes, node_id, added, removed)
     return None, RoutesChanged(node_id, tuple(added), tuple(removed))
@@ -219,6 +268,7 @@ def _moved(t: Tables, client_id: str, epoch: int, from_node: str, to_node: str):
         t.holders[client_id] = to_node
         _moved_at(t)[client_id] = t.position
         _left_at(t).setdefault(client_id, {})[from_node] = t.position
+        _replicas(t).pop(client_id, None)
     return ok, Moved(client_id, epoch, from_node, to_node, ok, t.position)
 
 
@@ -231,13 +281,84 @@ def _member(t: Tables, node_id: str, info):
         t.members.pop(node_id, None)
         # a removed node routes nothing
         _change_routes(t.routes, node_id, (), [f for f, n in t.routes.items() if node_id in n])
+        _drop_replica(t, node_id)
     else:
         t.members[node_id] = dict(info)
+        _down(t).pop(node_id, None)  # (back: it announces itself again)
     return None, MemberChanged(node_id, None if info is None else dict(info))
 
 
+def _drop_replica(t: Tables, node_id: str) -> None:
+    reps = _replicas(t)
+    for cid in [c for c, nodes in reps.items() if node_id in nodes]:
+        reps[cid] = [n for n in reps[cid] if n != node_id]
+
+
+def _promote(t: Tables, node_id: str) -> tuple[list, int]:
+    """Every session ``node_id`` holds that has an in-sync replica up moves there under a
+    new epoch; the node's routes go to the nodes that got sessions. Returns the
+    promotions and how many sessions it holds without one."""
+    down, reps = _down(t), _replicas(t)
+    promoted, stuck = [], 0
+    for cid in sorted(c for c, h in t.holders.items() if h == node_id):
+        up = [n for n in reps.get(cid, ()) if n != node_id and n in t.members and n not in down]
+        if not up:
+            stuck += 1
+            continue
+        target = up[0]
+        epoch = t.next_epoch
+        t.next_epoch += 1
+        t.owners[cid] = (target, epoch)
+        t.holders[cid] = target
+        _moved_at(t)[cid] = t.position
+        _left_at(t).setdefault(cid, {})[node_id] = t.position
+        reps[cid] = []
+        promoted.append((cid, target, epoch))
+    _drop_replica(t, node_id)
+    gone = [f for f, n in t.routes.items() if node_id in n]
+    _change_routes(t.routes, node_id, (), gone)
+    for target in sorted({p[1] for p in promoted}):
+        _change_routes(t.routes, target, gone, ())
+    if promoted:
+        t.promoted_at = t.position
+    return promoted, stuck
+
+
+def _down_rule(t: Tables, node_id: str):
+    if node_id not in t.members or node_id in _down(t):
+        return [], None
+    _down(t)[node_id] = t.position
+    promoted, stuck = _promote(t, node_id)
+    return promoted, NodeDown(node_id, tuple(promoted), stuck, t.position)
+
+
+def _set_replicas(t: Tables, client_id: str, holder: str, nodes):
+    if t.holders.get(client_id) != holder or holder in _down(t):
+        return False, None
+    down = _down(t)
+    _replicas(t)[client_id] = [n for n in dict.fromkeys(nodes)
+                               if n != holder and n in t.members and n not in down]
+    return True, None
+
+
+def _unreplicate(t: Tables, holder: str, node_id: str):
+    reps = _replicas(t)
+    n = 0
+    for cid, nodes in reps.items():
+        if node_id in nodes and t.holders.get(cid) == holder:
+            reps[cid] = [x for x in nodes if x != node_id]
+            n += 1
+    return n, None
+
+
 def _forget(t: Tables, node_id: str):
-    """A node gone for good: member entry, routes, and the ClientIDs it owned or held."""
+    """A node gone for good: member entry, routes, and the ClientIDs it owned or held
+    (those with an in-sync replica are promoted there first, as ``down`` does)."""
+    promoted = []
+    if node_id in t.members:
+        _down(t)[node_id] = t.position
+        promoted, _stuck = _promote(t, node_id)
+    _down(t).pop(node_id, None)
     t.members.pop(node_id, None)
     _change_routes(t.routes, node_id, (), [f for f, n in t.routes.items() if node_id in n])
     released = sorted({cid for cid, h in t.holders.items() if h == node_id} |
@@ -250,7 +371,8 @@ def _forget(t: Tables, node_id: str):
         owner = t.owners.get(cid)
         if owner is not None and owner[0] == node_id:
             del t.owners[cid]
-    return released, Forgotten(node_id, tuple(released))
+        _replicas(t).pop(cid, None)
+    return released, Forgotten(node_id, tuple(released), tuple(promoted), t.position)
 
 
 def _init(t: Tables, cluster_id):
@@ -264,6 +386,7 @@ def _init(t: Tables, cluster_id):
 RULES: dict[str, Callable] = {
     "claim": _claim, "release": _release, "routes": _routes, "moved": _moved,
     "sync": _sync, "member": _member, "forget": _forget, "init": _init,
+    "replicas": _set_replicas, "unreplicate": _unreplicate, "down": _down_rule,
 }
 
 
@@ -321,6 +444,8 @@ class RoutingView:
     def __init__(self) -> None:
         self.tables = Tables()
         self.listeners: list[Callable[[Event], None]] = []
+        #: called after each applied batch (or replaced table), once its events went out
+        self.after_apply: list[Callable[[], None]] = []
         self.applied = 0
 
     # reads
@@ -354,15 +479,20 @@ class RoutingView:
         if isinstance(ops, Tables):
             self.tables = ops
             self._emit(Replaced())
-            return
-        for op in ops:
+        else:
+            for op in ops:
+                try:
+                    _result, event = apply(self.tables, op)
+                except OP_ERRORS:
+                    continue  # refused in the state machine too (it answered the error)
+                self.applied += 1
+                if event is not None:
+                    self._emit(event)
+        for hook in self.after_apply:
             try:
-                _result, event = apply(self.tables, op)
-            except OP_ERRORS:
-                continue  # refused in the state machine too (it answered the error)
-            self.applied += 1
-            if event is not None:
-                self._emit(event)
+                hook()
+            except Exception:  # as for listeners
+                log.exception("routing after-apply hook failed")
 
     def _emit(self, event: Event) -> None:
         for listener in list(self.listeners):

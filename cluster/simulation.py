@@ -65,6 +65,7 @@ from node.store.state import LiveState, MessageRef
 from node.topics import SubEntry, SubscriptionTree
 
 from .member import ClusterMember
+from .replication import Replication
 from .routing import OP_ERRORS, Proposals, RaftUnavailable, RoutingView, Tables, apply
 from .takeover import Takeovers
 from .transport import PeerUnreachable, RemoteError, RequestTimeout
@@ -540,6 +541,10 @@ class SimMember(ClusterMember):
         self.transport = SimTransport(world, inc)
         self.raft = SimRaft(world, inc)
         self.takeovers = world.plants.takeovers(self)
+        # (no replica store and no tap: the simulation does not replicate sessions yet)
+        self.replication = Replication(self)
+        self._waiting_forwards = {}
+        self.view.after_apply.append(self._release_waiting_forwards)
         self._message_handlers, self._request_handlers = self._handler_tables()
         self.snapshot_chunks = {}
         self.info = {}

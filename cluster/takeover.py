@@ -291,11 +291,16 @@ class Takeovers(HoldingSide):
         request = SnapshotRequest(client_id, ask.epoch)
         while True:
             remaining = max(0.1, deadline - _now())
+            if not transport.is_up(holder):
+                # (in short steps: the holder may be declared down meanwhile)
+                remaining = min(remaining, 0.5)
             try:
                 answer = await transport.request(holder, *encode(request), remaining)
                 break
             except PeerUnreachable as err:
                 # down or restarting: it may be back within the takeover timeout
+                if holder in (getattr(self.member.view.tables, "down", None) or ()):
+                    return m.holder_down()  # (declared down: its sessions moved on)
                 if _now() >= deadline - 0.1:
                     return m.unreachable(repr(err))
                 await asyncio.sleep(0.1)

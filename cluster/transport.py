@@ -113,7 +113,7 @@ class _Peer:
 
     __slots__ = ("id", "addr", "info", "inc", "tx_inc", "rx_last", "ack_sent", "acked",
                  "pending", "unacked", "link", "dialer", "changed", "drain_waiters",
-                 "requests", "flush_scheduled", "removed")
+                 "requests", "flush_scheduled", "removed", "heard_at")
 
     def __init__(self, peer_id: str) -> None:
         self.id = peer_id
@@ -128,6 +128,7 @@ class _Peer:
         self.unacked: deque = deque()    # written, not yet acknowledged (seq acked+1, ...)
         self.link: _Link | None = None
         self.dialer: asyncio.Task | None = None
+        self.heard_at = time.monotonic()  # last read on a link (or when first known)
         self.changed = asyncio.Event()   # link went down / peer forgotten: wakes the dialer
         self.drain_waiters: list[asyncio.Future] = []
         self.requests: set[int] = set()  # ids of our pending requests to this peer
@@ -287,6 +288,18 @@ class Transport:
     def is_up(self, peer_id: str) -> bool:
         st = self._peers.get(peer_id)
         return st is not None and st.link is not None and not st.link.closed
+
+    def silent_for(self, peer_id: str) -> float:
+        """Seconds since anything was read from the peer (on any link; since it became
+        known if never): the failure detector's input."""
+        st = self._peers.get(peer_id)
+        if st is None:
+            return 0.0
+        heard = st.heard_at
+        link = st.link
+        if link is not None and not link.closed and link.last_read > heard:
+            heard = link.last_read
+        return time.monotonic() - heard
 
     def peers_up(self) -> set[str]:
         return {p for p, st in self._peers.items() if st.link is not None and not st.link.closed}
@@ -835,6 +848,7 @@ class Transport:
         if st.link is not link:
             return
         st.link = None
+        st.heard_at = max(st.heard_at, link.last_read)
         self.stats["links_down"] += 1
         log.info("link down node=%s peer=%s dir=%s after=%.2fs: %s", self.node_id, st.id,
                  link.direction, time.monotonic() - link.up_at, reason)

@@ -175,6 +175,20 @@ class Broker:
         journal = self.journal
         return None if journal is None else journal.commit_wait()
 
+    def has_store(self) -> bool:
+        return self.journal is not None
+
+    def attach_replication(self, tap, tap_wait) -> None:
+        """Give every change to a stored session to ``tap`` too (node/persist.py OPS), and
+        let acknowledgements wait for ``tap_wait(local_commit)`` (the cluster's replicas)."""
+        if self.journal is not None:
+            self.journal.tap = tap
+            self.journal.tap_wait = tap_wait
+
+    def stored_changes(self, session: Session) -> list[tuple]:
+        """A stored session's whole state as tap changes (seeding a new replica)."""
+        return SessionJournal.changes_of(session)
+
     def attach_cluster(self, cluster: ClusterHooks) -> None:
         """Replace the single-node hooks (before the listeners open)."""
         self.cluster = cluster
@@ -501,10 +515,15 @@ class Broker:
             n += self.cluster.forward(msg, handled)
         return n
 
-    def route_remote(self, msg: Message, normal: bool, groups) -> int:
+    def route_remote(self, msg: Message, normal: bool, groups, only=None) -> int:
         """A message another node forwarded: deliver to the plain subscriptions here when
-        ``normal``, and to one member of each shared group named in ``groups``."""
+        ``normal``, and to one member of each shared group named in ``groups``. ``only``
+        (a set of ClientIDs): deliver to those sessions alone, no shared group (a message
+        sent again after its first receiver died, for the sessions taken over from it)."""
         match = self.tree.match(msg.topic)
+        if only is not None:
+            entries = [e for e in match.entries if e.client_id in only]
+            return self._route_general(msg, _Only(entries), True, ())[0] if entries else 0
         if normal and not match.groups and len(match.entries) == 1:
             return self._deliver_one(msg, match.entries[0])
         return self._route_general(msg, match, normal, groups)[0]
@@ -617,3 +636,13 @@ def _filter_levels(entry: SubEntry) -> str:
     if entry.share_group is None:
         return entry.topic_filter
     return entry.topic_filter.split("/", 2)[2]
+
+
+class _Only:
+    """A topic match narrowed to some sessions' plain subscriptions (route_remote)."""
+
+    __slots__ = ("entries", "groups")
+
+    def __init__(self, entries) -> None:
+        self.entries = entries
+        self.groups = ()

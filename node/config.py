@@ -212,6 +212,19 @@ class Config:
         "CONNACK 0x88 (server unavailable) so the client retries and the session survives "
         "until its node is back; `fresh` starts a new session (CONNACK session present = 0) "
         "and loses what the old one held.", _one_of("fresh", "refuse"))
+    session_replicas: int = _opt(
+        1, "Replica nodes per persistent session: every change to its stored state also "
+        "goes, in order, to them, and an acknowledgement waits for their store too; when "
+        "its node is declared down the session is promoted on one of them. 0: not "
+        "replicated (a session lives and dies with its node).", _int_range(0, 4))
+    replica_timeout: float = _opt(
+        2.0, "Seconds a replica may leave a change unacknowledged before it is dropped "
+        "from that session's in-sync replicas (through Raft) and re-seeded: a session never "
+        "blocks on a dead replica for longer.", _positive_number)
+    failover_timeout: float = _opt(
+        3.0, "Seconds a node may be silent on its node link before the Raft leader "
+        "declares it down (committed through Raft) and its replicated sessions are "
+        "promoted on their replicas.", _positive_number)
     minority_clean_sessions: bool = _opt(
         False, "In a Raft minority, accept clean sessions (clean start, expiry 0) without a "
         "ClientID claim: they work, but ClientID uniqueness is not enforced for them.")

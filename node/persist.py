@@ -18,6 +18,10 @@ Interval > 0):
 QoS 0 messages are not stored: at most once, a crash may lose them. Sessions with expiry
 0 are not stored: they end with their connection.
 
+Replication (a cluster's replica nodes): when ``tap`` is set, every change to a
+persistent session is also given to it as one small tuple, in the order made (``OPS``
+below), and ``commit_wait()`` also waits for ``tap_wait()``: the replicas' commit.
+
 Acknowledgements wait for the disk where a promise depends on it: ``writes`` counts the
 changes written; a packet handler that changed it gets a ``commit_wait()`` for its PUBACK,
 PUBREC, PUBCOMP, SUBACK or UNSUBACK (one that wrote nothing, none: an in-memory flow
@@ -38,13 +42,24 @@ log = logging.getLogger("shoal.persist")
 
 STORE_COMMIT_TIMEOUT = 10.0  # seconds; a disk this slow is treated as failed for an ack
 
+#: the changes ``tap`` is given (the store's mutations, with the message body as bytes):
+#:   ("s", client_id, meta)                 session record without messages, replaced
+#:   ("m", client_id, key, entry, body)     a message added (body: packed message record)
+#:   ("u", client_id, key, entry)           a message's entry changed (sent, PUBREC'd)
+#:   ("r", client_id, key)                  a message removed
+#:   ("i", client_id, pid, add)             an incoming QoS 2 packet id added / removed
+#:   ("d", client_id)                       the session deleted
+OPS = ("s", "m", "u", "r", "i", "d")
+
 
 class SessionJournal:
-    __slots__ = ("store", "writes")
+    __slots__ = ("store", "writes", "tap", "tap_wait")
 
     def __init__(self, store) -> None:
         self.store = store
         self.writes = 0  # changes written, ever
+        self.tap = None       # called with each change (OPS), when set
+        self.tap_wait = None  # -> a future done once every change tapped so far is safe
 
     # -- which sessions ------------------------------------------------------------------
 
@@ -56,7 +71,10 @@ class SessionJournal:
         """Store the whole session (it became persistent, or arrived from another node)."""
         session.journal = self
         store = self.store
-        store.put_session(session.client_id, session_meta(session))
+        meta = session_meta(session)
+        store.put_session(session.client_id, meta)
+        if self.tap is not None:
+            self.tap(("s", session.client_id, meta))
         for pid, e in session.inflight_out.items():
             e.key = 0
             self.sent(session, pid, e)
@@ -66,7 +84,31 @@ class SessionJournal:
             queue[i] = (msg, qos, retain, sub_ids, key)
         for pid in session.inflight_in:
             store.add_incoming(session.client_id, pid)
+            if self.tap is not None:
+                self.tap(("i", session.client_id, pid, True))
         self.writes += 1
+
+    @staticmethod
+    def changes_of(session: Session) -> list[tuple]:
+        """The whole stored state of a tracked session as ``tap`` changes, oldest key
+        first (a replica seeded from scratch: after a ("d", client_id))."""
+        cid = session.client_id
+        out: list[tuple] = [("s", cid, session_meta(session))]
+        msgs = []
+        for pid, e in session.inflight_out.items():
+            if e.key:
+                msgs.append((e.key, [e.qos, e.retain, list(e.sub_ids) if e.sub_ids else None,
+                                     pid, e.stage], e.msg))
+        for msg, qos, retain, sub_ids, key in session.queue:
+            if key:
+                msgs.append((key, [qos, retain, list(sub_ids) if sub_ids else None, 0, 0],
+                             msg))
+        msgs.sort(key=lambda m: m[0])
+        for key, entry, msg in msgs:
+            out.append(("m", cid, key, entry, _body(msg)))
+        for pid in sorted(session.inflight_in):
+            out.append(("i", cid, pid, True))
+        return out
 
     def forget(self, session: Session) -> None:
         """The session ended here, or is no longer persistent: delete its records."""
@@ -78,11 +120,16 @@ class SessionJournal:
             if item[4]:
                 queue[i] = item[:4] + (0,)
         self.store.delete_session(session.client_id)
+        if self.tap is not None:
+            self.tap(("d", session.client_id))
         self.writes += 1
 
     def meta(self, session: Session) -> None:
         """Expiry, will or subscriptions changed."""
-        self.store.put_session(session.client_id, session_meta(session))
+        meta = session_meta(session)
+        self.store.put_session(session.client_id, meta)
+        if self.tap is not None:
+            self.tap(("s", session.client_id, meta))
         self.writes += 1
 
     # -- messages ------------------------------------------------------------------------
@@ -96,9 +143,11 @@ class SessionJournal:
     def queued(self, session: Session, msg: Message, qos: int, retain: bool, sub_ids) -> int:
         key = session.seq
         session.seq = key + 1
-        self.store.put_message(session.client_id, key,
-                               [qos, retain, list(sub_ids) if sub_ids else None, 0, 0],
-                               self._ref(msg))
+        entry = [qos, retain, list(sub_ids) if sub_ids else None, 0, 0]
+        ref = self._ref(msg)
+        self.store.put_message(session.client_id, key, entry, ref)
+        if self.tap is not None:
+            self.tap(("m", session.client_id, key, entry, ref.record))
         self.writes += 1
         return key
 
@@ -107,14 +156,21 @@ class SessionJournal:
         entry = [e.qos, e.retain, list(e.sub_ids) if e.sub_ids else None, pid, e.stage]
         if e.key:
             self.store.update_message(session.client_id, e.key, entry)
+            if self.tap is not None:
+                self.tap(("u", session.client_id, e.key, entry))
         else:
             key = e.key = session.seq
             session.seq = key + 1
-            self.store.put_message(session.client_id, key, entry, self._ref(e.msg))
+            ref = self._ref(e.msg)
+            self.store.put_message(session.client_id, key, entry, ref)
+            if self.tap is not None:
+                self.tap(("m", session.client_id, key, entry, ref.record))
         self.writes += 1
 
     def remove(self, session: Session, key: int) -> None:
         self.store.remove_message(session.client_id, key)
+        if self.tap is not None:
+            self.tap(("r", session.client_id, key))
         self.writes += 1
 
     def incoming(self, session: Session, pid: int, add: bool) -> None:
@@ -122,6 +178,8 @@ class SessionJournal:
             self.store.add_incoming(session.client_id, pid)
         else:
             self.store.remove_incoming(session.client_id, pid)
+        if self.tap is not None:
+            self.tap(("i", session.client_id, pid, add))
         self.writes += 1
 
     def retained(self, topic: str, msg: Message | None) -> None:
@@ -131,8 +189,12 @@ class SessionJournal:
     def commit_wait(self):
         """A future done when everything written so far is durable, or None when nothing
         needs waiting for (all durable already, or the fast durability mode). A failed
-        store fails the future: the acknowledgement waiting for it is never sent."""
-        return self.store.durable_future()
+        store fails the future: the acknowledgement waiting for it is never sent. With
+        replicas (``tap_wait``), done once they have committed too."""
+        local = self.store.durable_future()
+        if self.tap_wait is None:
+            return local
+        return self.tap_wait(local)
 
     # -- start -----------------------------------------------------------------------------
 
@@ -177,6 +239,33 @@ class SessionJournal:
             counters.expired_messages += expired
             log.info("store: %d queued message(s) expired while the node was down", expired)
         return sessions
+
+
+def _body(msg: Message) -> bytes:
+    ref = msg.store_ref
+    return ref.record if ref is not None else pack(message_to_record(msg))
+
+
+def record_from_changes(meta: dict, messages, incoming) -> dict:
+    """A session record (node/session/record.py) from what a replica stored: ``meta``,
+    ``messages`` as (key, entry, packed body) in key order, ``incoming`` packet ids. The
+    messages whose packet id is set are inflight (re-sent with DUP / PUBREL at the next
+    connection), the others queued. Raises RecordError for a body that cannot be read."""
+    record = dict(meta)
+    inflight, queue = [], []
+    for _key, (qos, retain, sub_ids, pid, stage), body in messages:
+        try:
+            m = unpack(body)
+        except (TypeError, ValueError) as err:
+            raise RecordError(f"message body unreadable: {err}") from err
+        if pid:
+            inflight.append([pid, m, qos, retain, sub_ids, stage])
+        else:
+            queue.append([m, qos, retain, sub_ids])
+    record["inflight_out"] = inflight
+    record["queue"] = queue
+    record["inflight_in"] = sorted(incoming)
+    return record
 
 
 def resume_clocks(session: Session, now: float) -> None:

@@ -19,7 +19,7 @@ def test_forget_removes_member_routes_and_the_sessions_it_owned_or_held():
                holders={"a": "n3", "b": "n3", "c": "n2"},
                routes={"x/#": {"n1", "n3"}, "y": {"n3"}})
     released, event = apply(t, ("forget", "n3"))
-    assert released == ["a", "b"] and event == Forgotten("n3", ("a", "b"))
+    assert released == ["a", "b"] and event == Forgotten("n3", ("a", "b"), (), 1)
     assert set(t.members) == {"n1", "n2"}
     assert t.owners == {"b": ("n1", 6), "c": ("n2", 7)}  # b's owner is alive: it stays
     assert t.holders == {"c": "n2"}

@@ -1,0 +1,571 @@
+"""Session replicas: the write path to them, the copies they keep, failure detection and
+promotion (the cluster side of ``session_replicas``).
+
+**Holder side.** The broker's journal gives every change to a stored session to
+``tap`` (node/persist.py ``OPS``). Each held session streams its changes to its replica
+nodes (``streams``): the changes of one loop iteration to one node go as one ``repl``
+message ``[batch id, changes]`` on the ordered node link, answered by ``repl_ok`` once the
+replica's store committed them. An acknowledgement that waits for the local commit today
+(PUBACK / PUBREC, a forward's confirmation, SUBACK) also waits for every batch sent so far
+(``wait``): the group commit, stretched over the replicas. A new replica is *seeded*: a
+("d") then the whole session (``broker.stored_changes``) in one batch; once that batch is
+acknowledged the holder records the node in the session's in-sync set in the Raft table
+(``("replicas", client_id, holder, nodes)``). A replica that leaves a batch unanswered for
+``replica_timeout`` is dropped from the in-sync set of every session held here
+(``("unreplicate", holder, node)``); only once that is committed do the waits on it end,
+so nothing is acknowledged that a promotable replica lacks. It is seeded again once it
+answers again.
+
+**Replica side.** Copies live in their own store (``data_dir/replicas``, the same
+durability mode), one per (ClientID, holder node): a copy of a session in the middle of a
+hand-over can come from both holders. Changes from a node the table says is down are not
+taken (the fence: its sessions moved on). Every forwarded batch a holder stored is
+*marked* in its replicas' stream (``("k", sender, confirmation id)``) so that a message
+sent again after the holder died (below) is not queued twice.
+
+**Failure detection.** The Raft leader declares a node down (``("down", node)``) when it
+has heard nothing from it on its node link for ``failover_timeout``. Every session it held
+that has an in-sync replica up is promoted there in the same entry (cluster/routing.py):
+the new holder installs its copy as the session (queue, inflight messages re-sent with DUP
+or PUBREL at the next connection, QoS 2 ids, will with its delay running, subscriptions).
+
+**Publishers.** A node whose forwarded batch to the dead node was never confirmed sends it
+again (``pubr``) to the nodes that got its sessions, once: they deliver it to those
+sessions only, unless the replica stream had marked it stored. Forwards routed with a
+table that has a promotion the receiver has not applied yet wait there until it has.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import logging
+import os
+import time
+import zlib
+
+from node.persist import record_from_changes
+from node.session.record import RecordError
+from node.store import SessionStore, StoreError
+from node.ownership import Claim
+
+from .routing import RaftUnavailable
+
+log = logging.getLogger("shoal.replication")
+
+PERIOD = 0.25          # seconds between placement / timeout / detector passes
+SEED_PER_PASS = 500    # sessions seeded per pass at most (a big node catches up in steps)
+MARKS_KEPT = 200_000   # forwarded-batch marks kept per holder node
+START_GRACE = 2.0      # x failover_timeout: a new leader's links must have had the time
+SWEEP_PERIOD = 5.0     # seconds between sweeps of copies the table no longer backs
+
+
+def _score(client_id: str, node: str) -> int:
+    return zlib.crc32(f"{node}\x00{client_id}".encode())
+
+
+def place(client_id: str, candidates, k: int) -> list[str]:
+    """Rendezvous hashing: the ``k`` candidates with the highest score for this ClientID
+    (stable when members come and go: only the sessions of the changed node move)."""
+    return sorted(candidates, key=lambda n: (_score(client_id, n), n), reverse=True)[:k]
+
+
+class _Batch:
+    __slots__ = ("seq", "changes", "fut", "sent_at", "seeds")
+
+    def __init__(self, seq: int, fut: asyncio.Future) -> None:
+        self.seq = seq
+        self.changes: list = []
+        self.fut = fut
+        self.sent_at = 0.0
+        self.seeds: list[str] = []  # ClientIDs whose seed this batch carries
+
+
+class Replication:
+    def __init__(self, member) -> None:
+        self.member = member
+        self.broker = member.broker
+        self.transport = member.transport
+        self.config = config = member.config
+        self.node_id = member.node_id
+        self.loop = member.loop
+        self.k = config.session_replicas
+        self.timeout = config.replica_timeout
+        # -- holder side
+        self.streams: dict[str, set[str]] = {}      # held ClientID -> replica nodes
+        self.seeded: dict[str, set[str]] = {}       # ClientID -> nodes whose seed is stored
+        self._out: dict[str, _Batch] = {}           # node -> batch of this loop iteration
+        self._unacked: dict[str, collections.deque] = {}
+        self._seq = itertools.count(1)
+        self._dropping: dict[str, asyncio.Future] = {}  # node -> its "unreplicate" commit
+        self._to_place: set[str] = set()
+        self._place_scheduled = False
+        self._flush_scheduled = False
+        # -- replica side
+        self.copies: SessionStore | None = None
+        self._marks: dict[str, collections.OrderedDict] = {}
+        #: ClientID -> the node it was promoted from (a re-sent forward is for these)
+        self.promoted_from: dict[str, str] = {}
+        # -- counters (metrics)
+        self.failovers = 0
+        self.promotions = 0
+        self.failover_ms: list[float] = []
+        self.batches_sent = 0
+        self.changes_sent = 0
+        self.redone = 0
+        self._started = time.monotonic()
+        self._swept_at = self._started
+        self._task: asyncio.Task | None = None
+
+    # -- start / stop ---------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Open the replica store (blocking: at start) and put the tap on the journal."""
+        if not self.broker.has_store():
+            return  # no store here: nothing to replicate, nowhere to keep copies
+        path = os.path.join(self.config.data_dir, "replicas")
+        self.copies = SessionStore(path, durability=self.config.durability)
+        _loaded, report = self.copies.open()
+        for problem in getattr(report, "problems", ()) or ():
+            log.error("replica store: %s node=%s", problem, self.node_id)
+        if self.k:
+            self.broker.attach_replication(self.tap, self.wait)
+
+    def start(self) -> None:
+        self._task = self.loop.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass  # cancelled just above: how the loop ends
+        if self.copies is not None:
+            await self.copies.close()
+
+    # -- holder side: the write path ---------------------------------------------------------
+
+    def tap(self, change: tuple) -> None:
+        cid = change[1]
+        nodes = self.streams.get(cid)
+        if nodes is None:
+            if change[0] == "s":
+                # a session that became stored here: place it once this iteration's
+                # changes are done (its seed is then the whole of it)
+                self._to_place.add(cid)
+                self._schedule_place()
+            return
+        if change[0] == "d":
+            del self.streams[cid]
+            self.seeded.pop(cid, None)
+            self._to_place.discard(cid)
+        for node in nodes:
+            self._batch(node).changes.append(change)
+
+    def mark_forward(self, sender: str, confirm_id: int) -> None:
+        """A forwarded batch was stored here: tell every replica (see the module doc)."""
+        nodes = set()
+        for ns in self.streams.values():
+            nodes |= ns
+        for node in nodes:
+            self._batch(node).changes.append(("k", sender, confirm_id))
+
+    def wait(self, local):
+        """``local`` (the store's commit, or None) and every batch sent so far: what an
+        acknowledgement waits for. None when nothing has to be waited for."""
+        waits = [local] if local is not None else []
+        for node, batch in self._out.items():
+            waits.append(batch.fut)
+        for node, q in self._unacked.items():
+            if q:
+                waits.append(q[-1].fut)
+        if not waits:
+            return None
+        return self.broker.all_done(*waits)
+
+    def _batch(self, node: str) -> _Batch:
+        batch = self._out.get(node)
+        if batch is None:
+            batch = self._out[node] = _Batch(next(self._seq), self.loop.create_future())
+            if not self._flush_scheduled:
+                self._flush_scheduled = True
+                self.loop.call_soon(self._flush)
+        return batch
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        out, self._out = self._out, {}
+        now = time.monotonic()
+        for node, batch in out.items():
+            batch.sent_at = now
+            self._unacked.setdefault(node, collections.deque()).append(batch)
+            self.transport.send(node, "repl", [batch.seq, batch.changes], True)
+            self.batches_sent += 1
+            self.changes_sent += len(batch.changes)
+
+    def on_ack(self, peer: str, seq) -> None:
+        q = self._unacked.get(peer)
+        if not q:
+            return
+        seeded = []
+        while q and q[0].seq <= seq:
+            batch = q.popleft()
+            seeded.extend(batch.seeds)
+            if not batch.fut.done():
+                batch.fut.set_result(None)
+        for cid in seeded:
+            if peer in self.streams.get(cid, ()):
+                self.seeded.setdefault(cid, set()).add(peer)
+        if seeded:
+            self._record_insync(seeded)
+
+    def _record_insync(self, cids) -> None:
+        """Propose the in-sync sets that differ from the table (for sessions held here)."""
+        raft = self.member.raft
+        if raft is None:
+            return
+        view = self.member.view
+        reps = view.tables.replicas if hasattr(view.tables, "replicas") else {}
+        for cid in dict.fromkeys(cids):
+            if view.holders.get(cid) != self.node_id:
+                continue  # (not yet: a hand-over's move not applied; the pass retries)
+            want = sorted(self.seeded.get(cid, set()) & self.streams.get(cid, set()))
+            if want != sorted(reps.get(cid, ())):
+                fut = raft.submit(("replicas", cid, self.node_id, want))
+                fut.add_done_callback(_quiet)
+
+    # -- placement ------------------------------------------------------------------------
+
+    def _schedule_place(self) -> None:
+        if not self._place_scheduled:
+            self._place_scheduled = True
+            self.loop.call_soon(self._place_pending)
+
+    def _place_pending(self) -> None:
+        self._place_scheduled = False
+        todo, self._to_place = self._to_place, set()
+        for cid in todo:
+            self._fill(cid)
+
+    def _candidates(self) -> list[str]:
+        view = self.member.view
+        down = getattr(view.tables, "down", {}) or {}
+        return [n for n in view.members if n != self.node_id and n not in down
+                and n not in self._dropping and self.transport.is_up(n)]
+
+    def _fill(self, cid: str, candidates=None) -> int:
+        """Seed replicas for a stored session held here up to ``k``; returns how many."""
+        session = self.broker.sessions.get(cid)
+        if session is None or session.journal is None:
+            return 0
+        nodes = self.streams.setdefault(cid, set())
+        if len(nodes) >= self.k:
+            return 0
+        if candidates is None:
+            candidates = self._candidates()
+        new = [n for n in place(cid, [c for c in candidates if c not in nodes],
+                                self.k - len(nodes))]
+        if not new:
+            return 0
+        changes = [("d", cid), *self.broker.stored_changes(session)]
+        for node in new:
+            batch = self._batch(node)
+            batch.changes.extend(changes)
+            batch.seeds.append(cid)
+            nodes.add(node)
+        return len(new)
+
+    # -- the periodic pass: timeouts, placement repair, in-sync records, detector -----
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(PERIOD)
+            try:
+                self._pass()
+            except Exception:  # one pass's bug must not stop replication for good
+                log.exception("replication pass failed node=%s", self.node_id)
+
+    def _pass(self) -> None:
+        now = time.monotonic()
+        member = self.member
+        if member.raft is None or not member.ready:
+            return
+        # replicas that stopped answering
+        for node, q in self._unacked.items():
+            if q and now - q[0].sent_at > self.timeout and node not in self._dropping:
+                self._drop(node, f"no answer for {now - q[0].sent_at:.1f}s")
+        if self.k:
+            self._repair()
+        self._detect(now)
+        self._forget_stale_copies()
+
+    def _drop(self, node: str, why: str) -> None:
+        """Stop streaming to ``node`` and take it out of the in-sync sets (committed before
+        the waits on it end). It is seeded again once it answers."""
+        log.warning("replica dropped node=%s replica=%s: %s", self.node_id, node, why)
+        for cid, nodes in self.streams.items():
+            nodes.discard(node)
+            s = self.seeded.get(cid)
+            if s is not None:
+                s.discard(node)
+        fut = self._dropping[node] = self.member.raft.submit(("unreplicate", self.node_id,
+                                                              node))
+
+        def done(f: asyncio.Future, node=node) -> None:
+            if self._dropping.get(node) is f:
+                del self._dropping[node]
+            if f.cancelled() or f.exception() is not None:
+                return  # not committed: the next pass tries again (the waits stay)
+            q = self._unacked.pop(node, None)
+            for batch in q or ():
+                if not batch.fut.done():
+                    batch.fut.set_result(None)
+            batch = self._out.pop(node, None)
+            if batch is not None and not batch.fut.done():
+                batch.fut.set_result(None)
+        fut.add_done_callback(done)
+
+    def on_peer_restarted(self, peer: str) -> None:
+        """A replica's new process: what its previous one had not acknowledged may be
+        lost; it is dropped and seeded again."""
+        if any(peer in nodes for nodes in self.streams.values()) or self._unacked.get(peer):
+            self._drop(peer, "restarted")
+
+    def _repair(self) -> None:
+        """Sessions held here with fewer replicas than wanted get more (bounded per pass);
+        in-sync sets the table lacks are proposed again."""
+        view = self.member.view
+        candidates = self._candidates()
+        seeded = 0
+        behind = []
+        for cid, session in self.broker.sessions.items():
+            if session.journal is None or view.holders.get(cid) != self.node_id:
+                continue
+            if seeded < SEED_PER_PASS and len(self.streams.get(cid, ())) < self.k and \
+                    candidates:
+                seeded += self._fill(cid, candidates)
+            want = sorted(self.seeded.get(cid, set()) & self.streams.get(cid, set()))
+            if want != sorted(getattr(view.tables, "replicas", {}).get(cid, ())):
+                behind.append(cid)
+        if behind:
+            self._record_insync(behind[:SEED_PER_PASS])
+
+    def under_replicated(self) -> int:
+        """Stored sessions held here whose in-sync set in the table is short of ``k``."""
+        if not self.k:
+            return 0
+        view = self.member.view
+        reps = getattr(view.tables, "replicas", {})
+        return sum(1 for cid, s in self.broker.sessions.items()
+                   if s.journal is not None and view.holders.get(cid) == self.node_id
+                   and len(reps.get(cid, ())) < self.k)
+
+    def lag(self) -> dict:
+        """Per replica node: batches unanswered and the age of the oldest (seconds)."""
+        now = time.monotonic()
+        return {n: {"batches": len(q), "oldest_s": round(now - q[0].sent_at, 3) if q else 0.0}
+                for n, q in self._unacked.items()}
+
+    # -- failure detection (the leader) ------------------------------------------------
+
+    def _detect(self, now: float) -> None:
+        member = self.member
+        raft = member.raft
+        if not raft.status()["is_leader"]:
+            return
+        timeout = self.config.failover_timeout
+        if now - self._started < START_GRACE * timeout:
+            return
+        view = member.view
+        down = getattr(view.tables, "down", {}) or {}
+        for node in list(view.members):
+            if node == self.node_id or node in down:
+                continue
+            silent = self.transport.silent_for(node)
+            if silent >= timeout:
+                log.warning("declaring node down node=%s peer=%s silent=%.1fs", self.node_id,
+                            node, silent)
+                raft.submit(("down", node)).add_done_callback(_quiet)
+
+    # -- replica side --------------------------------------------------------------------
+
+    def on_repl(self, peer: str, body) -> None:
+        seq, changes = body
+        if self.copies is None:
+            return
+        down = getattr(self.member.view.tables, "down", {}) or {}
+        if peer in down:
+            return  # fenced: its sessions were promoted; no acknowledgement either
+        store = self.copies
+        refs: dict[bytes, object] = {}
+        for change in changes:
+            try:
+                self._apply(store, peer, change, refs)
+            except (StoreError, ValueError, TypeError, IndexError) as err:
+                log.warning("replica change not applied node=%s from=%s change=%s: %s",
+                            self.node_id, peer, change[0] if change else "?", err)
+        wait = store.durable_future()
+        if wait is None:
+            self.transport.send(peer, "repl_ok", seq, True)
+        else:
+            wait.add_done_callback(lambda w, peer=peer, seq=seq: self._acked(w, peer, seq))
+
+    def _acked(self, wait: asyncio.Future, peer: str, seq) -> None:
+        if wait.cancelled() or wait.exception() is not None:
+            return  # the store failed: this node stops; the holder drops it
+        self.transport.send(peer, "repl_ok", seq, True)
+
+    def _apply(self, store: SessionStore, source: str, change, refs: dict) -> None:
+        kind = change[0]
+        if kind == "k":
+            marks = self._marks.setdefault(source, collections.OrderedDict())
+            marks[(change[1], change[2])] = None
+            while len(marks) > MARKS_KEPT:
+                marks.popitem(last=False)
+            return
+        key = copy_key(change[1], source)
+        if kind == "s":
+            store.put_session(key, change[2])
+        elif kind == "m":
+            body = change[4]
+            ref = refs.get(body)
+            if ref is None:
+                ref = refs[body] = store.message_ref(body)
+            store.put_message(key, change[2], change[3], ref)
+        elif kind == "u":
+            store.update_message(key, change[2], change[3])
+        elif kind == "r":
+            store.remove_message(key, change[2])
+        elif kind == "i":
+            if change[3]:
+                store.add_incoming(key, change[2])
+            else:
+                store.remove_incoming(key, change[2])
+        elif kind == "d":
+            store.delete_session(key)
+        else:
+            raise ValueError(f"unknown change {kind!r}")
+
+    def marked(self, source: str, sender: str, confirm_id: int) -> bool:
+        marks = self._marks.get(source)
+        return marks is not None and (sender, confirm_id) in marks
+
+    def _forget_stale_copies(self) -> None:
+        """Copies whose source no longer holds the session and that were not promoted
+        here: the table moved on (a move elsewhere, a release)."""
+        store = self.copies
+        if store is None:
+            return
+        now = time.monotonic()
+        if now - self._swept_at < SWEEP_PERIOD:
+            return
+        self._swept_at = now
+        view = self.member.view
+        for key in store.session_ids():
+            cid, source = split_key(key)
+            owner = view.owners.get(cid)
+            if view.holders.get(cid) == source or (owner is not None and owner[0] == source):
+                continue  # (its holder's, or a hand-over's to it not moved yet)
+            store.delete_session(key)
+
+    # -- promotion -----------------------------------------------------------------------
+
+    def on_node_down(self, node: str, promoted, position: int) -> None:
+        """``node`` was declared down (or forgotten): install the sessions promoted here,
+        give up the waits on it, and send again what was forwarded to it unconfirmed."""
+        self.failovers += 1
+        t0 = time.monotonic()
+        # it is no replica any more: nothing more waits for it
+        for cid, nodes in self.streams.items():
+            nodes.discard(node)
+            s = self.seeded.get(cid)
+            if s is not None:
+                s.discard(node)
+        for batch in self._unacked.pop(node, ()) or ():
+            if not batch.fut.done():
+                batch.fut.set_result(None)
+        batch = self._out.pop(node, None)
+        if batch is not None and not batch.fut.done():
+            batch.fut.set_result(None)
+        mine = [(cid, epoch) for cid, target, epoch in promoted if target == self.node_id]
+        installed = 0
+        for cid, epoch in mine:
+            if self._promote(cid, node, epoch):
+                installed += 1
+        if mine:
+            self.promotions += installed
+            ms = (time.monotonic() - t0) * 1000
+            self.failover_ms.append(ms)
+            del self.failover_ms[:-1000]
+            log.warning("sessions promoted node=%s from=%s count=%d of=%d ms=%.1f",
+                        self.node_id, node, installed, len(mine), ms)
+        if promoted:
+            self.member.redo_forwards(node, sorted({p[1] for p in promoted}))
+        else:
+            self.member.redo_forwards(node, [])
+        if self.k:
+            self._schedule_place()
+
+    def adopt_promoted(self) -> None:
+        """After a restart's catch-up: sessions promoted to this node while it replayed
+        the log (the table says it holds them, its replica store has their copy)."""
+        store = self.copies
+        if store is None:
+            return
+        view = self.member.view
+        n = 0
+        for key in store.session_ids():
+            cid, source = split_key(key)
+            owner = view.owners.get(cid)
+            if view.holders.get(cid) == self.node_id and cid not in self.broker.sessions \
+                    and owner is not None and owner[0] == self.node_id:
+                n += self._promote(cid, source, owner[1])
+        if n:
+            log.warning("sessions promoted here while starting adopted node=%s count=%d",
+                        self.node_id, n)
+
+    def _promote(self, cid: str, source: str, epoch: int) -> bool:
+        store = self.copies
+        key = copy_key(cid, source)
+        data = store.session_data(key) if store is not None else None
+        if data is None:
+            log.error("promoted without a copy node=%s client_id=%s from=%s: the session is "
+                      "lost", self.node_id, cid, source)
+            self.member.raft.submit(("release", cid, self.node_id, epoch)).add_done_callback(
+                _quiet)
+            return False
+        try:
+            record = record_from_changes(
+                data.meta, [(k, m.entry, m.ref.record) for k, m in data.messages.items()],
+                data.incoming)
+        except RecordError as err:
+            log.error("replica copy unreadable node=%s client_id=%s: %s", self.node_id, cid,
+                      err)
+            return False
+        record["handover"] = None  # (the dead node's hand-over state went with it)
+        old = self.broker.sessions.get(cid)
+        if old is not None:
+            # a stale copy here (a hand-over that never finished): the promoted one wins
+            self.broker.end_session(old, "replaced by a promoted replica", release=False,
+                                    will=False)
+        self.broker.adopt_session(Claim(epoch, record=record))
+        self.promoted_from[cid] = source
+        store.delete_session(key)
+        return True
+
+
+def copy_key(client_id: str, source: str) -> str:
+    return f"{client_id}\x00{source}"
+
+
+def split_key(key: str) -> tuple[str, str]:
+    cid, _, source = key.rpartition("\x00")
+    return cid, source
+
+
+def _quiet(fut: asyncio.Future) -> None:
+    if not fut.cancelled() and fut.exception() is not None and \
+            not isinstance(fut.exception(), (RaftUnavailable, ValueError)):
+        log.warning("replication proposal failed: %r", fut.exception())
