@@ -190,6 +190,24 @@ class MemberAdmin:
         expo.counter("shoal_takeover_barrier_timeouts_total",
                      "Hand-overs that completed without every node's barrier.",
                      t["barrier_timeouts"])
+        rep = member.replication
+        expo.gauge("shoal_sessions_under_replicated", "Stored sessions held here with fewer "
+                   "in-sync replicas than session_replicas.", rep.under_replicated())
+        expo.gauge("shoal_session_copies", "Replica copies of other nodes' sessions kept "
+                   "here.", rep.copies_count())
+        for node, lag in sorted(rep.lag().items()):
+            expo.gauge("shoal_replication_lag_batches", "Replication batches sent to a "
+                       "replica and not acknowledged yet.", lag["batches"], replica=node)
+            expo.gauge("shoal_replication_lag_seconds", "Age of the oldest unacknowledged "
+                       "replication batch to a replica.", lag["oldest_s"], replica=node)
+        expo.counter("shoal_replication_changes_total", "Stored-session changes sent to "
+                     "replicas.", rep.changes_sent)
+        expo.counter("shoal_failovers_total", "Nodes declared down (or forgotten) as seen "
+                     "here.", rep.failovers)
+        expo.counter("shoal_sessions_promoted_total", "Sessions promoted here from a "
+                     "replica copy.", rep.promotions)
+        expo.histogram_of("shoal_failover_seconds", "From the last word of a dead node to "
+                          "its sessions installed here, per failover.", rep.failover_hist)
         expo.counter("shoal_cluster_forwarded_total",
                      "Messages forwarded to other nodes (one per node reached).",
                      member.forwarded)
@@ -214,20 +232,24 @@ def cmd_cluster_status(args) -> int:
     if args.json:
         print(json.dumps(status, indent=2))
         return 0
-    rows = [["NODE", "MQTT", "ADMIN", "ROLE", "STATUS", "VOTER", "SESSIONS", "CONNECTIONS",
-             "UPTIME"]]
+    rows = [["NODE", "MQTT", "ADMIN", "ROLE", "STATUS", "VOTER", "SESSIONS", "REPLICATED",
+             "UNDER-REPL", "CONNECTIONS", "UPTIME"]]
+
+    def shown(n, key):
+        # a down node's last gossiped numbers are stale
+        return "-" if n.get(key) is None or n["status"] == "down" else n[key]
     for n in status["nodes"]:
-        up = n["status"] != "down"  # a down node's last gossiped numbers are stale
+        up = n["status"] != "down"
         rows.append([n["id"], n["addresses"]["mqtt"], n["addresses"]["admin"] or "-",
-                     n["role"], n["status"], "yes" if n.get("voter") else "NO",
-                     "-" if n["sessions"] is None or not up else n["sessions"],
-                     "-" if n["connections"] is None or not up else n["connections"],
-                     f"{n['uptime_s']:.0f}s" if up else "-"])
+                     n["role"], n["status"] + (" (declared)" if n.get("declared_down") else ""),
+                     "yes" if n.get("voter") else "NO", shown(n, "sessions"),
+                     shown(n, "replicated"), shown(n, "under_replicated"),
+                     shown(n, "connections"), f"{n['uptime_s']:.0f}s" if up else "-"])
     raft = status.get("raft") or {}
     for addr in raft.get("ghost_voters", []):
         reachable = any(v["address"] == addr and v["reachable"] for v in raft["voters"])
         rows.append([f"? ({addr})", "-", "-", "-", "GHOST", "yes",
-                     "-", "-", "up" if reachable else "-"])
+                     "-", "-", "-", "-", "up" if reachable else "-"])
     print(f"cluster {status['cluster']}  leader {status['leader']}  term {status['term']}  "
           f"commit {status['commit_index']}")
     if raft:
@@ -235,6 +257,11 @@ def cmd_cluster_status(args) -> int:
         print(f"raft voters {raft['voter_count']}  reachable {raft['reachable']}  "
               f"quorum needs {raft['needed']}: {ok}")
     print(format_table(rows))
+    if status.get("under_replicated"):
+        print(f"warning: {status['under_replicated']} sessions have fewer in-sync replicas "
+              f"than session_replicas = {status.get('session_replicas')} (a node down, or "
+              "seeding in progress): they do not survive the loss of their node",
+              file=sys.stderr)
     for addr in raft.get("ghost_voters", []):
         print(f"warning: Raft voter {addr} is no member (a ghost: it still counts in every "
               f"majority); remove it with `shoal cluster forget {addr}`", file=sys.stderr)
@@ -276,8 +303,9 @@ def cmd_cluster_forget(args) -> int:
               file=sys.stderr)
         return 1
     print(f"forgotten: {result['forgotten']}; Raft voters now {', '.join(result['voters'])}; "
-          f"{result['sessions_released']} of its sessions released (their clients start new "
-          "ones)", file=sys.stderr)
+          f"{result.get('sessions_promoted', 0)} of its sessions promoted on their replicas, "
+          f"{result['sessions_released']} released (their clients start new ones)",
+          file=sys.stderr)
     return 0
 
 

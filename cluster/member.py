@@ -864,7 +864,7 @@ class ClusterMember:
         if ev.node == self.node_id:
             self._declared_down()
             return
-        self.replication.on_node_down(ev.node, ev.promoted, ev.position)
+        self.replication.on_node_down(ev.node, ev.promoted, ev.position, ev.stuck)
         for client_id, target, epoch in ev.promoted:
             if target != self.node_id:
                 self.takeovers.on_claimed(client_id, target, epoch, target, False)
@@ -930,8 +930,7 @@ class ClusterMember:
         while True:
             await asyncio.sleep(STATS_PERIOD)
             self._expire_confirms(60.0)
-            st = {"sessions": len(self.broker.sessions),
-                  "connections": len(self.broker.clients), "at": time.time()}
+            st = dict(self._own_stats(), at=time.time())
             for node in self.view.members:
                 if node != self.node_id:
                     self.transport.send(node, "stats", st)
@@ -940,6 +939,11 @@ class ClusterMember:
                 self.leader_changes += 1
                 self._last_leader = leader
             self.membership.save_soon()  # the voters may have changed without an event
+
+    def _own_stats(self) -> dict:
+        rep = self.replication
+        return {"sessions": len(self.broker.sessions), "connections": len(self.broker.clients),
+                "replicated": rep.copies_count(), "under_replicated": rep.under_replicated()}
 
     async def _reconcile_loop(self) -> None:
         """Routes the table has for this node should be exactly the filters subscribed
@@ -964,18 +968,20 @@ class ClusterMember:
         leader = by_raft.get(raft["leader"]) if raft and raft["leader"] else None
         voters = self.raft.voters() if self.raft is not None else []
         now = time.time()
+        declared_down = getattr(self.view.tables, "down", None) or {}
         nodes = []
         for node_id, info in sorted(members.items()):
             if node_id == self.node_id:
                 status = "leaving" if self.leaving else info.get("status", "up")
-                stats = {"sessions": len(self.broker.sessions),
-                         "connections": len(self.broker.clients)}
+                stats = self._own_stats()
             else:
                 if info.get("status") == "leaving":
                     status = "leaving"
                 else:  # a link lost less than DOWN_AFTER ago is a blip: reconnecting
                     status = "up" if self.peer_alive(node_id) else "down"
                 stats = self.peer_stats.get(node_id, {})
+            if node_id in declared_down:
+                status = "down"
             nodes.append({
                 "id": node_id,
                 "addresses": {k: info.get(k) for k in ("mqtt", "admin", "transport", "raft")},
@@ -983,6 +989,9 @@ class ClusterMember:
                 "status": status,
                 "voter": info.get("raft") in voters,
                 "sessions": stats.get("sessions"),
+                "replicated": stats.get("replicated"),
+                "under_replicated": stats.get("under_replicated"),
+                "declared_down": node_id in declared_down,
                 "connections": stats.get("connections"),
                 "uptime_s": round(now - info.get("started_at", now), 1),
             })
@@ -1002,6 +1011,9 @@ class ClusterMember:
             "forward_dropped_qos0": self.forward_dropped,
             "forward_stale": self.forward_stale,
             "stored_sessions_unjudged": self.unjudged,
+            "session_replicas": self.replication.k,
+            "under_replicated": sum(n["under_replicated"] or 0 for n in nodes),
+            "replication_lag": self.replication.lag(),
             "received": self.received,
             "leader_changes": self.leader_changes,
         }

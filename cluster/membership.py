@@ -637,12 +637,15 @@ class Membership:
             if why is not None:
                 raise MembershipError(409, why)
             await self._change(raft.remove_raft_member, raft_addr)
+        held = [c for c, h in view.holders.items() if h == node_id]
         released = await raft.run(("forget", node_id), 10.0) if node_id is not None else []
-        log.warning("node forgotten node=%s forgotten=%s raft=%s sessions_released=%d "
-                    "voters=%s", self.node_id, node_id, raft_addr, len(released),
-                    raft.voters())
+        promoted = sum(1 for c in held if view.holders.get(c) not in (None, node_id))
+        log.warning("node forgotten node=%s forgotten=%s raft=%s sessions_promoted=%d "
+                    "sessions_released=%d voters=%s", self.node_id, node_id, raft_addr,
+                    promoted, len(released), raft.voters())
         return {"forgotten": node_id or raft_addr, "raft": raft_addr,
-                "voters": raft.voters(), "sessions_released": len(released)}
+                "voters": raft.voters(), "sessions_released": len(released),
+                "sessions_promoted": promoted}
 
     def _quorum_without(self, addr: str) -> str | None:
         """Why removing voter ``addr`` now would leave the others without a majority that

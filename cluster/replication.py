@@ -45,6 +45,7 @@ import os
 import time
 import zlib
 
+from node.metrics import Histogram
 from node.persist import record_from_changes
 from node.session.record import RecordError
 from node.store import SessionStore, StoreError
@@ -58,6 +59,7 @@ PERIOD = 0.25          # seconds between placement / timeout / detector passes
 SEED_PER_PASS = 500    # sessions seeded per pass at most (a big node catches up in steps)
 MARKS_KEPT = 200_000   # forwarded-batch marks kept per holder node
 START_GRACE = 2.0      # x failover_timeout: a new leader's links must have had the time
+FAILOVER_BUCKETS = (0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 7.5, 10.0, 15.0, 30.0)
 SWEEP_PERIOD = 5.0     # seconds between sweeps of copies the table no longer backs
 
 
@@ -110,7 +112,8 @@ class Replication:
         # -- counters (metrics)
         self.failovers = 0
         self.promotions = 0
-        self.failover_ms: list[float] = []
+        #: seconds from the last word of the dead node to its sessions installed here
+        self.failover_hist = Histogram(FAILOVER_BUCKETS)
         self.batches_sent = 0
         self.changes_sent = 0
         self.redone = 0
@@ -362,6 +365,9 @@ class Replication:
                    if s.journal is not None and view.holders.get(cid) == self.node_id
                    and len(reps.get(cid, ())) < self.k)
 
+    def copies_count(self) -> int:
+        return len(self.copies.session_ids()) if self.copies is not None else 0
+
     def lag(self) -> dict:
         """Per replica node: batches unanswered and the age of the oldest (seconds)."""
         now = time.monotonic()
@@ -373,8 +379,8 @@ class Replication:
     def _detect(self, now: float) -> None:
         member = self.member
         raft = member.raft
-        if not raft.status()["is_leader"]:
-            return
+        if not self.k or not raft.status()["is_leader"]:
+            return  # (session_replicas 0: nothing to fail over; nodes wait as before)
         timeout = self.config.failover_timeout
         if now - self._started < START_GRACE * timeout:
             return
@@ -472,7 +478,7 @@ class Replication:
 
     # -- promotion -----------------------------------------------------------------------
 
-    def on_node_down(self, node: str, promoted, position: int) -> None:
+    def on_node_down(self, node: str, promoted, position: int, stuck: int = 0) -> None:
         """``node`` was declared down (or forgotten): install the sessions promoted here,
         give up the waits on it, and send again what was forwarded to it unconfirmed."""
         self.failovers += 1
@@ -497,14 +503,15 @@ class Replication:
         if mine:
             self.promotions += installed
             ms = (time.monotonic() - t0) * 1000
-            self.failover_ms.append(ms)
-            del self.failover_ms[:-1000]
-            log.warning("sessions promoted node=%s from=%s count=%d of=%d ms=%.1f",
-                        self.node_id, node, installed, len(mine), ms)
-        if promoted:
+            silent = self.transport.silent_for(node)
+            self.failover_hist.observe(silent)
+            log.warning("sessions promoted node=%s from=%s count=%d of=%d ms=%.1f "
+                        "since_last_heard=%.2fs", self.node_id, node, installed, len(mine), ms,
+                        silent)
+        if not stuck:
+            # (a node that still holds sessions of its own is waited for, as before: what
+            # was forwarded to it may be for them)
             self.member.redo_forwards(node, sorted({p[1] for p in promoted}))
-        else:
-            self.member.redo_forwards(node, [])
         if self.k:
             self._schedule_place()
 

@@ -316,7 +316,10 @@ def _promote(t: Tables, node_id: str) -> tuple[list, int]:
         promoted.append((cid, target, epoch))
     _drop_replica(t, node_id)
     gone = [f for f, n in t.routes.items() if node_id in n]
-    _change_routes(t.routes, node_id, (), gone)
+    if not stuck:
+        # (with sessions of its own left, it keeps its routes: what they subscribed to
+        # still goes to it, and waits for it, as before there were replicas)
+        _change_routes(t.routes, node_id, (), gone)
     for target in sorted({p[1] for p in promoted}):
         _change_routes(t.routes, target, gone, ())
     if promoted:

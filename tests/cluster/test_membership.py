@@ -109,8 +109,10 @@ def test_leave_removes_the_voter_and_a_later_kill_leaves_a_quorum(cluster_factor
     for node in survivors:
         wait_for(lambda node=node: ready(node), 15.0,
                  message=lambda node=node: f"{node.node_id} ready: {node.api('/readyz')}")
-        raft = node.cluster_view()["raft"]
-        assert (raft["voter_count"], raft["reachable"], raft["needed"]) == (3, 2, 2), raft
+        # (pysyncobj notices the dead connection on its own schedule)
+        wait_for(lambda node=node: (lambda r: (r["voter_count"], r["reachable"], r["needed"])
+                                    == (3, 2, 2))(node.cluster_view()["raft"]), 10.0,
+                 message=lambda node=node: f"{node.node_id}: {node.cluster_view()['raft']}")
         assert connects(node, f"after-{uid()}")
 
 

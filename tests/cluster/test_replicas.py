@@ -35,7 +35,7 @@ def session_on(cluster, i: int, client_id: str) -> dict:
 
 
 def test_a_killed_nodes_session_resumes_on_a_replica_with_nothing_lost(cluster_factory):
-    cluster = cluster_factory(3)
+    cluster = cluster_factory(3, session_replicas=1)
     n1, n2, n3 = cluster.node(1), cluster.node(2), cluster.node(3)
     cid, topic = f"dev-{uid()}", f"r/{uid()}"
     props = {Prop.SESSION_EXPIRY_INTERVAL: 3600, Prop.RECEIVE_MAXIMUM: 10}
