@@ -129,7 +129,7 @@ class MemberAdmin:
         owner = view.owners.get(client_id)
         return {"owner": owner[0] if owner else None, "epoch": owner[1] if owner else None,
                 "holder": view.holders.get(client_id),
-                "replicas": list(getattr(view.tables, "replicas", {}).get(client_id, ()))}
+                "replicas": list(view.replicas.get(client_id, ()))}
 
     def nodes(self) -> list[dict]:
         return self.member.cluster_status()["nodes"]

@@ -561,7 +561,7 @@ class ClusterMember:
             self._forward_waits.append(fut)  # a local publish: its handler takes them
 
     def _promoted_at(self) -> int:
-        return getattr(self.view.tables, "promoted_at", 0)
+        return self.view.tables.promoted_at
 
     def _wait_for_promotion(self, peer: str, kind: str, body, promoted_at) -> bool:
         """Hold a forward routed with a promotion this node has not applied yet (its
@@ -620,9 +620,15 @@ class ClusterMember:
             self._held_into = None
             self.forward_position = None
         self.replication.mark_forward(peer, cid)
+        self._confirm_when(self._stored_wait(held), peer, cid)
+
+    def _stored_wait(self, held: list):
+        """What a forward's confirmation waits for: the store (and replicas) and the
+        messages a hand-over's gate holds."""
         wait = self.broker.durable_wait()
-        if held:
-            wait = self.broker.all_done(wait, *held)
+        return self.broker.all_done(wait, *held) if held else wait
+
+    def _confirm_when(self, wait, peer: str, cid: int) -> None:
         if wait is None:
             self.transport.send(peer, "pubc_ok", cid, True)
         else:
@@ -638,12 +644,7 @@ class ClusterMember:
 
     def _take_pubr(self, peer: str, body) -> None:
         cid, items, source, first_cid = body[0], body[1], body[2], body[3]
-        wait = self._redo_here(peer, items, source, first_cid)
-        if wait is None:
-            self.transport.send(peer, "pubc_ok", cid, True)
-        else:
-            wait.add_done_callback(lambda w, peer=peer, cid=cid: self._confirm_stored(
-                w, peer, cid))
+        self._confirm_when(self._redo_here(peer, items, source, first_cid), peer, cid)
 
     def _redo_here(self, sender: str, items: list, source: str, first_cid: int):
         """Deliver a re-sent forward to the sessions promoted here from ``source``, unless
@@ -655,23 +656,14 @@ class ClusterMember:
         only = {c for c, src in rep.promoted_from.items() if src == source}
         if not only:
             return None
-        now = time.time()
         held = self._held_into = []
         try:
-            for blob in items:
-                msg, normal, groups = unpack_forward(blob)
-                msg.via = sender
-                if msg.expires_at is not None and msg.expires_at <= now:
-                    continue
-                self.broker.route_remote(msg, normal, groups, only)
+            self._route_forwarded(sender, items, only)
         finally:
             self._held_into = None
         rep.redone += len(items)
         rep.mark_forward(sender, first_cid)
-        wait = self.broker.durable_wait()
-        if held:
-            wait = self.broker.all_done(wait, *held)
-        return wait
+        return self._stored_wait(held)
 
     def redo_forwards(self, node: str, targets: list[str]) -> None:
         """``node`` was declared down: the batches forwarded to it that it never confirmed
@@ -726,7 +718,7 @@ class ClusterMember:
     def _on_stats(self, peer: str, body) -> None:
         self.peer_stats[peer] = dict(body, received_at=time.time())
 
-    def _route_forwarded(self, peer: str, blobs: list) -> None:
+    def _route_forwarded(self, peer: str, blobs: list, only=None) -> None:
         route_remote = self.broker.route_remote
         now = time.time()
         for blob in blobs:
@@ -735,7 +727,7 @@ class ClusterMember:
             if msg.expires_at is not None and msg.expires_at <= now:
                 self.broker.counters.expired_messages += 1  # expired in transit
                 continue
-            route_remote(msg, normal, groups)
+            route_remote(msg, normal, groups, only)
         self.received += len(blobs)
 
     def _confirm_stored(self, wait: asyncio.Future, peer: str, cid: int) -> None:
@@ -847,10 +839,7 @@ class ClusterMember:
         self._drop_peer_later(ev.node)
         self._rebuild_remote()
         if self.caught_up:
-            self.replication.on_node_down(ev.node, ev.promoted, ev.position)
-            for client_id, target, epoch in ev.promoted:
-                if target != self.node_id:
-                    self.takeovers.on_claimed(client_id, target, epoch, target, False)
+            self._promoted(ev.node, ev.promoted, ev.position, 0)
             for client_id in ev.released:
                 # a session frozen here for a claim of the forgotten node stays here
                 self.takeovers.on_released(client_id, ev.node)
@@ -864,8 +853,13 @@ class ClusterMember:
         if ev.node == self.node_id:
             self._declared_down()
             return
-        self.replication.on_node_down(ev.node, ev.promoted, ev.position, ev.stuck)
-        for client_id, target, epoch in ev.promoted:
+        self._promoted(ev.node, ev.promoted, ev.position, ev.stuck)
+
+    def _promoted(self, node: str, promoted, position: int, stuck: int) -> None:
+        """``node``'s sessions were promoted on their replicas (it was declared down or
+        forgotten): the copies here install or give way, its forwards go again."""
+        self.replication.on_node_down(node, promoted, position, stuck)
+        for client_id, target, epoch in promoted:
             if target != self.node_id:
                 self.takeovers.on_claimed(client_id, target, epoch, target, False)
 
@@ -968,7 +962,7 @@ class ClusterMember:
         leader = by_raft.get(raft["leader"]) if raft and raft["leader"] else None
         voters = self.raft.voters() if self.raft is not None else []
         now = time.time()
-        declared_down = getattr(self.view.tables, "down", None) or {}
+        declared_down = self.view.down
         nodes = []
         for node_id, info in sorted(members.items()):
             if node_id == self.node_id:

@@ -60,6 +60,7 @@ SEED_PER_PASS = 500    # sessions seeded per pass at most (a big node catches up
 MARKS_KEPT = 200_000   # forwarded-batch marks kept per holder node
 START_GRACE = 2.0      # x failover_timeout: a new leader's links must have had the time
 FAILOVER_BUCKETS = (0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 7.5, 10.0, 15.0, 30.0)
+REPAIR_PERIOD = 1.0    # seconds between walks over the held sessions (placement repair)
 SWEEP_PERIOD = 5.0     # seconds between sweeps of copies the table no longer backs
 
 
@@ -97,6 +98,7 @@ class Replication:
         # -- holder side
         self.streams: dict[str, set[str]] = {}      # held ClientID -> replica nodes
         self.seeded: dict[str, set[str]] = {}       # ClientID -> nodes whose seed is stored
+        self._fanout: collections.Counter = collections.Counter()  # node -> streams to it
         self._out: dict[str, _Batch] = {}           # node -> batch of this loop iteration
         self._unacked: dict[str, collections.deque] = {}
         self._seq = itertools.count(1)
@@ -118,7 +120,7 @@ class Replication:
         self.changes_sent = 0
         self.redone = 0
         self._started = time.monotonic()
-        self._swept_at = self._started
+        self._swept_at = self._repaired_at = self._started
         self._task: asyncio.Task | None = None
 
     # -- start / stop ---------------------------------------------------------------------
@@ -164,26 +166,40 @@ class Replication:
             del self.streams[cid]
             self.seeded.pop(cid, None)
             self._to_place.discard(cid)
+            self._fanout.subtract(nodes)
         for node in nodes:
             self._batch(node).changes.append(change)
 
     def mark_forward(self, sender: str, confirm_id: int) -> None:
         """A forwarded batch was stored here: tell every replica (see the module doc)."""
-        nodes = set()
-        for ns in self.streams.values():
-            nodes |= ns
-        for node in nodes:
-            self._batch(node).changes.append(("k", sender, confirm_id))
+        for node, streams in self._fanout.items():
+            if streams > 0:
+                self._batch(node).changes.append(("k", sender, confirm_id))
+
+    def _remove_node(self, node: str) -> None:
+        """``node`` gets no more changes of any session held here."""
+        for cid, nodes in self.streams.items():
+            nodes.discard(node)
+            seeded = self.seeded.get(cid)
+            if seeded is not None:
+                seeded.discard(node)
+        self._fanout.pop(node, None)
+
+    def _release_waits(self, node: str) -> None:
+        """Nothing waits for ``node`` any more (out of every in-sync set, or down)."""
+        for batch in self._unacked.pop(node, None) or ():
+            if not batch.fut.done():
+                batch.fut.set_result(None)
+        batch = self._out.pop(node, None)
+        if batch is not None and not batch.fut.done():
+            batch.fut.set_result(None)
 
     def wait(self, local):
         """``local`` (the store's commit, or None) and every batch sent so far: what an
         acknowledgement waits for. None when nothing has to be waited for."""
         waits = [local] if local is not None else []
-        for node, batch in self._out.items():
-            waits.append(batch.fut)
-        for node, q in self._unacked.items():
-            if q:
-                waits.append(q[-1].fut)
+        waits.extend(batch.fut for batch in self._out.values())
+        waits.extend(q[-1].fut for q in self._unacked.values() if q)
         if not waits:
             return None
         return self.broker.all_done(*waits)
@@ -224,20 +240,30 @@ class Replication:
         if seeded:
             self._record_insync(seeded)
 
-    def _record_insync(self, cids) -> None:
-        """Propose the in-sync sets that differ from the table (for sessions held here)."""
+    def _record_insync(self, cids, limit: int | None = None) -> None:
+        """Propose the in-sync sets that differ from the table (for sessions held here),
+        ``limit`` of them at most."""
         raft = self.member.raft
         if raft is None:
             return
         view = self.member.view
-        reps = view.tables.replicas if hasattr(view.tables, "replicas") else {}
         for cid in dict.fromkeys(cids):
+            if limit is not None and limit <= 0:
+                return
             if view.holders.get(cid) != self.node_id:
                 continue  # (not yet: a hand-over's move not applied; the pass retries)
-            want = sorted(self.seeded.get(cid, set()) & self.streams.get(cid, set()))
-            if want != sorted(reps.get(cid, ())):
-                fut = raft.submit(("replicas", cid, self.node_id, want))
-                fut.add_done_callback(_quiet)
+            want = self._insync(cid)
+            if want is not None:
+                raft.submit(("replicas", cid, self.node_id, want)).add_done_callback(_quiet)
+                if limit is not None:
+                    limit -= 1
+
+    def _insync(self, cid: str) -> list[str] | None:
+        """The in-sync set to record for ``cid`` when the table's differs, else None."""
+        want = self.seeded.get(cid, set()) & self.streams.get(cid, set())
+        if want == set(self.member.view.replicas.get(cid, ())):
+            return None
+        return sorted(want)
 
     # -- placement ------------------------------------------------------------------------
 
@@ -254,7 +280,7 @@ class Replication:
 
     def _candidates(self) -> list[str]:
         view = self.member.view
-        down = getattr(view.tables, "down", {}) or {}
+        down = view.down
         return [n for n in view.members if n != self.node_id and n not in down
                 and n not in self._dropping and self.transport.is_up(n)]
 
@@ -268,8 +294,7 @@ class Replication:
             return 0
         if candidates is None:
             candidates = self._candidates()
-        new = [n for n in place(cid, [c for c in candidates if c not in nodes],
-                                self.k - len(nodes))]
+        new = place(cid, [c for c in candidates if c not in nodes], self.k - len(nodes))
         if not new:
             return 0
         changes = [("d", cid), *self.broker.stored_changes(session)]
@@ -278,6 +303,7 @@ class Replication:
             batch.changes.extend(changes)
             batch.seeds.append(cid)
             nodes.add(node)
+            self._fanout[node] += 1
         return len(new)
 
     # -- the periodic pass: timeouts, placement repair, in-sync records, detector -----
@@ -299,8 +325,9 @@ class Replication:
         for node, q in self._unacked.items():
             if q and now - q[0].sent_at > self.timeout and node not in self._dropping:
                 self._drop(node, f"no answer for {now - q[0].sent_at:.1f}s")
-        if self.k:
-            self._repair()
+        if self.k and now - self._repaired_at >= REPAIR_PERIOD:
+            self._repaired_at = now
+            self._repair()  # (a walk over every session: once a second, not each pass)
         self._detect(now)
         self._forget_stale_copies()
 
@@ -308,11 +335,7 @@ class Replication:
         """Stop streaming to ``node`` and take it out of the in-sync sets (committed before
         the waits on it end). It is seeded again once it answers."""
         log.warning("replica dropped node=%s replica=%s: %s", self.node_id, node, why)
-        for cid, nodes in self.streams.items():
-            nodes.discard(node)
-            s = self.seeded.get(cid)
-            if s is not None:
-                s.discard(node)
+        self._remove_node(node)
         fut = self._dropping[node] = self.member.raft.submit(("unreplicate", self.node_id,
                                                               node))
 
@@ -321,19 +344,13 @@ class Replication:
                 del self._dropping[node]
             if f.cancelled() or f.exception() is not None:
                 return  # not committed: the next pass tries again (the waits stay)
-            q = self._unacked.pop(node, None)
-            for batch in q or ():
-                if not batch.fut.done():
-                    batch.fut.set_result(None)
-            batch = self._out.pop(node, None)
-            if batch is not None and not batch.fut.done():
-                batch.fut.set_result(None)
+            self._release_waits(node)
         fut.add_done_callback(done)
 
     def on_peer_restarted(self, peer: str) -> None:
         """A replica's new process: what its previous one had not acknowledged may be
         lost; it is dropped and seeded again."""
-        if any(peer in nodes for nodes in self.streams.values()) or self._unacked.get(peer):
+        if self._fanout.get(peer, 0) > 0 or self._unacked.get(peer):
             self._drop(peer, "restarted")
 
     def _repair(self) -> None:
@@ -342,25 +359,22 @@ class Replication:
         view = self.member.view
         candidates = self._candidates()
         seeded = 0
-        behind = []
+        held = []
         for cid, session in self.broker.sessions.items():
             if session.journal is None or view.holders.get(cid) != self.node_id:
                 continue
+            held.append(cid)
             if seeded < SEED_PER_PASS and len(self.streams.get(cid, ())) < self.k and \
                     candidates:
                 seeded += self._fill(cid, candidates)
-            want = sorted(self.seeded.get(cid, set()) & self.streams.get(cid, set()))
-            if want != sorted(getattr(view.tables, "replicas", {}).get(cid, ())):
-                behind.append(cid)
-        if behind:
-            self._record_insync(behind[:SEED_PER_PASS])
+        self._record_insync(held, SEED_PER_PASS)
 
     def under_replicated(self) -> int:
         """Stored sessions held here whose in-sync set in the table is short of ``k``."""
         if not self.k:
             return 0
         view = self.member.view
-        reps = getattr(view.tables, "replicas", {})
+        reps = view.replicas
         return sum(1 for cid, s in self.broker.sessions.items()
                    if s.journal is not None and view.holders.get(cid) == self.node_id
                    and len(reps.get(cid, ())) < self.k)
@@ -385,7 +399,7 @@ class Replication:
         if now - self._started < START_GRACE * timeout:
             return
         view = member.view
-        down = getattr(view.tables, "down", {}) or {}
+        down = view.down
         for node in list(view.members):
             if node == self.node_id or node in down:
                 continue
@@ -401,8 +415,7 @@ class Replication:
         seq, changes = body
         if self.copies is None:
             return
-        down = getattr(self.member.view.tables, "down", {}) or {}
-        if peer in down:
+        if peer in self.member.view.down:
             return  # fenced: its sessions were promoted; no acknowledgement either
         store = self.copies
         refs: dict[bytes, object] = {}
@@ -484,17 +497,8 @@ class Replication:
         self.failovers += 1
         t0 = time.monotonic()
         # it is no replica any more: nothing more waits for it
-        for cid, nodes in self.streams.items():
-            nodes.discard(node)
-            s = self.seeded.get(cid)
-            if s is not None:
-                s.discard(node)
-        for batch in self._unacked.pop(node, ()) or ():
-            if not batch.fut.done():
-                batch.fut.set_result(None)
-        batch = self._out.pop(node, None)
-        if batch is not None and not batch.fut.done():
-            batch.fut.set_result(None)
+        self._remove_node(node)
+        self._release_waits(node)
         mine = [(cid, epoch) for cid, target, epoch in promoted if target == self.node_id]
         installed = 0
         for cid, epoch in mine:

@@ -288,10 +288,15 @@ def _member(t: Tables, node_id: str, info):
     return None, MemberChanged(node_id, None if info is None else dict(info))
 
 
-def _drop_replica(t: Tables, node_id: str) -> None:
+def _drop_replica(t: Tables, node_id: str, holder: str | None = None) -> int:
+    """``node_id`` out of every in-sync set (of the sessions ``holder`` holds, if given);
+    returns how many sets it left."""
     reps = _replicas(t)
-    for cid in [c for c, nodes in reps.items() if node_id in nodes]:
+    cids = [c for c, nodes in reps.items() if node_id in nodes
+            and (holder is None or t.holders.get(c) == holder)]
+    for cid in cids:
         reps[cid] = [n for n in reps[cid] if n != node_id]
+    return len(cids)
 
 
 def _promote(t: Tables, node_id: str) -> tuple[list, int]:
@@ -336,31 +341,22 @@ def _down_rule(t: Tables, node_id: str):
 
 
 def _set_replicas(t: Tables, client_id: str, holder: str, nodes):
-    if t.holders.get(client_id) != holder or holder in _down(t):
-        return False, None
     down = _down(t)
+    if t.holders.get(client_id) != holder or holder in down:
+        return False, None
     _replicas(t)[client_id] = [n for n in dict.fromkeys(nodes)
                                if n != holder and n in t.members and n not in down]
     return True, None
 
 
 def _unreplicate(t: Tables, holder: str, node_id: str):
-    reps = _replicas(t)
-    n = 0
-    for cid, nodes in reps.items():
-        if node_id in nodes and t.holders.get(cid) == holder:
-            reps[cid] = [x for x in nodes if x != node_id]
-            n += 1
-    return n, None
+    return _drop_replica(t, node_id, holder), None
 
 
 def _forget(t: Tables, node_id: str):
     """A node gone for good: member entry, routes, and the ClientIDs it owned or held
     (those with an in-sync replica are promoted there first, as ``down`` does)."""
-    promoted = []
-    if node_id in t.members:
-        _down(t)[node_id] = t.position
-        promoted, _stuck = _promote(t, node_id)
+    promoted = _promote(t, node_id)[0] if node_id in t.members else []
     _down(t).pop(node_id, None)
     t.members.pop(node_id, None)
     _change_routes(t.routes, node_id, (), [f for f, n in t.routes.items() if node_id in n])
@@ -467,6 +463,14 @@ class RoutingView:
     @property
     def routes(self) -> dict[str, set[str]]:
         return self.tables.routes
+
+    @property
+    def replicas(self) -> dict[str, list[str]]:
+        return self.tables.replicas
+
+    @property
+    def down(self) -> dict[str, int]:
+        return self.tables.down
 
     @property
     def cluster_id(self) -> str | None:

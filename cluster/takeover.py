@@ -299,7 +299,7 @@ class Takeovers(HoldingSide):
                 break
             except PeerUnreachable as err:
                 # down or restarting: it may be back within the takeover timeout
-                if holder in (getattr(self.member.view.tables, "down", None) or ()):
+                if holder in self.member.view.down:
                     return m.holder_down()  # (declared down: its sessions moved on)
                 if _now() >= deadline - 0.1:
                     return m.unreachable(repr(err))
