@@ -816,6 +816,8 @@ class ClusterMember:
             self.takeovers.on_released(ev.client_id, ev.node)
 
     def _on_moved(self, ev: Moved) -> None:
+        if ev.ok and ev.to_node == self.node_id:
+            self.replication.moved_here(ev.client_id)
         self.takeovers.on_moved(ev.client_id, ev.epoch, ev.from_node, ev.to_node, ev.ok,
                                 ev.position)
 
@@ -868,6 +870,7 @@ class ClusterMember:
         held that were promoted elsewhere are not its own any more; it announces itself
         again to be counted as up."""
         view = self.view
+        self.replication.fence_self()
         gone = [cid for cid in self.broker.sessions if view.holders.get(cid) not in
                 (None, self.node_id)]
         for cid in gone:

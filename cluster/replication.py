@@ -62,6 +62,7 @@ START_GRACE = 2.0      # x failover_timeout: a new leader's links must have had 
 FAILOVER_BUCKETS = (0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 7.5, 10.0, 15.0, 30.0)
 REPAIR_PERIOD = 1.0    # seconds between walks over the held sessions (placement repair)
 SWEEP_PERIOD = 5.0     # seconds between sweeps of copies the table no longer backs
+SWEEP_AGE = 60.0       # ... and untouched for this long
 
 
 def _score(client_id: str, node: str) -> int:
@@ -102,13 +103,18 @@ class Replication:
         self._out: dict[str, _Batch] = {}           # node -> batch of this loop iteration
         self._unacked: dict[str, collections.deque] = {}
         self._seq = itertools.count(1)
-        self._dropping: dict[str, asyncio.Future] = {}  # node -> its "unreplicate" commit
+        #: node -> done once its "unreplicate" committed (then nothing counts on it)
+        self._dropping: dict[str, asyncio.Future] = {}
+        self._proposing: set[str] = set()  # "unreplicate" proposals in flight
+        self._declared: dict[str, float] = {}  # node -> when this leader proposed "down"
         self._to_place: set[str] = set()
         self._place_scheduled = False
         self._flush_scheduled = False
         # -- replica side
         self.copies: SessionStore | None = None
         self._marks: dict[str, collections.OrderedDict] = {}
+        self._touched: dict[str, float] = {}  # copy key -> last change (monotonic)
+        self._fenced: set[str] = set()  # copy keys promoted here: their source is stale
         #: ClientID -> the node it was promoted from (a re-sent forward is for these)
         self.promoted_from: dict[str, str] = {}
         # -- counters (metrics)
@@ -193,6 +199,9 @@ class Replication:
         batch = self._out.pop(node, None)
         if batch is not None and not batch.fut.done():
             batch.fut.set_result(None)
+        gate = self._dropping.pop(node, None)
+        if gate is not None and not gate.done():
+            gate.set_result(None)
 
     def wait(self, local):
         """``local`` (the store's commit, or None) and every batch sent so far: what an
@@ -200,6 +209,7 @@ class Replication:
         waits = [local] if local is not None else []
         waits.extend(batch.fut for batch in self._out.values())
         waits.extend(q[-1].fut for q in self._unacked.values() if q)
+        waits.extend(self._dropping.values())
         if not waits:
             return None
         return self.broker.all_done(*waits)
@@ -257,6 +267,12 @@ class Replication:
                 raft.submit(("replicas", cid, self.node_id, want)).add_done_callback(_quiet)
                 if limit is not None:
                     limit -= 1
+
+    def moved_here(self, cid: str) -> None:
+        """A hand-over to this node committed: the replicas seeded while it waited for
+        that are recorded now (a session that keeps moving would otherwise never be)."""
+        if self.seeded.get(cid):
+            self._record_insync([cid])
 
     def _insync(self, cid: str) -> list[str] | None:
         """The in-sync set to record for ``cid`` when the table's differs, else None."""
@@ -325,6 +341,8 @@ class Replication:
         for node, q in self._unacked.items():
             if q and now - q[0].sent_at > self.timeout and node not in self._dropping:
                 self._drop(node, f"no answer for {now - q[0].sent_at:.1f}s")
+        for node in list(self._dropping):
+            self._propose_drop(node)  # (again, if the last proposal did not commit)
         if self.k and now - self._repaired_at >= REPAIR_PERIOD:
             self._repaired_at = now
             self._repair()  # (a walk over every session: once a second, not each pass)
@@ -336,16 +354,46 @@ class Replication:
         the waits on it end). It is seeded again once it answers."""
         log.warning("replica dropped node=%s replica=%s: %s", self.node_id, node, why)
         self._remove_node(node)
-        fut = self._dropping[node] = self.member.raft.submit(("unreplicate", self.node_id,
-                                                              node))
+        if node not in self._dropping:
+            # until the table no longer counts it in-sync, nothing new is acknowledged
+            # either (it gets no new changes, yet it could be promoted): see ``wait``
+            self._dropping[node] = self.loop.create_future()
+        self._propose_drop(node)
+
+    def _propose_drop(self, node: str) -> None:
+        if node in self._proposing:
+            return
+        self._proposing.add(node)
+        fut = self.member.raft.submit(("unreplicate", self.node_id, node))
 
         def done(f: asyncio.Future, node=node) -> None:
-            if self._dropping.get(node) is f:
-                del self._dropping[node]
+            self._proposing.discard(node)
             if f.cancelled() or f.exception() is not None:
-                return  # not committed: the next pass tries again (the waits stay)
+                return  # not committed: the next pass proposes it again (waits stay)
             self._release_waits(node)
         fut.add_done_callback(done)
+
+    def fence_self(self) -> None:
+        """This node was declared down: every change not yet acknowledged by the replicas
+        is not acknowledged to anyone (its sessions may live elsewhere now: a publisher
+        sends again rather than be told its message is stored where it is not); every
+        replica is seeded again for the sessions it still holds."""
+        batches = [b for q in self._unacked.values() for b in q] + list(self._out.values())
+        for batch in batches:
+            batch.fut.cancel()
+        for gate in self._dropping.values():
+            gate.cancel()
+        self._dropping.clear()
+        self._unacked.clear()
+        self._out.clear()
+        self.streams.clear()
+        self.seeded.clear()
+        self._fanout.clear()
+        if batches:
+            log.warning("unacknowledged replication batches given up node=%s count=%d",
+                        self.node_id, len(batches))
+        if self.k:
+            self._repaired_at = 0.0  # (at the next pass)
 
     def on_peer_restarted(self, peer: str) -> None:
         """A replica's new process: what its previous one had not acknowledged may be
@@ -404,7 +452,8 @@ class Replication:
             if node == self.node_id or node in down:
                 continue
             silent = self.transport.silent_for(node)
-            if silent >= timeout:
+            if silent >= timeout and now - self._declared.get(node, -timeout) >= timeout:
+                self._declared[node] = now  # (once per timeout: the entry is in flight)
                 log.warning("declaring node down node=%s peer=%s silent=%.1fs", self.node_id,
                             node, silent)
                 raft.submit(("down", node)).add_done_callback(_quiet)
@@ -419,12 +468,25 @@ class Replication:
             return  # fenced: its sessions were promoted; no acknowledgement either
         store = self.copies
         refs: dict[bytes, object] = {}
+        seeding: set[str] = set()  # copies this batch (re)starts with a ("d")
+        refused = []
+        now = time.monotonic()
         for change in changes:
             try:
-                self._apply(store, peer, change, refs)
+                self._apply(store, peer, change, refs, seeding, now)
+            except _Fenced as err:
+                refused.append(f"{change[0]}: {err}")
             except (StoreError, ValueError, TypeError, IndexError) as err:
-                log.warning("replica change not applied node=%s from=%s change=%s: %s",
-                            self.node_id, peer, change[0] if change else "?", err)
+                # (a copy swept here, or a holder's tail after a hand-over: nothing is
+                # promoted from it, so it does not hold the acknowledgement back)
+                log.debug("replica change not applied node=%s from=%s change=%s: %s",
+                          self.node_id, peer, change[0] if change else "?", err)
+        if refused:
+            # not acknowledged: the copy was promoted here, so its old holder is stale;
+            # it must not tell a publisher that a message is stored where it is not
+            log.warning("replica changes refused node=%s from=%s count=%d first=%s",
+                        self.node_id, peer, len(refused), refused[0])
+            return
         wait = store.durable_future()
         if wait is None:
             self.transport.send(peer, "repl_ok", seq, True)
@@ -436,7 +498,8 @@ class Replication:
             return  # the store failed: this node stops; the holder drops it
         self.transport.send(peer, "repl_ok", seq, True)
 
-    def _apply(self, store: SessionStore, source: str, change, refs: dict) -> None:
+    def _apply(self, store: SessionStore, source: str, change, refs: dict,
+               seeding: set, now: float) -> None:
         kind = change[0]
         if kind == "k":
             marks = self._marks.setdefault(source, collections.OrderedDict())
@@ -445,6 +508,15 @@ class Replication:
                 marks.popitem(last=False)
             return
         key = copy_key(change[1], source)
+        self._touched[key] = now
+        if kind == "d":
+            store.delete_session(key)
+            seeding.add(key)  # (a seed follows, or the session ended there)
+            return
+        if key in self._fenced:
+            if kind != "s" or key not in seeding:
+                raise _Fenced(f"{change[1]!r} was promoted here from {source}")
+            self._fenced.discard(key)  # a new seed: it holds the session again
         if kind == "s":
             store.put_session(key, change[2])
         elif kind == "m":
@@ -462,8 +534,6 @@ class Replication:
                 store.add_incoming(key, change[2])
             else:
                 store.remove_incoming(key, change[2])
-        elif kind == "d":
-            store.delete_session(key)
         else:
             raise ValueError(f"unknown change {kind!r}")
 
@@ -487,7 +557,10 @@ class Replication:
             owner = view.owners.get(cid)
             if view.holders.get(cid) == source or (owner is not None and owner[0] == source):
                 continue  # (its holder's, or a hand-over's to it not moved yet)
+            if now - self._touched.get(key, self._started) < SWEEP_AGE:
+                continue  # (still written: an old holder's tail, a hand-over taken back)
             store.delete_session(key)
+            self._touched.pop(key, None)
 
     # -- promotion -----------------------------------------------------------------------
 
@@ -564,7 +637,13 @@ class Replication:
         self.broker.adopt_session(Claim(epoch, record=record))
         self.promoted_from[cid] = source
         store.delete_session(key)
+        self._fenced.add(key)
+        self._touched.pop(key, None)
         return True
+
+
+class _Fenced(Exception):
+    """A change for a copy promoted here (its source no longer holds the session)."""
 
 
 def copy_key(client_id: str, source: str) -> str:

@@ -264,6 +264,9 @@ class SessionStore:
             self._append([Op.IN_REMOVE, client_id, pid])
             self._state.remove_incoming(client_id, pid)
 
+    def has_session(self, client_id: str) -> bool:
+        return client_id in self._state.sessions
+
     def session_ids(self) -> list[str]:
         return list(self._state.sessions)
 
