@@ -213,7 +213,7 @@ class Config:
         "until its node is back; `fresh` starts a new session (CONNACK session present = 0) "
         "and loses what the old one held.", _one_of("fresh", "refuse"))
     session_replicas: int = _opt(
-        0, "Replica nodes per persistent session: every change to its stored state also "
+        1, "Replica nodes per persistent session: every change to its stored state also "
         "goes, in order, to them, and an acknowledgement waits for their store too; when "
         "its node is declared down the session is promoted on one of them. 0: not "
         "replicated (a session lives and dies with its node).", _int_range(0, 4))

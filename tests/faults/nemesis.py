@@ -5,6 +5,11 @@ and the cluster formed again before the next one):
 
 * ``kill``: kill -9 of a node (the Raft leader when the slot asks for it, or when the draw
   falls on it), restart after a pause of ``down_for`` seconds; events ``kill``/``restart``.
+* ``lose`` (with ``lose_one``): kill -9 of a random node that is never restarted, once the
+  required faults are done and ``lose_at`` of the run has passed (at once if the run is
+  shorter than that); the survivors must declare it down (issue 12: its sessions are
+  promoted on their replicas). No node fault follows it (two nodes left: another would
+  take the Raft majority); the link faults go on. Event ``kill``; ``lost`` names the node.
 * ``partition`` (needs ``lab``, a tests/faults/netns.py NetnsLab): node i cut off from the
   other nodes for ``isolate_for`` seconds (clients still reach it: it is a minority of
   one), then healed; events ``partition``/``heal``. While it lasts, the nemesis watches the
@@ -39,8 +44,9 @@ import threading
 import time
 
 import checker as ev
+from support import wait_for
 
-KILL, KILL_LEADER, PARTITION = "kill", "kill-leader", "partition"
+KILL, KILL_LEADER, PARTITION, LOSE = "kill", "kill-leader", "partition", "lose"
 RESET, SLOW = "reset", "slow"  # node-to-node connections reset; a node's links slowed
 #: rough seconds one node fault takes (pause + fault + recovery), to fit the schedule
 FAULT_SECONDS = 8.0
@@ -55,6 +61,7 @@ class Nemesis:
                  min_kills: int = 3, min_partitions: int = 1, min_link_faults: int = 1,
                  toxic_every: tuple = (2.0, 4.0), toxic_for: tuple = (1.5, 3.0),
                  latency_ms: tuple = (100, 300), reset_share: float = 0.3,
+                 lose_one: bool = False, lose_at: float = 0.7,
                  limit: int = 10_000) -> None:
         self.cluster, self.history, self.rng = cluster, history, rng
         self.lab, self.proxies = lab, list(proxies)
@@ -67,7 +74,9 @@ class Nemesis:
             required += [PARTITION] * min_partitions + [RESET, SLOW] * min_link_faults
         rng.shuffle(required)
         self.required = required
-        self.counts = {KILL: 0, PARTITION: 0, "toxic": 0, RESET: 0, SLOW: 0}
+        self.counts = {KILL: 0, PARTITION: 0, "toxic": 0, RESET: 0, SLOW: 0, LOSE: 0}
+        self.lose_one, self.lose_at = lose_one, lose_at
+        self.lost: str | None = None  # the node killed for good
         self.stop_event = threading.Event()
         self.errors: list = []
         self.log: list[str] = []
@@ -126,6 +135,9 @@ class Nemesis:
     def _next_fault(self, i: int) -> str:
         if i < len(self.required):
             return self.required[i]
+        if self.lose_one and (self.seconds is None or time.monotonic() - self._started
+                              >= self.lose_at * self.seconds):
+            return LOSE
         return self.rng.choice([KILL, KILL, PARTITION, RESET, SLOW] if self.lab is not None
                                else [KILL])
 
@@ -144,6 +156,10 @@ class Nemesis:
             if self.stop_event.wait(self._pause(i)):
                 return
             fault = self._next_fault(i)
+            if fault == LOSE:
+                self._lose()
+                self.stop_event.wait()  # (bounded by stop(): the run's end)
+                return
             if fault == PARTITION:
                 self._partition()
             elif fault in (RESET, SLOW):
@@ -173,6 +189,26 @@ class Nemesis:
         self._log(f"{node.node_id} ready again")
         self.cluster.wait_formed(timeout=60.0)
         self._log("cluster formed")
+
+    def _lose(self) -> None:
+        n = len(self.cluster.nodes)
+        i = self.rng.randrange(1, n + 1)
+        node = self.cluster.node(i)
+        leader = self._leader_id()
+        self.cluster.kill(i)
+        self.history.add(ev.kill, node.node_id, leader == node.node_id)
+        self.counts[LOSE] += 1
+        self.lost = node.node_id
+        self._log(f"kill -9 {node.node_id} for good"
+                  f"{' (leader)' if leader == node.node_id else ''}")
+        survivors = self.cluster.running()
+        wait_for(lambda: all(
+            any(m["id"] == node.node_id and m.get("declared_down") for m in v["nodes"])
+            for v in self.cluster.views(survivors).values()), 30.0, interval=0.1,
+            message=f"{node.node_id} declared down by {[m.node_id for m in survivors]}")
+        self._log(f"{node.node_id} declared down")
+        self.cluster.wait_formed(timeout=60.0)
+        self._log("the survivors formed")
 
     def _partition(self) -> None:
         n = len(self.cluster.nodes)

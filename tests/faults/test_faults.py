@@ -1,6 +1,7 @@
 """Issue 6, end to end: hopping persistent subscribers and numbered publishers on a real
 3-node cluster in network namespaces (tests/faults/netns.py) while a nemesis kill -9's and
-restarts nodes, cuts one node off from the others (iptables) and heals it, and puts
+restarts nodes, cuts one node off from the others (iptables) and heals it, kills one node
+for good late in the run (its sessions must be promoted on their replicas), and puts
 latency and reset_peer toxics on the toxiproxy proxies some client links go through
 (clients connect straight to a node, through its toxiproxy proxy, or through HAProxy); the
 history goes through checker.check and the figures are printed and asserted.
@@ -11,8 +12,8 @@ an error under CI=true):
 
     .venv/bin/python -m pytest tests/faults/test_faults.py -q -s --faults-seconds 600
 
-From 60 s on, the run must have had at least 3 kills, 1 partition, 1 toxic and 200
-subscriber migrations.
+From 60 s on, the run must have had at least 3 kills, 1 partition, 1 toxic, 200
+subscriber migrations and the node lost for good.
 """
 
 from __future__ import annotations
@@ -155,7 +156,7 @@ def test_kills_partitions_and_toxics_under_hopping_persistent_subscribers(
     pubs = [Publisher(f"p{q}-{t}", history, endpoints, random.Random(seed + 10 + q),
                       f"{prefix}/q{q}", q, pace=0.02) for q in (1, 2)]
     nemesis = Nemesis(cluster, history, random.Random(seed + 100), lab=cluster.lab,
-                      proxies=proxies, seconds=seconds)
+                      proxies=proxies, seconds=seconds, lose_one=True)
     workers = [*pubs, *subs]
     for w in workers:
         w.start()
@@ -209,6 +210,7 @@ def test_kills_partitions_and_toxics_under_hopping_persistent_subscribers(
           f"{result.toxic_types}, subscriber connect failures "
           f"{sum(s.connect_failures for s in subs)}, publisher reconnects "
           f"{sum(p.connect_failures for p in pubs)} failed")
+    print(f"lost for good: {nemesis.lost or 'none (the run was too short)'}")
     print(f"history: {dump}")
     print(f"node logs: {cluster.workdir}/n*.log (namespaces {cluster.lab.names()}, "
           f"subnet {cluster.lab.subnet})")
@@ -218,10 +220,12 @@ def test_kills_partitions_and_toxics_under_hopping_persistent_subscribers(
     assert result.kills >= 1 or seconds < 8, "the nemesis never struck"
     assert result.acknowledged > 0 and migrations > 0
     if seconds >= MIN_SECONDS:
-        figures = (result.kills, result.partitions, result.toxics, migrations)
-        wanted = (MIN_KILLS, MIN_PARTITIONS, MIN_TOXICS, MIN_MIGRATIONS)
+        figures = (result.kills, result.partitions, result.toxics, migrations,
+                   nemesis.lost is not None)
+        wanted = (MIN_KILLS, MIN_PARTITIONS, MIN_TOXICS, MIN_MIGRATIONS, True)
         assert all(got >= want for got, want in zip(figures, wanted)), (
             f"a run of {seconds:.0f} s needs at least {MIN_KILLS} kills, {MIN_PARTITIONS} "
-            f"partition(s), {MIN_TOXICS} toxic(s) and {MIN_MIGRATIONS} migrations; got "
-            f"(kills, partitions, toxics, migrations) = {figures}\n" + "\n".join(nemesis.log))
+            f"partition(s), {MIN_TOXICS} toxic(s), {MIN_MIGRATIONS} migrations and a node "
+            f"lost for good; got (kills, partitions, toxics, migrations, lost) = {figures}\n"
+            + "\n".join(nemesis.log))
     assert result.ok, result.report()
