@@ -14,6 +14,10 @@
 #
 # Environment (defaults in brackets):
 #   MODES        inmem safe fast  (inmem = clean subscribers, node on --durability safe)
+#                also: cluster, replicated: a 2-node cluster (the second node on
+#                REPLICA_CPU [GEN_CPU]), persistent subscribers on the first, --durability
+#                safe, session_replicas 0 / 1: the cost of replication, in one run
+#                (e.g. MODES="cluster replicated")
 #   SCENARIOS    fanin_qos1_e2e latency_qos1  (space separated mqttbench scenarios)
 #   REPEAT [3]  DURATION [10]  BROKER_CPU [0]  GEN_CPU [1]  PIN [1]
 #   MQTT_PORT [18833]  ADMIN_PORT [18843]  (admin API for GET /api/v1/stats after each run)
@@ -70,25 +74,53 @@ if "$PY" "$WRAP" ping --port "$MQTT_PORT" --timeout 0.3 2>/dev/null; then
 fi
 curl -s -o /dev/null --max-time 1 "http://127.0.0.1:$ADMIN_PORT/" && die "127.0.0.1:$ADMIN_PORT is in use (set ADMIN_PORT)"
 
-BPID=""; DATA=""; GENPID=""
-start_node() {  # $1 = durability, $2 = log; sets BPID
+REPLICA_CPU="${REPLICA_CPU:-$GEN_CPU}"
+CLUSTER_PORT="${CLUSTER_PORT:-18853}"  # and +1 (Raft), +2 / +3 for the second node
+RPIN=(); [ "${#BPIN[@]}" -gt 0 ] && RPIN=(taskset -c "$REPLICA_CPU")
+BPID=""; RPID=""; DATA=""; GENPID=""
+start_node() {  # $1 = durability, $2 = log, $3 = session_replicas (cluster) or ""; sets BPID
   DATA="$(mktemp -d "$WORK/data.XXXXXX")"
+  local cluster=()
+  if [ -n "${3:-}" ]; then
+    cluster=(--node-id n1 --cluster-port "$CLUSTER_PORT" --cluster-secret bench-secret
+             --cluster-name "bench-$STAMP" --session-replicas "$3")
+  fi
   # shellcheck disable=SC2086
   "${BPIN[@]}" "$SHOAL" run --host 127.0.0.1 --mqtt-port "$MQTT_PORT" --admin-host 127.0.0.1 \
-    --admin-port "$ADMIN_PORT" --data-dir "$DATA" --log-level warning --durability "$1" \
-    $SHOAL_ARGS >> "$2" 2>&1 &
+    --admin-port "$ADMIN_PORT" --data-dir "$DATA/n1" --log-level warning --durability "$1" \
+    "${cluster[@]}" $SHOAL_ARGS >> "$2" 2>&1 &
   BPID=$!
   if ! "$PY" "$WRAP" ping --port "$MQTT_PORT" --timeout 20 || ! kill -0 "$BPID" 2>/dev/null; then
     echo "durable_fanin: node did not come up (see $2)" >&2
     stop_node; return 1
   fi
+  [ -n "${3:-}" ] || return 0
+  # the second node: joins the first; the subscribers' replicas live there
+  # shellcheck disable=SC2086
+  "${RPIN[@]}" "$SHOAL" run --host 127.0.0.1 --mqtt-port $((MQTT_PORT + 1)) \
+    --admin-host 127.0.0.1 --admin-port $((ADMIN_PORT + 1)) --data-dir "$DATA/n2" \
+    --log-level warning --durability "$1" --node-id n2 --cluster-port $((CLUSTER_PORT + 2)) \
+    --cluster-secret bench-secret --cluster-name "bench-$STAMP" --session-replicas "$3" \
+    --join "127.0.0.1:$CLUSTER_PORT" $SHOAL_ARGS >> "$2" 2>&1 &
+  RPID=$!
+  for _ in $(seq 200); do
+    curl -sf -o /dev/null --max-time 1 "http://127.0.0.1:$((ADMIN_PORT + 1))/readyz" && return 0
+    kill -0 "$RPID" 2>/dev/null || break
+    sleep 0.1
+  done
+  echo "durable_fanin: the second node did not join (see $2)" >&2
+  stop_node; return 1
+}
+stop_one() {  # $1 = pid
+  kill -TERM "$1" 2>/dev/null
+  for _ in $(seq 150); do kill -0 "$1" 2>/dev/null || break; sleep 0.1; done
+  kill -0 "$1" 2>/dev/null && { echo "durable_fanin: node $1 still up after 15 s, KILL" >&2; kill -KILL "$1" 2>/dev/null; }
+  wait "$1" 2>/dev/null
 }
 stop_node() {
-  [ -n "$BPID" ] || return 0
-  kill -TERM "$BPID" 2>/dev/null
-  for _ in $(seq 150); do kill -0 "$BPID" 2>/dev/null || break; sleep 0.1; done
-  kill -0 "$BPID" 2>/dev/null && { echo "durable_fanin: node $BPID still up after 15 s, KILL" >&2; kill -KILL "$BPID" 2>/dev/null; }
-  wait "$BPID" 2>/dev/null
+  [ -n "$RPID" ] && stop_one "$RPID"
+  RPID=""
+  [ -n "$BPID" ] && stop_one "$BPID"
   BPID=""
 }
 cleanup() {
@@ -108,13 +140,15 @@ for rep in $(seq "$REPEAT"); do
   for sc in $SCENARIOS; do
     for mode in $MODES; do
       case "$mode" in
-        inmem) durability=safe; subs=(); label=inmem-clean ;;
-        safe|fast) durability=$mode; subs=(--persistent-subs); label="persist-$mode" ;;
-        *) die "unknown mode $mode (inmem, safe, fast)" ;;
+        inmem) durability=safe; subs=(); label=inmem-clean; replicas="" ;;
+        safe|fast) durability=$mode; subs=(--persistent-subs); label="persist-$mode"; replicas="" ;;
+        cluster) durability=safe; subs=(--persistent-subs); label=cluster-r0; replicas=0 ;;
+        replicated) durability=safe; subs=(--persistent-subs); label=cluster-r1; replicas=1 ;;
+        *) die "unknown mode $mode (inmem, safe, fast, cluster, replicated)" ;;
       esac
       log="$WORK/logs/$label-$STAMP.log"
       echo "=== rep $rep $sc $label $(date +%T)" >> "$log"
-      start_node "$durability" "$log" || continue
+      start_node "$durability" "$log" "$replicas" || continue
       # shellcheck disable=SC2086
       timeout -k 5 $((DURATION + 120)) "${GPIN[@]}" "$PY" "$WRAP" "${subs[@]}" run --port "$MQTT_PORT" \
         --label "$label" --scenarios "$sc" --duration "$DURATION" --repeat 1 --rep-base $((rep - 1)) \
