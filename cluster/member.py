@@ -38,6 +38,7 @@ FORWARD_BATCH = 1000    # forwarded messages per node-to-node message at most
 STATS_PERIOD = 1.0      # seconds between stats gossip to peers
 RECONCILE_PERIOD = 1.0  # seconds between route reconciliations
 DOWN_AFTER = 2.0        # a peer silent this long (no link) is shown down
+REDO_REFUSED = object()  # _redo_here: a re-sent forward this node cannot take
 LINK_LINGER = 2.0       # seconds the link to a removed node stays (answers in flight)
 
 
@@ -143,6 +144,7 @@ class ClusterMember:
             "ret": lambda peer, body: self._apply_retained(*body), "stats": self._on_stats,
             "repl": self.replication.on_repl,
             "repl_ok": self.replication.on_ack, "pubr": self._on_pubr,
+            "pubc_no": self._on_pubc_no,
         }
         requests = {
             SnapshotRequest.kind: t.on_snapshot_request, LateBatch.kind: t.on_late,
@@ -644,15 +646,34 @@ class ClusterMember:
 
     def _take_pubr(self, peer: str, body) -> None:
         cid, items, source, first_cid = body[0], body[1], body[2], body[3]
-        self._confirm_when(self._redo_here(peer, items, source, first_cid), peer, cid)
+        wait = self._redo_here(peer, items, source, first_cid)
+        if wait is REDO_REFUSED:
+            self.transport.send(peer, "pubc_no", cid, True)
+        else:
+            self._confirm_when(wait, peer, cid)
+
+    def _on_pubc_no(self, peer: str, cid) -> None:
+        """A re-sent forward that could not be stored: its publishers are not answered
+        (their connections close; they send again)."""
+        entry = self._confirms.get(cid)
+        if entry is None or entry[0] != peer:
+            return
+        del self._confirms[cid]
+        entry[1].cancel()
 
     def _redo_here(self, sender: str, items: list, source: str, first_cid: int):
         """Deliver a re-sent forward to the sessions promoted here from ``source``, unless
         ``source`` had stored it (its replica stream marked it). Returns the wait for
-        the store (and replicas), or None."""
+        the store (and replicas), None, or REDO_REFUSED: a session moving here from
+        ``source`` still waited for the late messages ``source`` held (they went with
+        it; these may be among them, or already here): not confirmed either way."""
         rep = self.replication
         if rep.marked(source, sender, first_cid):
             return None
+        if self.takeovers.waiting_for(source):
+            log.warning("re-sent forward refused node=%s from=%s dead=%s: a hand-over from "
+                        "it still waits for its late messages", self.node_id, sender, source)
+            return REDO_REFUSED
         only = {c for c, src in rep.promoted_from.items() if src == source}
         if not only:
             return None
@@ -678,6 +699,9 @@ class ClusterMember:
             for target in targets:
                 if target == self.node_id:
                     w = self._redo_here(self.node_id, items, node, cid)
+                    if w is REDO_REFUSED:
+                        w = self.loop.create_future()
+                        w.cancel()
                     if w is not None:
                         waits.append(w)
                     continue

@@ -837,6 +837,11 @@ class Takeovers(HoldingSide):
 
     # -- every node: Raft events -------------------------------------------------------------
 
+    def waiting_for(self, node: str) -> list[str]:
+        """ClientIDs whose hand-over from ``node`` to here still waits for its late
+        messages (what it held back for them is with it)."""
+        return [cid for cid, gate in self.incoming.items() if gate.machine.holder == node]
+
     def on_claimed(self, client_id: str, owner: str, epoch: int, holder, clean: bool) -> None:
         if owner == self.node_id:
             return

@@ -10,13 +10,15 @@ QoS 1 to the session's topic at 100/s: its longest gap between two PUBACKs is at
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from support import (ConnectionClosed, NumberedPublisher, PahoClient, Prop, Puback,
-                     Pubcomp, Publish, Pubrec, Pubrel, wait_for)
+from support import (HAPROXY, Balancer, ConnectionClosed, NumberedPublisher, PahoClient,
+                     Prop, Puback, Pubcomp, Publish, Pubrec, Pubrel, RawClient, wait_for)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -159,3 +161,79 @@ def test_a_killed_nodes_session_resumes_on_a_replica_with_nothing_lost(cluster_f
     assert b"exactly-once" not in got
     queued_got = [p for p in got if p.startswith(b"queued-")]
     assert len(set(queued_got)) == QUEUED
+
+
+SCALE = 1000
+SCALE_WITHIN_S = 30.0
+
+
+def test_a_thousand_sessions_of_a_killed_node_resume_through_haproxy(cluster_factory,
+                                                                       tmp_path):
+    """1,000 persistent sessions held by n3, one queued QoS 1 message each; kill -9 n3 (not
+    restarted): their clients reconnect at once through HAProxy and all resume with session
+    present = 1 and their message within 30 s of the kill."""
+    if HAPROXY is None:
+        if os.environ.get("CI"):
+            pytest.fail("haproxy is not installed: CI installs it with .ci/run")
+        pytest.skip("haproxy is not installed")
+    cluster = cluster_factory(3)
+    n1, n3 = cluster.node(1), cluster.node(3)
+    tag = uid()
+    ids = [f"scale-{tag}-{i}" for i in range(SCALE)]
+    props = {Prop.SESSION_EXPIRY_INTERVAL: 3600}
+
+    def open_session(cid: str) -> None:
+        with n3.raw(5, timeout=10.0) as raw:
+            raw.connect(cid, clean_start=True, properties=props)
+            raw.subscribe(f"scale/{tag}/{cid}", qos=1)
+            raw.disconnect()
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(open_session, ids))
+    pub = n1.raw(5, timeout=10.0)
+    pub.connect(f"scale-pub-{tag}")
+    for cid in ids:
+        pub.publish(f"scale/{tag}/{cid}", cid.encode(), qos=1)
+    pub.disconnect()
+
+    def replicated() -> bool:
+        me = next(n for n in n3.cluster_view()["nodes"] if n["id"] == "n3")
+        return me["sessions"] == SCALE and me["under_replicated"] == 0
+    wait_for(replicated, 30.0, interval=0.2, message="1,000 sessions on n3, all replicated")
+
+    lb = Balancer(tmp_path, cluster.nodes, send_proxy=False).start()
+    try:
+        killed_at = time.monotonic()
+        cluster.kill(3)
+        deadline = killed_at + SCALE_WITHIN_S
+
+        def resume(cid: str) -> float:
+            while time.monotonic() < deadline:
+                raw = None
+                try:
+                    raw = RawClient(lb.host, lb.port, 5, timeout=5.0)
+                    ack = raw.connect(cid, clean_start=False, properties=props,
+                                      expect_success=False)
+                except (OSError, TimeoutError, ConnectionClosed, AssertionError):
+                    if raw is not None:
+                        raw.close()
+                    time.sleep(0.2)  # pacing between attempts through the balancer
+                    continue
+                if ack.reason_code != 0:
+                    raw.close()
+                    time.sleep(0.2)
+                    continue
+                assert ack.session_present, f"{cid}: session present = 0"
+                p = raw.await_packet(lambda p: isinstance(p, Publish), f"{cid}'s message",
+                                     max(0.5, deadline - time.monotonic()))
+                assert p.payload == cid.encode(), (cid, p)
+                raw.send(Puback(p.packet_id))
+                raw.disconnect()
+                return time.monotonic() - killed_at
+            raise AssertionError(f"{cid} did not resume within {SCALE_WITHIN_S}s")
+        with ThreadPoolExecutor(32) as pool:
+            took = sorted(pool.map(resume, ids))
+    finally:
+        lb.stop()
+    print(f"\n{SCALE} sessions resumed through HAProxy: first {took[0]:.2f}s, median "
+          f"{took[len(took) // 2]:.2f}s, last {took[-1]:.2f}s after the kill")
+    assert took[-1] <= SCALE_WITHIN_S
