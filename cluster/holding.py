@@ -212,10 +212,11 @@ class HoldingSide:
         # on disk before any late message (the log keeps order): after a crash, the
         # queued messages from this key on are the ones the new holder may lack
         mark = HandoverMark.of(session)
-        mark.handed = Handed(sender, epoch, session.seq, tuple(sorted(view.members)))
+        barrier_nodes = self.barrier_nodes()
+        mark.handed = Handed(sender, epoch, session.seq, tuple(sorted(barrier_nodes)))
         mark.save(session)
         self.broker.persist(session)
-        out = HolderHandover(client_id, epoch, sender, set(view.members), copy=session)
+        out = HolderHandover(client_id, epoch, sender, barrier_nodes, copy=session)
         self.outgoing[client_id] = out
         session.gate = self._outgoing_gate(out)
         # HANDED: until ``moved`` is applied here this copy is the session (the new node
