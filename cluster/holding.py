@@ -212,11 +212,10 @@ class HoldingSide:
         # on disk before any late message (the log keeps order): after a crash, the
         # queued messages from this key on are the ones the new holder may lack
         mark = HandoverMark.of(session)
-        barrier_nodes = self.barrier_nodes()
-        mark.handed = Handed(sender, epoch, session.seq, tuple(sorted(barrier_nodes)))
+        mark.handed = Handed(sender, epoch, session.seq, tuple(sorted(view.members)))
         mark.save(session)
         self.broker.persist(session)
-        out = HolderHandover(client_id, epoch, sender, barrier_nodes, copy=session)
+        out = HolderHandover(client_id, epoch, sender, set(view.members), copy=session)
         self.outgoing[client_id] = out
         session.gate = self._outgoing_gate(out)
         # HANDED: until ``moved`` is applied here this copy is the session (the new node

@@ -885,8 +885,6 @@ class ClusterMember:
         """``node``'s sessions were promoted on their replicas (it was declared down or
         forgotten): the copies here install or give way, its forwards go again."""
         self.replication.on_node_down(node, promoted, position, stuck)
-        # it routes nothing any more: the hand-overs waiting for its barrier stop waiting
-        self.takeovers.on_peer_switched(node, None, None, position)
         for client_id, target, epoch in promoted:
             if target != self.node_id:
                 self.takeovers.on_claimed(client_id, target, epoch, target, False)

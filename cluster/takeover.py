@@ -325,7 +325,7 @@ class Takeovers(HoldingSide):
             if len(chunks) != nchunks:
                 return m.unreachable(f"snapshot chunks missing: {len(chunks)}/{nchunks}")
             record["queue"] = [item for i in range(nchunks) for item in chunks[i]]
-        return m.record(record, _now(), self.barrier_nodes(),
+        return m.record(record, _now(), set(self.member.view.members),
                         self.config.takeover_timeout + self.config.barrier_timeout + 5.0)
 
     async def _wait_holder_change(self, client_id: str, holder: str, deadline: float):
@@ -836,13 +836,6 @@ class Takeovers(HoldingSide):
                     self.config.barrier_timeout))
 
     # -- every node: Raft events -------------------------------------------------------------
-
-    def barrier_nodes(self) -> set[str]:
-        """The nodes whose barrier a hand-over starting now waits for: the members not
-        declared down (a dead node forwards nothing more; one declared down while alive
-        drops what it held and announces itself again)."""
-        view = self.member.view
-        return set(view.members) - set(view.down)
 
     def waiting_for(self, node: str) -> list[str]:
         """ClientIDs whose hand-over from ``node`` to here still waits for its late
