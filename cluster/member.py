@@ -686,16 +686,23 @@ class ClusterMember:
         rep.mark_forward(sender, first_cid)
         return self._stored_wait(held)
 
-    def redo_forwards(self, node: str, targets: list[str]) -> None:
+    def redo_forwards(self, node: str, targets: list[str], still_holds: bool) -> None:
         """``node`` was declared down: the batches forwarded to it that it never confirmed
         go again to the nodes its sessions were promoted to (``pubr``); their publishers'
-        acknowledgements wait for those confirmations instead."""
+        acknowledgements wait for those confirmations instead, and for ``node``'s own too
+        when it ``still_holds`` sessions without a replica (they may be among the
+        receivers; it confirms if it comes back)."""
         lost = [(cid, e) for cid, e in self._confirms.items() if e[0] == node]
         if not lost:
             return
-        for cid, (_node, fut, _t, items) in lost:
-            del self._confirms[cid]
+        for cid, (_node, fut, sent_at, items) in lost:
             waits = []
+            if still_holds:
+                own = self.loop.create_future()
+                self._confirms[cid] = (node, own, sent_at, items)
+                waits.append(own)
+            else:
+                del self._confirms[cid]
             for target in targets:
                 if target == self.node_id:
                     w = self._redo_here(self.node_id, items, node, cid)
@@ -712,9 +719,9 @@ class ClusterMember:
                                                      self.view.tables.position,
                                                      self._promoted_at()], True)
                 waits.append(done)
-            if not targets:
-                # its sessions had no replica: nobody can store these now; the publishers'
-                # acknowledgements are given up (their connections close, they send again)
+            if not targets and not still_holds:
+                # nothing it held is anywhere else: nobody can store these now; the
+                # publishers' acknowledgements are given up (they send again)
                 if not fut.done():
                     fut.cancel()
                 continue

@@ -585,10 +585,9 @@ class Replication:
             log.warning("sessions promoted node=%s from=%s count=%d of=%d ms=%.1f "
                         "since_last_heard=%.2fs", self.node_id, node, installed, len(mine), ms,
                         silent)
-        if not stuck:
-            # (a node that still holds sessions of its own is waited for, as before: what
-            # was forwarded to it may be for them)
-            self.member.redo_forwards(node, sorted({p[1] for p in promoted}))
+        # (a node that still holds sessions of its own is waited for too: what was
+        # forwarded to it may be for them)
+        self.member.redo_forwards(node, sorted({p[1] for p in promoted}), stuck > 0)
         if self.k:
             self._schedule_place()
 

@@ -143,7 +143,9 @@ def test_a_leave_that_would_lose_the_quorum_is_refused_and_the_node_serves_on(cl
 
 
 def test_forget_a_killed_node_releases_its_sessions(cluster_factory):
-    cluster = cluster_factory(3, takeover_timeout=2.0)
+    # sessions without a replica (with one, the node is declared down and its session is
+    # promoted: tests/cluster/test_replicas.py)
+    cluster = cluster_factory(3, takeover_timeout=2.0, session_replicas=0)
     n1, n2, n3 = cluster.nodes
     cid = park_session(n3, "fg")
     wait_for(lambda: (n1.session_view(cid) or {}).get("holder") == n3.node_id, 10.0)
