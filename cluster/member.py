@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import secrets
 import socket
 import time
@@ -27,7 +28,8 @@ from .messages import (KINDS, Adopt, Barrier, LateBatch, MalformedMessage, SnapC
                        SnapshotRequest, Switched, decode)
 from .replication import Replication
 from .routing import (Claimed, Event, Forgotten, MemberChanged, Moved, NodeDown, RaftNode,
-                      RaftUnavailable, Released, Replaced, RoutesChanged, RoutingView)
+                      RaftUnavailable, Released, Replaced, RoutesChanged, RoutingView,
+                      clear_raft_files)
 from .takeover import Takeovers
 from .transport import PeerUnreachable, RemoteError, RequestTimeout, Transport
 from .wire import pack_forward, unpack_forward
@@ -314,17 +316,24 @@ class ClusterMember:
                                "--cluster-port (Raft uses cluster_port + 1)") from None
         self._raft_port_hold = sock
 
-    def start_raft(self, voters: list[str]) -> None:
+    def start_raft(self, voters: list[str], keep_log: bool = False) -> None:
         """Start this node's Raft node with ``voters`` (Raft addresses; this node's own,
-        if listed, is skipped) as its configuration."""
+        if listed, is skipped) as its configuration. Its log, term and vote live in
+        ``data_dir/raft``: ``keep_log`` (a voter rejoining its cluster) goes on from them,
+        else (founding, forming, joining as a new member) they start empty."""
         partners = [v for v in voters if v != self.info["raft"]]
         hold, self._raft_port_hold = self._raft_port_hold, None
         if hold is not None:
             hold.close()  # pysyncobj binds it next
         config = self.config
+        log_dir = os.path.join(config.data_dir, "raft")
+        os.makedirs(log_dir, exist_ok=True)
+        if not keep_log and clear_raft_files(log_dir):
+            log.info("Raft log of an earlier membership dropped node=%s: joining as a new "
+                     "member", self.node_id)
         self.raft = RaftNode(self.info["raft"], partners, config.cluster_secret, config.host,
                              self.view, self.loop, (config.raft_compaction_entries,
-                                                    config.raft_compaction_seconds))
+                                                    config.raft_compaction_seconds), log_dir)
 
     async def stop_raft(self) -> None:
         """This node's Raft node goes (it left the cluster, or must start over as a

@@ -140,7 +140,8 @@ class Membership:
                 voters = ready[0][1]["voters"]
                 if voter and me in voters:
                     log.info("rejoining as a voter node=%s voters=%s", self.node_id, voters)
-                    self.member.start_raft(voters)
+                    # (its log names its own address: kept unless that changed)
+                    self.member.start_raft(voters, keep_log=me in stored["voters"])
                     await self._take_seat(stored.get("cluster_id"), ready)
                     return
                 why = "it left" if stored["left"] else (
@@ -154,7 +155,11 @@ class Membership:
                 if voters is not None:
                     log.info("no member serves: re-forming the cluster from the stored "
                              "voters node=%s voters=%s", self.node_id, voters)
-                    self.member.start_raft(voters)
+                    # a log names the voters' addresses: one with addresses that changed
+                    # outside Raft (all pods recreated) would bring the old ones back as
+                    # voters, so it is kept only when they are the stored ones
+                    self.member.start_raft(voters, keep_log=sorted(voters) == sorted(
+                        stored["voters"]))
                     outcome = await self._wait_quorum(stored)
                     if outcome == "leader":
                         await self._take_seat(stored.get("cluster_id"), [])

@@ -268,9 +268,31 @@ class Replication:
                 if limit is not None:
                     limit -= 1
 
+    async def seeds_stored(self, cid: str, timeout: float) -> list[str]:
+        """The replicas that stored the seed of ``cid`` (a session just taken over here),
+        waiting up to ``timeout`` for the seeds in flight: the hand-over's move records
+        them as its in-sync set in the same entry, so the session is never held here
+        without a promotable replica while the table catches up."""
+        if not self.k:
+            return []
+        if cid in self._to_place:
+            self._to_place.discard(cid)
+            self._fill(cid)
+        waits = [b.fut for b in self._out.values() if cid in b.seeds]
+        waits.extend(b.fut for q in self._unacked.values() for b in q if cid in b.seeds)
+        if waits:
+            await asyncio.wait(waits, timeout=timeout)
+        return sorted(self.seeded.get(cid, set()) & self.streams.get(cid, set()))
+
     def moved_here(self, cid: str) -> None:
         """A hand-over to this node committed: the replicas seeded while it waited for
-        that are recorded now (a session that keeps moving would otherwise never be)."""
+        that are recorded now (a session that keeps moving would otherwise never be). A
+        node the move recorded in-sync that was dropped meanwhile is dropped again: no
+        acknowledgement until the table no longer counts it (see ``_drop``)."""
+        stale = set(self.member.view.replicas.get(cid, ())) - \
+            (self.seeded.get(cid, set()) & self.streams.get(cid, set()))
+        for node in sorted(stale):
+            self._drop(node, f"dropped while the move of {cid} was in flight")
         if self.seeded.get(cid):
             self._record_insync([cid])
 

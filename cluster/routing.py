@@ -16,7 +16,9 @@ Operations (tuples, the first item names them):
     ("claim", client_id, node_id, clean_start)   -> (epoch, holder)
     ("release", client_id, node_id, epoch)       -> bool
     ("routes", node_id, added, removed)          -> None (filters, "$share/..." kept whole)
-    ("moved", client_id, epoch, from_node, to_node) -> bool (takeover barrier point)
+    ("moved", client_id, epoch, from_node, to_node[, replicas])
+                                                 -> bool (takeover barrier point; the
+                                                    new holder's in-sync replicas)
     ("member", node_id, info | None)             -> None (None removes)
     ("forget", node_id)                          -> [client_id...] (a dead node removed:
                                                     its member entry, routes and sessions)
@@ -46,8 +48,8 @@ Replicas (cluster/replication.py). ``replicas[client_id]`` is the in-sync replic
 the session at its current holder: nodes that hold a copy of every change the holder
 acknowledged. The holder records a node there once the node stored its seed (``replicas``,
 refused unless the proposer still holds the session); a replica that stops answering is
-dropped (``unreplicate``). A move, a clean claim or a release empties it (the new holder
-seeds its own). ``down`` is the leader's verdict that a node has been silent for
+dropped (``unreplicate``). A move sets it to the replicas the new holder seeded before
+proposing it (none: empty); a clean claim or a release empties it. ``down`` is the leader's verdict that a node has been silent for
 ``failover_timeout``: for every session it held that has an in-sync replica up, the first
 such replica becomes owner and holder under a new epoch (the fence: the old node's
 messages about it carry an older epoch), and the dead node's routes go to the nodes that
@@ -60,6 +62,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -258,7 +261,8 @@ def _routes(t: Tables, node_id: str, added, removed):
     return None, RoutesChanged(node_id, tuple(added), tuple(removed))
 
 
-def _moved(t: Tables, client_id: str, epoch: int, from_node: str, to_node: str):
+def _moved(t: Tables, client_id: str, epoch: int, from_node: str, to_node: str,
+           replicas=()):
     # only for the claim that is still current: a move proposed for an older epoch (a
     # newer claim was applied first) never happens, whatever holds the session
     owner = t.owners.get(client_id)
@@ -268,7 +272,13 @@ def _moved(t: Tables, client_id: str, epoch: int, from_node: str, to_node: str):
         t.holders[client_id] = to_node
         _moved_at(t)[client_id] = t.position
         _left_at(t).setdefault(client_id, {})[from_node] = t.position
-        _replicas(t).pop(client_id, None)
+        down = _down(t)
+        reps = [n for n in dict.fromkeys(replicas or ())
+                if n != to_node and n in t.members and n not in down]
+        if reps:
+            _replicas(t)[client_id] = reps
+        else:
+            _replicas(t).pop(client_id, None)
     return ok, Moved(client_id, epoch, from_node, to_node, ok, t.position)
 
 
@@ -510,9 +520,12 @@ class RoutingView:
 
 
 def raft_conf(secret: str, bind_addr: str, journal: str | None = None,
-              compaction_entries: int = 20_000, compaction_seconds: float = 60.0) -> SyncObjConf:
+              compaction_entries: int = 20_000, compaction_seconds: float = 60.0,
+              dump: str | None = None) -> SyncObjConf:
     """The settings measured on this kind of machine (DESIGN.md). ``bind_addr`` is
-    "host:port": pysyncobj binds 0.0.0.0 unless told."""
+    "host:port": pysyncobj binds 0.0.0.0 unless told. ``journal`` and ``dump`` (files) keep
+    the log, the term and the vote, and the compacted state across a restart of the
+    process: a Raft voter must not forget what it acknowledged or whom it voted for."""
     return SyncObjConf(
         password=secret,
         bindAddress=bind_addr,
@@ -529,7 +542,29 @@ def raft_conf(secret: str, bind_addr: str, journal: str | None = None,
         logCompactionMinTime=compaction_seconds,
         commandsWaitLeader=True,
         journalFile=journal,
+        fullDumpFile=dump,
     )
+
+
+def raft_files(log_dir: str) -> tuple[str, ...]:
+    """The files pysyncobj keeps in ``log_dir``: the log (with its ``.meta``: term, vote,
+    commit index), the compacted state, and their temporary files."""
+    journal = os.path.join(log_dir, "raft.journal")
+    dump = os.path.join(log_dir, "raft.dump")
+    return journal, dump, journal + ".meta", dump + ".tmp", journal + ".meta.tmp"
+
+
+def clear_raft_files(log_dir: str) -> int:
+    """Remove the Raft files of ``log_dir`` (a node that joins as a new member starts
+    with an empty log); returns how many there were."""
+    removed = 0
+    for path in raft_files(log_dir):
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            continue
+        removed += 1
+    return removed
 
 
 class Proposals:
@@ -561,14 +596,20 @@ class RaftNode:
 
     def __init__(self, self_addr: str, partners: list[str], secret: str, bind_host: str,
                  view: RoutingView, loop: asyncio.AbstractEventLoop,
-                 compaction: tuple[int, float] = (20_000, 60.0)) -> None:
+                 compaction: tuple[int, float] = (20_000, 60.0),
+                 log_dir: str | None = None) -> None:
+        """``log_dir``: where the Raft log and the compacted state live (the files of
+        :func:`raft_files`); None keeps them in memory (a restart forgets them)."""
         self.view = view
         self.loop = loop
         self.self_addr = self_addr
         self.state = RoutingState(self._events_from_raft)
         port = self_addr.rsplit(":", 1)[1]
-        conf = raft_conf(secret, f"{bind_host}:{port}", compaction_entries=compaction[0],
-                         compaction_seconds=compaction[1])
+        journal = dump = None
+        if log_dir is not None:
+            journal, dump = raft_files(log_dir)[:2]
+        conf = raft_conf(secret, f"{bind_host}:{port}", journal, compaction[0], compaction[1],
+                         dump)
         self.syncobj = SyncObj(self_addr, partners, conf=conf, consumers=[self.state])
         self._pending: list[tuple[tuple, asyncio.Future]] = []
         self._flush_scheduled = False

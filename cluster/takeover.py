@@ -61,6 +61,10 @@ log = logging.getLogger("shoal.takeover")
 
 #: how many times a late batch is passed on after a session that left its receiver
 RELAY_HOPS = 3
+#: how long a hand-over waits for its replicas to store the session before its move is
+#: proposed (they are then its in-sync set from the move on; a slower one is recorded
+#: once it answers, and the session has no promotable replica until then)
+SEED_WAIT = 0.5
 #: upper bounds (seconds) of the takeover latency histogram (GET /metrics)
 TAKEOVER_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -358,9 +362,12 @@ class Takeovers(HoldingSide):
         if filters:
             member.raft.submit(("routes", self.node_id, filters, [])).add_done_callback(
                 _retrieve)
+        # the replicas that stored the session's seed become its in-sync set with the move
+        replicas = await member.replication.seeds_stored(m.client_id, SEED_WAIT)
         try:
             moved = await member.raft.run(("moved", m.client_id, m.epoch, propose.holder,
-                                           self.node_id), self.config.takeover_timeout)
+                                           self.node_id, replicas),
+                                          self.config.takeover_timeout)
         except RaftUnavailable as err:
             log.warning("hand-over not confirmed client_id=%s node=%s from=%s epoch=%d: %r "
                         "(the client is refused; the move may still commit)", m.client_id,
