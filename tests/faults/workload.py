@@ -6,6 +6,7 @@ of the workload, never synchronisation."""
 
 from __future__ import annotations
 
+import collections
 import random
 import threading
 import time
@@ -85,6 +86,7 @@ class _Worker:
                  attempts: int = 200) -> PahoClient | None:
         """Connect to a random running node (any node: a dead one refuses at once);
         None when stopped first. Records connected/disconnected events."""
+        why: collections.Counter = collections.Counter()
         for _ in range(attempts):
             if self.stop_event.is_set() and not resume:
                 return None
@@ -94,6 +96,7 @@ class _Worker:
                 present = client.connect(clean=not resume, timeout=15.0)
             except (OSError, AssertionError) as err:
                 self.connect_failures += 1
+                why[f"{node.node_id}: {type(err).__name__}: {str(err)[:60]}"] += 1
                 self.history.add(ev.disconnected, self.name, f"connect to {node.node_id}: "
                                  f"{type(err).__name__}: {str(err)[:80]}")
                 _close(client)
@@ -101,7 +104,8 @@ class _Worker:
                 continue
             self.history.add(ev.connected, self.name, node.node_id, present, resume)
             return client
-        raise AssertionError(f"{self.name}: no connection in {attempts} attempts")
+        raise AssertionError(f"{self.name}: no connection in {attempts} attempts: "
+                             f"{why.most_common(6)}")
 
 
 class Publisher(_Worker):
