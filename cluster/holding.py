@@ -135,6 +135,15 @@ class HoldingSide:
         self._decide(out, None if holder in (None, self.node_id) else moved_at)
         mark = HandoverMark.of(session)
         late, relayed = _stale_late(session, mark) if mark.handed is not None else ([], {})
+        promoted = getattr(self.member.view.tables, "promoted", {}).get(client_id, {})
+        if holder not in (None, self.node_id) and \
+                promoted.get(self.node_id, -1) > out.epoch:
+            # promoted from this node while it was down: its replica had this copy's
+            # every acknowledged change, late messages included; they are not sent twice
+            log.warning("late messages of a hand-over dropped after a restart client_id=%s "
+                        "node=%s: the session was promoted on %s meanwhile (count=%d)",
+                        client_id, self.node_id, holder, len(late))
+            late, relayed = [], {}
         actions = out.judged(holder, self.node_id, late, moved_at)
         if out.state is HolderState.TAKEN_BACK:
             del self.outgoing[client_id]
@@ -190,6 +199,10 @@ class HoldingSide:
             return {"stale": True}  # claimed again while we waited
         session = self.broker.sessions.get(client_id)
         if session is None:
+            if not (self.member.caught_up and self.member.replication.adopted):
+                # restarting: a session promoted here while this node was down is
+                # installed from its replica copy once the table is caught up
+                return {"retry": True}
             return {"none": True}
         if session.state is SessionState.HANDING_OVER:
             out = self.outgoing.get(client_id)

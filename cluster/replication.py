@@ -42,7 +42,6 @@ import collections
 import itertools
 import logging
 import os
-import time
 import zlib
 
 from node.metrics import Histogram
@@ -117,6 +116,9 @@ class Replication:
         self._fenced: set[str] = set()  # copy keys promoted here: their source is stale
         #: ClientID -> the node it was promoted from (a re-sent forward is for these)
         self.promoted_from: dict[str, str] = {}
+        #: the copies promoted here while the node was down are installed (at start,
+        #: after the catch-up): until then a session missing here may just not be yet
+        self.adopted = False
         # -- counters (metrics)
         self.failovers = 0
         self.promotions = 0
@@ -125,21 +127,24 @@ class Replication:
         self.batches_sent = 0
         self.changes_sent = 0
         self.redone = 0
-        self._started = time.monotonic()
+        self._started = self.loop.time()
         self._swept_at = self._repaired_at = self._started
         self._task: asyncio.Task | None = None
 
     # -- start / stop ---------------------------------------------------------------------
 
-    def open(self) -> None:
-        """Open the replica store (blocking: at start) and put the tap on the journal."""
+    def open(self, copies=None) -> None:
+        """Open the replica store (blocking: at start; ``copies``: one opened already,
+        as the simulation's) and put the tap on the journal."""
         if not self.broker.has_store():
             return  # no store here: nothing to replicate, nowhere to keep copies
-        path = os.path.join(self.config.data_dir, "replicas")
-        self.copies = SessionStore(path, durability=self.config.durability)
-        _loaded, report = self.copies.open()
-        for problem in getattr(report, "problems", ()) or ():
-            log.error("replica store: %s node=%s", problem, self.node_id)
+        if copies is None:
+            path = os.path.join(self.config.data_dir, "replicas")
+            copies = SessionStore(path, durability=self.config.durability)
+            _loaded, report = copies.open()
+            for problem in getattr(report, "problems", ()) or ():
+                log.error("replica store: %s node=%s", problem, self.node_id)
+        self.copies = copies
         if self.k:
             self.broker.attach_replication(self.tap, self.wait)
 
@@ -226,7 +231,7 @@ class Replication:
     def _flush(self) -> None:
         self._flush_scheduled = False
         out, self._out = self._out, {}
-        now = time.monotonic()
+        now = self.loop.time()
         for node, batch in out.items():
             batch.sent_at = now
             self._unacked.setdefault(node, collections.deque()).append(batch)
@@ -355,7 +360,7 @@ class Replication:
                 log.exception("replication pass failed node=%s", self.node_id)
 
     def _pass(self) -> None:
-        now = time.monotonic()
+        now = self.loop.time()
         member = self.member
         if member.raft is None or not member.ready:
             return
@@ -454,7 +459,7 @@ class Replication:
 
     def lag(self) -> dict:
         """Per replica node: batches unanswered and the age of the oldest (seconds)."""
-        now = time.monotonic()
+        now = self.loop.time()
         return {n: {"batches": len(q), "oldest_s": round(now - q[0].sent_at, 3) if q else 0.0}
                 for n, q in self._unacked.items()}
 
@@ -492,7 +497,7 @@ class Replication:
         refs: dict[bytes, object] = {}
         seeding: set[str] = set()  # copies this batch (re)starts with a ("d")
         refused = []
-        now = time.monotonic()
+        now = self.loop.time()
         for change in changes:
             try:
                 self._apply(store, peer, change, refs, seeding, now)
@@ -569,7 +574,7 @@ class Replication:
         store = self.copies
         if store is None:
             return
-        now = time.monotonic()
+        now = self.loop.time()
         if now - self._swept_at < SWEEP_PERIOD:
             return
         self._swept_at = now
@@ -590,7 +595,7 @@ class Replication:
         """``node`` was declared down (or forgotten): install the sessions promoted here,
         give up the waits on it, and send again what was forwarded to it unconfirmed."""
         self.failovers += 1
-        t0 = time.monotonic()
+        t0 = self.loop.time()
         # it is no replica any more: nothing more waits for it
         self._remove_node(node)
         self._release_waits(node)
@@ -601,7 +606,7 @@ class Replication:
                 installed += 1
         if mine:
             self.promotions += installed
-            ms = (time.monotonic() - t0) * 1000
+            ms = (self.loop.time() - t0) * 1000
             silent = self.transport.silent_for(node)
             self.failover_hist.observe(silent)
             log.warning("sessions promoted node=%s from=%s count=%d of=%d ms=%.1f "
@@ -618,6 +623,7 @@ class Replication:
         the log (the table says it holds them, its replica store has their copy)."""
         store = self.copies
         if store is None:
+            self.adopted = True
             return
         view = self.member.view
         n = 0
@@ -627,6 +633,7 @@ class Replication:
             if view.holders.get(cid) == self.node_id and cid not in self.broker.sessions \
                     and owner is not None and owner[0] == self.node_id:
                 n += self._promote(cid, source, owner[1])
+        self.adopted = True
         if n:
             log.warning("sessions promoted here while starting adopted node=%s count=%d",
                         self.node_id, n)

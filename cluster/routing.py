@@ -106,6 +106,10 @@ class Tables:
     #: the position of the latest ``down`` that promoted sessions (0: none): a forward
     #: routed with a table at or past it waits at a receiver that has not applied it
     promoted_at: int = 0
+    #: per promoted ClientID, per node it was promoted from, the promotion's epoch: a
+    #: copy that node kept from an older epoch is superseded, late messages included
+    #: (its replica had them)
+    promoted: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def copy(self) -> "Tables":
         return Tables({k: dict(v) for k, v in self.members.items()}, dict(self.owners),
@@ -114,7 +118,8 @@ class Tables:
                       dict(getattr(self, "moved_at", {})),
                       {c: dict(n) for c, n in getattr(self, "left_at", {}).items()},
                       {c: list(n) for c, n in _replicas(self).items()}, dict(_down(self)),
-                      getattr(self, "promoted_at", 0))
+                      getattr(self, "promoted_at", 0),
+                      {c: dict(n) for c, n in _promoted(self).items()})
 
 
 # What an operation changed, as the view's listeners see it (cluster/member.py dispatches
@@ -211,6 +216,7 @@ def _claim(t: Tables, client_id: str, node_id: str, clean: bool):
     if clean or holder is None:
         t.holders[client_id] = node_id
         _replicas(t).pop(client_id, None)
+        _promoted(t).pop(client_id, None)
     return (epoch, holder), Claimed(client_id, node_id, epoch, prev[0] if prev else None,
                                     holder, bool(clean))
 
@@ -226,6 +232,7 @@ def _release(t: Tables, client_id: str, node_id: str, epoch: int):
         _moved_at(t).pop(client_id, None)
         _left_at(t).pop(client_id, None)
         _replicas(t).pop(client_id, None)
+        _promoted(t).pop(client_id, None)
         released = True
     return released, (Released(client_id, node_id, epoch) if released else None)
 
@@ -254,6 +261,10 @@ def _replicas(t: Tables) -> dict:
 
 def _down(t: Tables) -> dict:
     return _added_map(t, "down")
+
+
+def _promoted(t: Tables) -> dict:
+    return _added_map(t, "promoted")
 
 
 def _routes(t: Tables, node_id: str, added, removed):
@@ -328,6 +339,7 @@ def _promote(t: Tables, node_id: str) -> tuple[list, int]:
         _moved_at(t)[cid] = t.position
         _left_at(t).setdefault(cid, {})[node_id] = t.position
         reps[cid] = []
+        _promoted(t).setdefault(cid, {})[node_id] = epoch
         promoted.append((cid, target, epoch))
     _drop_replica(t, node_id)
     gone = [f for f, n in t.routes.items() if node_id in n]
@@ -381,6 +393,7 @@ def _forget(t: Tables, node_id: str):
         if owner is not None and owner[0] == node_id:
             del t.owners[cid]
         _replicas(t).pop(cid, None)
+        _promoted(t).pop(cid, None)
     return released, Forgotten(node_id, tuple(released), tuple(promoted), t.position)
 
 

@@ -61,7 +61,7 @@ from node.persist import STORE_COMMIT_TIMEOUT
 from node.session.message import Message
 from node.session.session import SessionState
 from node.store.format import Op
-from node.store.state import LiveState, MessageRef
+from node.store.state import LiveState, MessageRef, SessionData, StoredMessage
 from node.topics import SubEntry, SubscriptionTree
 
 from .member import ClusterMember
@@ -253,6 +253,22 @@ class SimStore:
         self._append([Op.RETAIN, topic, record])
         self.live.put_retained(topic, record, 0)
 
+    # (reads, as the engine's: the replica side promotes and sweeps copies with them)
+    def has_session(self, client_id: str) -> bool:
+        return client_id in self.live.sessions
+
+    def session_ids(self) -> list[str]:
+        return list(self.live.sessions)
+
+    def session_data(self, client_id: str) -> SessionData | None:
+        s = self.live.sessions.get(client_id)
+        if s is None:
+            return None
+        bodies = self.live.bodies
+        return SessionData(s.meta, {k: StoredMessage(e, MessageRef(bid, bodies[bid][0]))
+                                    for k, (e, bid, _sz) in sorted(s.messages.items())},
+                           set(s.incoming))
+
     def durable_future(self):
         if self.durable >= self.submitted:
             return None
@@ -325,6 +341,9 @@ class SimTransport:
     def is_up(self, peer: str) -> bool:
         return self.world.net.link_up(self.node_id, peer)
 
+    def silent_for(self, peer: str) -> float:
+        return self.world.net.silent_for(self.node_id, peer)
+
     def peer_info(self, peer: str):
         inc = self.world.incarnation(peer)
         return None if inc is None else inc.member.info
@@ -358,6 +377,26 @@ class Net:
         self.pumping: set[tuple[str, str]] = set()
         self.group: dict[str, int] = {}  # node -> partition group (same group: linked)
         self.seen: dict[tuple[str, str], int] = {}  # (a, b): b's incarnation a knows
+        #: (a, b) -> since when a hears nothing from b (b down or cut off): the failure
+        #: detector's input (a real link carries heartbeats while it is up)
+        self.down_since: dict[tuple[str, str], float] = {}
+
+    def mark(self) -> None:
+        """Note which links went down or came back (after a crash, start, cut or heal)."""
+        now = self.world.loop.time()
+        names = sorted(self.world.nodes)
+        for a in names:
+            for b in names:
+                if a == b:
+                    continue
+                if self.link_up(a, b):
+                    self.down_since.pop((a, b), None)
+                else:
+                    self.down_since.setdefault((a, b), now)
+
+    def silent_for(self, a: str, b: str) -> float:
+        since = self.down_since.get((a, b))
+        return 0.0 if since is None else self.world.loop.time() - since
 
     def link_up(self, a: str, b: str) -> bool:
         w = self.world
@@ -446,7 +485,9 @@ class SimRaft(Proposals):
             self.world.raft.propose(self.inc, batch)
 
     def status(self) -> dict:
-        return {"has_quorum": self.world.raft.has_quorum(self.inc.node_id), "leader": "sim"}
+        raft = self.world.raft
+        return {"has_quorum": raft.has_quorum(self.inc.node_id), "leader": "sim",
+                "is_leader": raft.leader() == self.inc.node_id}
 
 
 @dataclass
@@ -477,6 +518,13 @@ class Log:
         group = w.net.group.get(node, 0)
         linked = sum(1 for n in w.nodes if w.alive(n) and w.net.group.get(n, 0) == group)
         return linked * 2 > len(w.nodes)
+
+    def leader(self) -> str | None:
+        """The node that leads: the first one (by name) of the majority side, if any."""
+        for n in sorted(self.world.nodes):
+            if self.has_quorum(n):
+                return n
+        return None
 
     def propose(self, inc: "Incarnation", batch: list) -> None:
         w = self.world
@@ -541,13 +589,18 @@ class SimMember(ClusterMember):
         self.transport = SimTransport(world, inc)
         self.raft = SimRaft(world, inc)
         self.takeovers = world.plants.takeovers(self)
-        # (no replica store and no tap: the simulation does not replicate sessions yet)
         self.replication = Replication(self)
+        if world.scenario.failover:
+            # replicas (the tap on the journal, copies on their own simulated disk), the
+            # leader's failure detector and promotion: cluster/replication.py as it runs
+            copies = SimStore(world, world.replica_disks.setdefault(inc.node_id, Disk()), inc)
+            copies.load()
+            self.replication.open(copies)
         self._waiting_forwards = {}
         self.view.after_apply.append(self._release_waiting_forwards)
         self._message_handlers, self._request_handlers = self._handler_tables()
         self.snapshot_chunks = {}
-        self.info = {}
+        self.info = {"transport": f"{inc.node_id}:1", "raft": f"{inc.node_id}:2"}
         self.peer_stats = {}
         self.retained_ts = {}
         self._group_cursor = 0
@@ -863,6 +916,10 @@ class Scenario:
     #: subscribers hop between nodes every few dozen milliseconds (a flapping client:
     #: hand-overs overlap, and one is taken back while another still waits)
     flapping: bool = False
+    #: sessions replicated (``session_replicas`` 1), the leader's failure detector on:
+    #: crashes and cuts long enough to get a node declared down (its sessions promoted,
+    #: then it comes back fenced), and one node lost for good late in the run
+    failover: bool = False
 
 
 class Plants:
@@ -946,6 +1003,8 @@ class World:
         self.raft = Log(self)
         self.nodes: dict[str, Incarnation | None] = {}
         self.disks: dict[str, Disk] = {}
+        self.replica_disks: dict[str, Disk] = {}
+        self.lost: str | None = None  # the node crashed for good (``failover``)
         self.applied: dict[str, int] = {}
         self.applying: set[str] = set()
         self.apply_paused: dict[str, float] = {}
@@ -986,6 +1045,7 @@ class World:
     def start_node(self, node: str, first: bool) -> Incarnation:
         inc = Incarnation(self, node, next(self.numbers))
         self.nodes[node] = inc
+        self.net.mark()
         if self.scenario.strict_restarts:
             for key in [k for k in self.net.seen if k[0] == node]:
                 del self.net.seen[key]  # a new process knows no other process yet
@@ -1015,6 +1075,9 @@ class World:
         if first:
             member.caught_up = inc.serving = True
             inc.spawn(member._reconcile_loop())
+            inc.run(member.replication.adopt_promoted)
+            if self.scenario.failover:
+                inc.spawn(member.replication._run())
         else:
             inc.spawn(self._restarted(inc))
             self.apply_pump(node)
@@ -1025,11 +1088,23 @@ class World:
         committed), keep the stored sessions the table says are held here, then serve."""
         member = inc.member
         member._tasks = []
+        if self.scenario.failover:
+            # as membership's ``_take_seat``: the node announces itself (a node declared
+            # down is up again from that entry on)
+            for _attempt in range(1000):
+                try:
+                    await member.raft.run(("member", inc.node_id, member.info), 5.0)
+                    break
+                except RaftUnavailable:
+                    await asyncio.sleep(0.2)
         await member._judge_stored_sessions()
+        member.replication.adopt_promoted()
         for task in member._tasks:
             self.loop.tasks_of.setdefault(inc, {})[task] = None
         inc.serving = True
         inc.spawn(member._reconcile_loop())
+        if self.scenario.failover:
+            inc.spawn(member.replication._run())
         self.note(f"restarted {inc.node_id} kept={sorted(inc.broker.sessions)}")
 
     def serving(self) -> list[str]:
@@ -1042,6 +1117,7 @@ class World:
         self.note(f"crash {node} #{inc.number}")
         inc.dead = True
         self.net.crashed(node)
+        self.net.mark()
         for task in list(self.loop.tasks_of.pop(inc, ())):
             task.cancel()
         for sub in self.subscribers:
@@ -1061,7 +1137,7 @@ class World:
         if known is not None:
             self.note(f"peer restarted {a} sees {b} #{inc_b.number}")
             inc_a.run(inc_a.member.transport.fail_requests, b)
-            inc_a.run(inc_a.member.takeovers.on_peer_restarted, b)
+            inc_a.run(inc_a.member._on_peer_restarted, b)
         inc_a.run(inc_a.member.takeovers.on_peer_process, b)
 
     # -- Raft apply ----------------------------------------------------------------------
@@ -1255,16 +1331,26 @@ class World:
                 return
             r = rng.random()
             dead = [n for n in names if not self.alive(n)]
-            if sc.crashes and r < 0.25 and not dead:
+            # (failover: down long enough, at times, to be declared down)
+            longest = 6.0 if sc.failover else None
+            if sc.failover and self.lost is None and not dead and \
+                    not any(self.net.group.values()) and \
+                    self.loop.time() >= until - sc.fault_time * 0.4:
+                self._lose(names)
+            elif self.lost is not None:
+                pass  # (one node fewer: another crash or cut would leave no majority)
+            elif sc.crashes and r < 0.25 and not dead:
                 node = rng.choice(names)
                 self.crash(node)
-                self.loop.call_at(self.loop.time() + rng.uniform(0.1, 2.5), self.restart,
-                                  node)
+                self.loop.call_at(self.loop.time() + rng.uniform(0.1, longest or 2.5),
+                                  self.restart, node)
             elif sc.partitions and r < 0.55 and not any(self.net.group.values()):
                 node = rng.choice(names)
                 self.net.group = {node: 1}
+                self.net.mark()
                 self.note(f"partition {node} | rest")
-                self.loop.call_at(self.loop.time() + rng.uniform(0.1, 3.0), self.heal)
+                self.loop.call_at(self.loop.time() + rng.uniform(0.1, longest or 3.0),
+                                  self.heal)
             elif sc.stalls and r < 0.7:
                 self.raft.stall_until = self.loop.time() + rng.uniform(0.1, 1.2)
                 self.note(f"raft stall until {self.raft.stall_until:.3f}")
@@ -1275,8 +1361,37 @@ class World:
                     0.1, 6.0 if sc.flapping else 1.5)
                 self.note(f"slow {node} until {self.apply_paused[node]:.3f}")
 
+    def _lose(self, names: list[str]) -> None:
+        """Crash a node for good, once every session it holds has an in-sync replica (the
+        guarantee's precondition, as the fault run's ``lose``)."""
+        node = self.rng.choice(names)
+        inc = self.nodes[node]
+        under = inc.run(inc.member.replication.under_replicated)
+        if under:
+            self.note(f"not losing {node}: {under} sessions under-replicated")
+            return
+        self.lost = node
+        self.note(f"lose {node}")
+        self.crash(node)
+        self.loop.call_at(self.loop.time() + self.rng.uniform(4.0, 8.0), self._forget, node)
+
+    def _forget(self, node: str) -> None:
+        """The operator's ``shoal cluster forget`` of the lost node, once it was declared
+        down (README: hand-overs wait for its barrier until then)."""
+        if node not in self.raft.tables.down:
+            self.loop.call_at(self.loop.time() + 1.0, self._forget, node)
+            return
+        inc = self.incarnation(self.raft.leader() or "")
+        if inc is None:
+            self.loop.call_at(self.loop.time() + 1.0, self._forget, node)
+            return
+        self.note(f"forget {node}")
+        fut = inc.run(inc.member.raft.submit, ("forget", node))
+        fut.add_done_callback(lambda f: f.exception() is None or self.loop.call_at(
+            self.loop.time() + 1.0, self._forget, node))
+
     def restart(self, node: str) -> None:
-        if self.alive(node):
+        if self.alive(node) or node == self.lost:
             return
         self.start_node(node, False)
         self.net.release()
@@ -1286,6 +1401,7 @@ class World:
         if not any(self.net.group.values()):
             return
         self.net.group = {}
+        self.net.mark()
         self.note("heal")
         self.net.release()
         for n in sorted(self.nodes):
@@ -1307,8 +1423,9 @@ class World:
                 await asyncio.sleep(0.5)
         while self.loop.time() < deadline:
             if self._drained() and not self._handovers() and \
-                    len(self.serving()) == len(self.nodes) and \
-                    not any(self.nodes[n].member.unjudged for n in self.nodes):
+                    len(self.serving()) == len(self.nodes) - (self.lost is not None) and \
+                    not any(self.nodes[n].member.unjudged for n in self.nodes
+                            if n != self.lost):
                 break
             for sub in self.subscribers:
                 if sub.conn is None and self.loop.time() < deadline:
@@ -1325,6 +1442,8 @@ class World:
         out = []
         for n in sorted(self.nodes):
             inc = self.incarnation(n)
+            if inc is None:
+                continue  # (the node lost for good)
             t = inc.member.takeovers
             out += [f"{n} hands {cid} over" for cid in sorted(t.outgoing)]
             out += [f"{n} takes {cid} over" for cid in sorted(t.incoming)]
@@ -1346,7 +1465,7 @@ class World:
                     self.violation(f"{sub.client_id}: {pub}:{seq} after {pub}:{last[flow]} "
                                    f"(QoS {flow[1]})")
                 last[flow] = max(seq, last.get(flow, 0))
-            holders = [n for n in sorted(self.nodes) if sub.client_id in
+            holders = [n for n in sorted(self.nodes) if n != self.lost and sub.client_id in
                        self.nodes[n].broker.sessions]
             if len(holders) != 1:
                 self.violation(f"{sub.client_id}: session held by {holders} at the end")
@@ -1423,6 +1542,9 @@ def main(argv=None) -> int:
                         "transport)")
     p.add_argument("--flapping", action="store_true",
                    help="subscribers hop between nodes every few dozen milliseconds")
+    p.add_argument("--failover", action="store_true",
+                   help="replicated sessions: nodes down long enough to be declared down "
+                        "(promotions, fenced returns) and one node lost for good")
     p.add_argument("--verbose", action="store_true", help="show the nodes' own logs")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.CRITICAL,
@@ -1430,7 +1552,9 @@ def main(argv=None) -> int:
     if not args.verbose:
         logging.getLogger("shoal").setLevel(logging.CRITICAL)
     t0 = time.monotonic()
-    scenario = Scenario(strict_restarts=not args.lenient_restarts, flapping=args.flapping)
+    scenario = Scenario(strict_restarts=not args.lenient_restarts, flapping=args.flapping,
+                        failover=args.failover,
+                        fault_time=20.0 if args.failover else Scenario.fault_time)
     if args.seed is not None:
         world = run_seed(args.seed, scenario, plant=args.plant, keep_trace=True)
         for line in world.lines:
