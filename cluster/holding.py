@@ -327,7 +327,7 @@ class HoldingSide:
         try:
             await lock.acquire()
             await failpoints.pause("takeover.before_late")
-            await self._request_late(send.to, send.batch)
+            await self._request_late(send.to, send.batch, out)
             await failpoints.pause("takeover.after_late")
             answered = True
         finally:
@@ -343,16 +343,30 @@ class HoldingSide:
             if self.outgoing.get(out.client_id) is out:
                 self._run_holder(out, actions)
 
-    async def _request_late(self, to: str, batch) -> None:
+    async def _request_late(self, to: str, batch, out: HolderHandover | None = None) -> None:
         """Send a late batch until ``to`` answers that it stored it (bounded: a node that
         stays away that long has lost the session's newest messages with its disk anyway);
-        given up with an error in the log."""
+        given up with an error in the log, or when its hand-over ``out`` is abandoned."""
         deadline = _now() + LATE_DELIVERY_LIMIT
+        view = self.member.view
         for attempt in range(10_000):
+            if out is not None and out in self._abandoned:
+                return
             try:
                 await self.member.transport.request(to, *encode(batch), 10.0)
                 return
             except (PeerUnreachable, RequestTimeout, RemoteError) as err:
+                holder = view.holders.get(batch.client_id)
+                if (to in view.down or to not in view.members) and \
+                        holder not in (None, to, self.node_id):
+                    # the new holder was declared down (or forgotten) and the session
+                    # promoted from its replica, which never had these: they go there
+                    log.warning("late messages redirected client_id=%s node=%s from=%s "
+                                "to=%s epoch=%d count=%d: %s is down", batch.client_id,
+                                self.node_id, to, holder, batch.epoch, len(batch.messages),
+                                to)
+                    to = holder
+                    continue
                 if _now() >= deadline:
                     log.error("late messages not delivered client_id=%s node=%s to=%s "
                               "epoch=%d source=%s count=%d after %d attempts: %r",
@@ -367,6 +381,24 @@ class HoldingSide:
         del self.outgoing[out.client_id]
         self._decide(out, None)  # (every message held undecided is this copy's)
         self._run_holder(out, out.hand_back(why))
+
+    def abandon(self, client_id: str, why: str) -> None:
+        """This node's hand-over of ``client_id`` is void (the session was promoted on
+        another node while this one was declared down: its replica had every change this
+        node acknowledged): nothing more is sent for it, the forwards its gate held are
+        not confirmed (their senders sent them again to the promoted session)."""
+        out = self.outgoing.pop(client_id, None)
+        if out is None:
+            return
+        self._abandoned.add(out)
+        self._cancel_timer(out)
+        held = self._undecided.pop(out, [])
+        for _p, _v, _item, fut in held:
+            if not fut.done():
+                fut.cancel()
+        log.warning("hand-over abandoned client_id=%s node=%s to=%s epoch=%d: %s (%d held "
+                    "forwards not confirmed)", client_id, self.node_id, out.to, out.epoch,
+                    why, len(held))
 
     def _barrier_timeout(self, out: HolderHandover) -> None:
         self._timers.pop(out, None)

@@ -630,14 +630,31 @@ class ClusterMember:
         finally:
             self._held_into = None
             self.forward_position = None
-        self.replication.mark_forward(peer, cid)
-        self._confirm_when(self._stored_wait(held), peer, cid)
+        self._confirm_when(self._stored_wait(held, peer, cid), peer, cid)
 
-    def _stored_wait(self, held: list):
-        """What a forward's confirmation waits for: the store (and replicas) and the
-        messages a hand-over's gate holds."""
-        wait = self.broker.durable_wait()
-        return self.broker.all_done(wait, *held) if held else wait
+    def _stored_wait(self, held: list, sender: str, mark_id: int):
+        """What a forward's confirmation waits for: the messages a hand-over's gate holds
+        (decided: in a session's queue here, or left to the other copy), then the
+        forward's mark in the replica streams (``mark_forward``: a replica then skips a
+        re-send of it), then the store and the replicas. A mark sent while a message was
+        only held would make the replica skip it though its copy lacks it."""
+        if not held:
+            self.replication.mark_forward(sender, mark_id)
+            return self.broker.durable_wait()
+        out = self.loop.create_future()
+
+        def decided(gate: asyncio.Future) -> None:
+            if gate.cancelled() or gate.exception() is not None:
+                _pass_on(gate, out)
+                return
+            self.replication.mark_forward(sender, mark_id)
+            wait = self.broker.durable_wait()
+            if wait is None:
+                _pass_on(gate, out)
+            else:
+                wait.add_done_callback(lambda w: _pass_on(w, out))
+        self.broker.all_done(*held).add_done_callback(decided)
+        return out
 
     def _confirm_when(self, wait, peer: str, cid: int) -> None:
         if wait is None:
@@ -692,8 +709,7 @@ class ClusterMember:
         finally:
             self._held_into = None
         rep.redone += len(items)
-        rep.mark_forward(sender, first_cid)
-        return self._stored_wait(held)
+        return self._stored_wait(held, sender, first_cid)
 
     def redo_forwards(self, node: str, targets: list[str], still_holds: bool) -> None:
         """``node`` was declared down: the batches forwarded to it that it never confirmed
@@ -914,6 +930,8 @@ class ClusterMember:
         gone = [cid for cid in self.broker.sessions if view.holders.get(cid) not in
                 (None, self.node_id)]
         for cid in gone:
+            self.takeovers.abandon(cid, "promoted elsewhere while this node was declared "
+                                   "down")
             session = self.broker.sessions.get(cid)
             if session is not None:
                 self.broker.kick(cid)

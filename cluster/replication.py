@@ -626,13 +626,16 @@ class Replication:
             self.adopted = True
             return
         view = self.member.view
+        promoted = getattr(view.tables, "promoted", {})
         n = 0
         for key in store.session_ids():
             cid, source = split_key(key)
-            owner = view.owners.get(cid)
+            epoch = promoted.get(cid, {}).get(source)
+            # (held here by that promotion: a claim made since may own it, and will ask
+            # this node for it)
             if view.holders.get(cid) == self.node_id and cid not in self.broker.sessions \
-                    and owner is not None and owner[0] == self.node_id:
-                n += self._promote(cid, source, owner[1])
+                    and epoch is not None:
+                n += self._promote(cid, source, epoch)
         self.adopted = True
         if n:
             log.warning("sessions promoted here while starting adopted node=%s count=%d",

@@ -14,7 +14,8 @@ loop iteration as one entry); message payloads never go through Raft.
 Operations (tuples, the first item names them):
 
     ("claim", client_id, node_id, clean_start)   -> (epoch, holder)
-    ("release", client_id, node_id, epoch)       -> bool
+    ("release", client_id, node_id, epoch[, holder]) -> bool (holder False: the claim
+                                                    only, not the node's holding)
     ("routes", node_id, added, removed)          -> None (filters, "$share/..." kept whole)
     ("moved", client_id, epoch, from_node, to_node[, replicas])
                                                  -> bool (takeover barrier point; the
@@ -221,13 +222,13 @@ def _claim(t: Tables, client_id: str, node_id: str, clean: bool):
                                     holder, bool(clean))
 
 
-def _release(t: Tables, client_id: str, node_id: str, epoch: int):
+def _release(t: Tables, client_id: str, node_id: str, epoch: int, holder: bool = True):
     cur = t.owners.get(client_id)
     released = False
     if cur is not None and cur[0] == node_id and cur[1] == epoch:
         del t.owners[client_id]
         released = True
-    if t.holders.get(client_id) == node_id:
+    if holder and t.holders.get(client_id) == node_id:
         del t.holders[client_id]
         _moved_at(t).pop(client_id, None)
         _left_at(t).pop(client_id, None)

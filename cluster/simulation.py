@@ -1013,6 +1013,7 @@ class World:
         self.subscribers: list[Subscriber] = []
         self.acked: set[tuple[str, int]] = set()
         self.qos_of: dict[tuple[str, int], int] = {}
+        self.to_of: dict[tuple[str, int], str] = {}  # message -> its subscriber
         self.forced = 0
 
     @staticmethod
@@ -1271,6 +1272,7 @@ class World:
             qos = rng.choice((1, 2))
             mid = (f"{name}.{connection}", seq)
             self.qos_of[mid] = qos
+            self.to_of[mid] = sub.client_id
             msg = Message(sub.topic, f"{mid[0]}:{seq}".encode(), qos, False, None, None, name)
             # the PUBLISH is read in a plain callback on the clock's grain, as a socket's
             # data is: in the same loop iteration as Raft's applies due then
@@ -1291,6 +1293,7 @@ class World:
         local commit and for the receiving nodes' confirmations."""
         if inc.dead:
             return
+        self.note(f"publish {mid[0]}:{mid[1]} on {inc.node_id} for {self.to_of[mid]}")
         broker = inc.broker
         mark = inc.run(broker.store_mark)
         inc.run(broker.publish, msg)
@@ -1308,7 +1311,7 @@ class World:
                 return
         if not inc.dead:
             self.acked.add(mid)
-            self.note(f"acked {mid[0]}:{mid[1]} on {inc.node_id}")
+            self.note(f"acked {mid[0]}:{mid[1]} on {inc.node_id} for {self.to_of[mid]}")
 
     async def _hopper(self, sub: Subscriber, until: float) -> None:
         rng = self.rng

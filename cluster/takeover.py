@@ -41,10 +41,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import weakref
 from dataclasses import replace
 
 from node import failpoints
 from node.metrics import Histogram
+from node.mqtt.codes import ReasonCode
 from node.ownership import Claim, ConnectRefused
 from node.session.session import SessionState
 
@@ -150,6 +152,8 @@ class Takeovers(HoldingSide):
         self.in_progress: dict[str, asyncio.Future] = {}  # claims being decided here
         self._timers: dict[HolderHandover, asyncio.TimerHandle] = {}
         self._late_locks: dict[HolderHandover, asyncio.Lock] = {}
+        #: hand-overs given up without sending anything more (``abandon``)
+        self._abandoned: weakref.WeakSet = weakref.WeakSet()
         #: the last send of messages a take-back carries, per (ClientID, epoch)
         self._carrying: dict[tuple[str, int], asyncio.Task] = {}
         self._carry_names = itertools.count(1)
@@ -244,6 +248,7 @@ class Takeovers(HoldingSide):
                     raise ConnectRefused(action.reason, action.text)
                 elif isinstance(action, C.Open):
                     if action.record is None:
+                        self._reclaim_handing(client_id, action.epoch)
                         return Claim(action.epoch, None, action.fresh_reason,
                                      opened=ticket.opened)
                     ticket.gate = gate = _Gate(m)
@@ -257,6 +262,24 @@ class Takeovers(HoldingSide):
                 else:
                     raise AssertionError(f"unexpected action {action!r}")
             actions = following
+
+    def _reclaim_handing(self, client_id: str, epoch: int) -> None:
+        """The session opens here from the local copy: a copy still being handed over
+        (the table came back to this node meanwhile: a promotion, a release of the node
+        it went to) is taken back first, its hand-over can never move (``moved`` needs
+        the current claim); one the table does not give back refuses the CONNECT."""
+        local = self.broker.sessions.get(client_id)
+        if local is None or local.state is not SessionState.HANDING_OVER:
+            return
+        out = self.outgoing.get(client_id)
+        view = self.member.view
+        if out is not None and out.copy is local and \
+                view.holders.get(client_id) in (None, self.node_id) and \
+                tuple(view.owners.get(client_id) or ()) == (self.node_id, epoch):
+            self._hand_back(out, f"claimed here with epoch {epoch}")
+            return
+        raise ConnectRefused(ReasonCode.SERVER_UNAVAILABLE, "the session is being handed "
+                             "over: connect again")
 
     async def _propose_claim(self, m: ClaimerHandover, deadline: float) -> list:
         client_id = m.client_id
@@ -409,7 +432,10 @@ class Takeovers(HoldingSide):
                 return
             log.info("late claim given back client_id=%s node=%s epoch=%d", client_id,
                      self.node_id, epoch)
-            self.member.raft.submit(("release", client_id, self.node_id, epoch))
+            # the claim only: when another node held the session then, this node may hold
+            # it by now (a promotion from that node's replica here), and keeps it
+            op = ("release", client_id, self.node_id, epoch)
+            self.member.raft.submit(op if holder is None else op + (False,))
         return done
 
     @property
