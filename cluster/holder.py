@@ -154,6 +154,9 @@ class HolderHandover:
     late: dict[str, list] = field(default_factory=dict)
     #: late batches sent that the new holder has not yet answered as stored
     unconfirmed: int = 0
+    #: their messages, per batch in the order sent (a superseded hand-over takes them
+    #: back into the session with those not sent yet: the batch may never arrive)
+    sending: list = field(default_factory=list)
     #: the driver's handle on the copy (the session object); never looked into here
     copy: object = None
     #: the table position of the move (once applied here)
@@ -198,6 +201,7 @@ class HolderHandover:
                     self.pending.discard(node)
         self.switched.clear()
         self.unconfirmed += 1
+        self.sending.append(list(stored_late))
         return [SendLate(holder, LateBatch(self.client_id, self.epoch, RESTART, stored_late,
                                            still_pending=sorted(self.pending))),
                 StartBarrierTimer()] + self._maybe_finish()
@@ -261,6 +265,8 @@ class HolderHandover:
         """The new holder answered a late batch (stored, or given up on)."""
         self._go(HolderEvent.LATE_STORED)
         self.unconfirmed -= 1
+        if self.sending:
+            self.sending.pop(0)
         return self._maybe_finish()
 
     def peer_switched(self, peer: str, position: int | None = None) -> list:
@@ -306,6 +312,7 @@ class HolderHandover:
         if self.state is HolderState.RESTORED:
             return []
         self.unconfirmed += 1
+        self.sending.append([])  # (in the copy's queue already: nothing to take back)
         return [SendLate(self.to, LateBatch(self.client_id, epoch, "relay", items,
                                             hops=hops))]
 
@@ -321,8 +328,9 @@ class HolderHandover:
         still waited: returns the late messages (in source order) for the session taken
         back, and the nodes whose barrier never came."""
         self._go(HolderEvent.SUPERSEDE)
-        late = self.stored + [item for source in sorted(self.late)
-                              for item in self.late[source]]
+        late = self.stored + [item for batch in self.sending for item in batch] + \
+            [item for source in sorted(self.late) for item in self.late[source]]
+        self.sending = []
         waiting = sorted(self.pending)
         self.stored = []
         self.late.clear()
@@ -335,6 +343,7 @@ class HolderHandover:
         self.pending.discard(source)
         items = self.late.pop(source, [])
         self.unconfirmed += 1
+        self.sending.append(items)
         return [SendLate(self.to, LateBatch(self.client_id, self.epoch, source, items))]
 
     def _maybe_finish(self) -> list:

@@ -107,6 +107,8 @@ class ClusterMember:
         self._held_into: list | None = None  # held-message waits of the batch being routed
         self.forward_position: int | None = None  # its sender's table position, if known
         self._confirms: dict[int, tuple] = {}  # id -> (node, future, sent at)
+        #: node -> the position of the ``down`` whose forwards were sent again (once)
+        self._redone: dict[str, int] = {}
         # confirmation ids unique to this process: a confirmation its previous process
         # was owed can still arrive (sent to it, never written) and must match nothing
         self._confirm_ids = itertools.count(secrets.randbits(40) << 20)
@@ -617,9 +619,13 @@ class ClusterMember:
             # routing decision counted on its hand-over state, which went with it (e.g. the
             # barrier it waited for). Not confirmed: the publisher's PUBACK never comes and
             # it sends the message again, rather than this process dropping it unnoticed.
+            # Said at once (``pubc_no``): its sender must not wait for a confirmation that
+            # never comes (nor take it as lost with this node if it is declared down, and
+            # send it again to where this node's sessions went: they were not all here).
             self.forward_stale += len(items)
             log.warning("forwarded messages for a previous process of this node not taken "
                         "node=%s from=%s count=%d", self.node_id, peer, len(items))
+            self.transport.send(peer, "pubc_no", cid, True)
             return
         held = self._held_into = []
         # the sender's table position when it routed them (a restarted old holder that
@@ -694,6 +700,12 @@ class ClusterMember:
         ``source`` still waited for the late messages ``source`` held (they went with
         it; these may be among them, or already here): not confirmed either way."""
         rep = self.replication
+        if not (self.caught_up and rep.adopted):
+            # restarting: the sessions promoted here are not installed yet (nothing
+            # would take these); the publishers send again
+            log.warning("re-sent forward refused node=%s from=%s dead=%s: this node is "
+                        "still starting", self.node_id, sender, source)
+            return REDO_REFUSED
         if rep.marked(source, sender, first_cid):
             return None
         if self.takeovers.waiting_for(source):
@@ -717,6 +729,11 @@ class ClusterMember:
         acknowledgements wait for those confirmations instead, and for ``node``'s own too
         when it ``still_holds`` sessions without a replica (they may be among the
         receivers; it confirms if it comes back)."""
+        at = self.view.down.get(node)
+        if at is not None:
+            if self._redone.get(node) == at:
+                return  # (this down's already: a snapshot after its event)
+            self._redone[node] = at
         lost = [(cid, e) for cid, e in self._confirms.items() if e[0] == node]
         if not lost:
             return
@@ -955,6 +972,26 @@ class ClusterMember:
                 host, port = info["transport"].rsplit(":", 1)
                 self.transport.set_peer(node_id, host, int(port))
         self.takeovers.on_reset()
+        if self.caught_up:
+            self._downs_in_snapshot()
+
+    def _downs_in_snapshot(self) -> None:
+        """A Raft snapshot replaced the table: what ``down`` entries it holds would have
+        done here as events (``_on_node_down``) is done now: this node fences itself if
+        it is declared down, installs the sessions promoted to it, and sends again what
+        it forwarded to a node declared down."""
+        view = self.view
+        if self.node_id in view.down:
+            self._declared_down()
+        self.replication.adopt_promoted()
+        promoted = getattr(view.tables, "promoted", {})
+        for node in sorted(view.down):
+            if node == self.node_id:
+                continue
+            targets = sorted({view.holders[cid] for cid, by in promoted.items()
+                              if node in by and cid in view.holders})
+            still_holds = any(h == node for h in view.holders.values())
+            self.redo_forwards(node, targets, still_holds)
 
     def _rebuild_remote(self) -> None:
         self.remote = SubscriptionTree()

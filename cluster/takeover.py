@@ -345,6 +345,12 @@ class Takeovers(HoldingSide):
             return m.busy()
         if answer.get("none"):
             return m.none()
+        owner = self.member.view.owners.get(client_id)
+        if owner is not None and owner[1] > ask.epoch:
+            # a newer claim, or a promotion from the holder's replica, came first while
+            # the snapshot was on its way (the holder had not applied it): this copy must
+            # not replace what the table gives to that one
+            return m.stale()
         record = answer["record"]
         nchunks = answer.get("chunks", 0)
         if nchunks:
@@ -609,6 +615,7 @@ class Takeovers(HoldingSide):
             return
         del self.outgoing[client_id]
         self._cancel_timer(out)
+        self._abandoned.add(out)  # (what it still sends goes into the session here)
         late, waiting = out.supersede()
         # (not those the session took already: a late batch it stored before it came back
         # here, whose answer a restart of this node may have lost)
@@ -730,6 +737,12 @@ class Takeovers(HoldingSide):
             if late and session is None and holder not in (None, self.node_id) \
                     and batch.hops < RELAY_HOPS:
                 return holder
+            if late and session is None and not (self.member.caught_up and
+                                                 self.member.replication.adopted):
+                # restarting: the session may be promoted here, installed from its
+                # replica copy once the table is caught up; the sender tries again
+                raise RuntimeError(f"late messages for {client_id!r}: this node is still "
+                                   "starting")
             if late:
                 log.error("late messages for a session not here client_id=%s from=%s "
                           "epoch=%s count=%d: dropped", client_id, sender, batch.epoch,
