@@ -50,6 +50,7 @@ from node.session.record import RecordError
 from node.store import SessionStore, StoreError
 from node.ownership import Claim
 
+from .marks import HandoverMark
 from .routing import RaftUnavailable
 
 log = logging.getLogger("shoal.replication")
@@ -57,6 +58,7 @@ log = logging.getLogger("shoal.replication")
 PERIOD = 0.25          # seconds between placement / timeout / detector passes
 SEED_PER_PASS = 500    # sessions seeded per pass at most (a big node catches up in steps)
 MARKS_KEPT = 200_000   # forwarded-batch marks kept per holder node
+MARKS_SEEDED = 20_000  # the latest marks a holder gives a node that becomes its replica
 START_GRACE = 2.0      # x failover_timeout: a new leader's links must have had the time
 FAILOVER_BUCKETS = (0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 7.5, 10.0, 15.0, 30.0)
 REPAIR_PERIOD = 1.0    # seconds between walks over the held sessions (placement repair)
@@ -99,6 +101,9 @@ class Replication:
         self.streams: dict[str, set[str]] = {}      # held ClientID -> replica nodes
         self.seeded: dict[str, set[str]] = {}       # ClientID -> nodes whose seed is stored
         self._fanout: collections.Counter = collections.Counter()  # node -> streams to it
+        #: the latest forwarded batches stored here (a new replica node gets them: a
+        #: re-send after this node died is not stored twice where it is promoted)
+        self._recent_marks: collections.OrderedDict = collections.OrderedDict()
         self._out: dict[str, _Batch] = {}           # node -> batch of this loop iteration
         self._unacked: dict[str, collections.deque] = {}
         self._seq = itertools.count(1)
@@ -183,6 +188,10 @@ class Replication:
 
     def mark_forward(self, sender: str, confirm_id: int) -> None:
         """A forwarded batch was stored here: tell every replica (see the module doc)."""
+        marks = self._recent_marks
+        marks[(sender, confirm_id)] = None
+        while len(marks) > MARKS_SEEDED:
+            marks.popitem(last=False)
         for node, streams in self._fanout.items():
             if streams > 0:
                 self._batch(node).changes.append(("k", sender, confirm_id))
@@ -343,6 +352,9 @@ class Replication:
         changes = [("d", cid), *self.broker.stored_changes(session)]
         for node in new:
             batch = self._batch(node)
+            if self._fanout.get(node, 0) <= 0:
+                # a new replica node (or one seeded again): the marks it may lack
+                batch.changes.extend(("k", s, c) for s, c in self._recent_marks)
             batch.changes.extend(changes)
             batch.seeds.append(cid)
             nodes.add(node)
@@ -659,13 +671,20 @@ class Replication:
             log.error("replica copy unreadable node=%s client_id=%s: %s", self.node_id, cid,
                       err)
             return False
-        record["handover"] = None  # (the dead node's hand-over state went with it)
+        # the dead node's own hand-over state went with it; what it knew of the late
+        # messages it had taken stays (they are in the copy: not taken twice)
+        record["handover"] = HandoverMark.for_receiver(record.get("handover"))
         old = self.broker.sessions.get(cid)
         if old is not None:
             # a stale copy here (a hand-over that never finished): the promoted one wins
             self.broker.end_session(old, "replaced by a promoted replica", release=False,
                                     will=False)
         self.broker.adopt_session(Claim(epoch, record=record))
+        session = self.broker.sessions.get(cid)
+        if session is not None:
+            # (a hand-over from here to ``source`` that its move made final: what it kept
+            # for ``source`` is this session's, source never had it)
+            self.member.takeovers.fold_outgoing(cid, session)
         self.promoted_from[cid] = source
         store.delete_session(key)
         self._fenced.add(key)

@@ -753,6 +753,27 @@ class Takeovers(HoldingSide):
         self._run_gate(gate, gate.machine.late(batch.source, late, batch.still_pending))
         return None
 
+    def fold_outgoing(self, client_id: str, session) -> int:
+        """The copy this node was handing over was replaced by ``session``, promoted here
+        from the node it was handed to (declared down): what the hand-over kept for that
+        node (late messages, forwards held undecided) goes into ``session``, since that
+        node's replica never had it, and the hand-over ends. Returns how many."""
+        out = self.outgoing.pop(client_id, None)
+        if out is None:
+            return 0
+        self._abandoned.add(out)
+        self._cancel_timer(out)
+        late, _waiting = out.supersede()
+        late = self._unseen(session, self.node_id, out.epoch, late)
+        for item in late:
+            session.admit(*_late_message(item))
+        taken = self._decide(out, None, into=session)
+        if late or taken:
+            log.warning("late messages of a hand-over to a node declared down kept in the "
+                        "promoted session client_id=%s node=%s epoch=%d count=%d", client_id,
+                        self.node_id, out.epoch, len(late) + len(taken))
+        return len(late) + len(taken)
+
     def _unseen(self, session, sender: str, epoch: int, items: list) -> list:
         """The late messages of ``items`` this session has not taken yet (wire items); their
         keys are remembered with the session (stored, and in its record), so that an old
