@@ -185,6 +185,7 @@ class ClusterMember:
             self.discovery.update_properties({"formed": "1"})
         await self._judge_stored_sessions()
         self.replication.adopt_promoted()
+        self._release_waiting_forwards()
         self.broker.attach_cluster(self)
         self._tasks.append(self.loop.create_task(self._gossip_loop()))
         self._tasks.append(self.loop.create_task(self._reconcile_loop()))
@@ -578,16 +579,21 @@ class ClusterMember:
 
     def _wait_for_promotion(self, peer: str, kind: str, body, promoted_at) -> bool:
         """Hold a forward routed with a promotion this node has not applied yet (its
-        sessions are not here yet), and every later one from that sender, in order."""
+        sessions are not here yet), or while this node, starting, has not installed the
+        sessions promoted to it, and every later one from that sender, in order."""
         waiting = self._waiting_forwards.get(peer)
-        if waiting is None and (not promoted_at or
-                                promoted_at <= self.view.tables.position):
+        if waiting is None and (not promoted_at or (
+                promoted_at <= self.view.tables.position and self._promotions_in())):
             return False
         self._waiting_forwards.setdefault(peer, []).append((kind, body, promoted_at or 0))
         return True
 
+    def _promotions_in(self) -> bool:
+        """Are the sessions promoted to this node installed (not starting any more)?"""
+        return self.caught_up and self.replication.adopted
+
     def _release_waiting_forwards(self) -> None:
-        if not self._waiting_forwards:
+        if not self._waiting_forwards or not self._promotions_in():
             return
         position = self.view.tables.position
         for peer in list(self._waiting_forwards):

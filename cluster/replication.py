@@ -124,6 +124,10 @@ class Replication:
         #: the copies promoted here while the node was down are installed (at start,
         #: after the catch-up): until then a session missing here may just not be yet
         self.adopted = False
+        #: done once this process knows which in-sync replicas the table names for the
+        #: sessions it holds (``adopt_promoted``): its streams to them start empty, so
+        #: they are dropped first; nothing is acknowledged before
+        self._fresh: asyncio.Future = self.loop.create_future()
         # -- counters (metrics)
         self.failovers = 0
         self.promotions = 0
@@ -221,6 +225,8 @@ class Replication:
         """``local`` (the store's commit, or None) and every batch sent so far: what an
         acknowledgement waits for. None when nothing has to be waited for."""
         waits = [local] if local is not None else []
+        if not self._fresh.done():
+            waits.append(self._fresh)
         waits.extend(batch.fut for batch in self._out.values())
         waits.extend(q[-1].fut for q in self._unacked.values() if q)
         waits.extend(self._dropping.values())
@@ -457,14 +463,16 @@ class Replication:
         self._record_insync(held, SEED_PER_PASS)
 
     def under_replicated(self) -> int:
-        """Stored sessions held here whose in-sync set in the table is short of ``k``."""
+        """Stored sessions held here whose in-sync set in the table is short of ``k`` (a
+        replica being dropped does not count)."""
         if not self.k:
             return 0
         view = self.member.view
         reps = view.replicas
+        dropping = self._dropping  # (still in the table's set, on their way out)
         return sum(1 for cid, s in self.broker.sessions.items()
                    if s.journal is not None and view.holders.get(cid) == self.node_id
-                   and len(reps.get(cid, ())) < self.k)
+                   and sum(1 for n in reps.get(cid, ()) if n not in dropping) < self.k)
 
     def copies_count(self) -> int:
         return len(self.copies.session_ids()) if self.copies is not None else 0
@@ -636,8 +644,20 @@ class Replication:
         store = self.copies
         if store is None:
             self.adopted = True
+            if not self._fresh.done():
+                self._fresh.set_result(None)
             return
         view = self.member.view
+        # the in-sync replicas the table names for sessions held here were fed by an
+        # earlier process of this node: this one has no stream to them yet, so until
+        # they are out of the table (then seeded again) nothing is acknowledged
+        stale = sorted({n for cid, nodes in view.replicas.items()
+                        if view.holders.get(cid) == self.node_id for n in nodes})
+        if self.member.raft is not None:
+            for node in stale:
+                self._drop(node, "this node restarted: its streams start again")
+        if not self._fresh.done():
+            self._fresh.set_result(None)
         promoted = getattr(view.tables, "promoted", {})
         n = 0
         for key in store.session_ids():

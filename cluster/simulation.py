@@ -1101,6 +1101,7 @@ class World:
                     await asyncio.sleep(0.2)
         await member._judge_stored_sessions()
         member.replication.adopt_promoted()
+        member._release_waiting_forwards()
         for task in member._tasks:
             self.loop.tasks_of.setdefault(inc, {})[task] = None
         inc.serving = True
@@ -1371,6 +1372,13 @@ class World:
         node = self.rng.choice(names)
         inc = self.nodes[node]
         under = inc.run(inc.member.replication.under_replicated)
+        # (as the table has it too: a session promoted to a node that has not installed
+        # it yet has no replica until that node seeds one)
+        t = self.raft.tables
+        under += sum(1 for sub in self.subscribers
+                     if t.holders.get(sub.client_id) == node and not any(
+                         self.alive(r) and r not in t.down
+                         for r in t.replicas.get(sub.client_id, ())))
         if under:
             self.note(f"not losing {node}: {under} sessions under-replicated")
             return
