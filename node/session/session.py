@@ -177,6 +177,29 @@ class Session:
         self.expires_at = None
         self.window = min(self.limits.max_inflight, receive_maximum)
         # [MQTT-4.4.0-1]: re-send unacknowledged PUBLISH (DUP) and PUBREL, original ids.
+        journal = self.journal
+        wait = journal.commit_wait() if journal is not None and self.inflight_out else None
+        if wait is not None and not wait.done():
+            # the inflight records may still be on their way to the disk and the
+            # replicas (a session just installed or changed): a packet id leaves only once
+            # they are there, as at its first send (a copy promoted without it would send
+            # the message again under another id). New messages wait behind the re-sends.
+            window, self.window = self.window, 0
+            gen = self.timer_gen
+
+            def resume(done) -> None:
+                if self.client is not client or self.timer_gen != gen or \
+                        done.cancelled() or done.exception() is not None:
+                    return  # (detached meanwhile; a failed store stops the node)
+                self.window = window
+                self._resend(client)
+                self.pump()
+            wait.add_done_callback(resume)
+            return
+        self._resend(client)
+        self.pump()
+
+    def _resend(self, client) -> None:
         now = time.time()
         for pid, e in self.inflight_out.items():
             if e.stage == 0:
@@ -185,7 +208,6 @@ class Session:
                     client.write(frame)
             else:
                 client.write_pubrel(pid)
-        self.pump()
 
     def detach(self, why: str) -> None:
         self._transition(Trigger.DETACHED, why)
