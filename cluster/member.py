@@ -16,6 +16,7 @@ import socket
 import time
 
 from node.ownership import Claim, ConnectRefused
+from node.persist import STORE_COMMIT_TIMEOUT
 from node.mqtt.codes import ReasonCode
 from node.mqtt.topic_rules import parse_shared
 from node.session.record import message_from_record, message_to_record
@@ -510,7 +511,7 @@ class ClusterMember:
         items, must_arrive, confirm, position = batch
         if confirm is not None:
             cid = next(self._confirm_ids)
-            self._confirms[cid] = (node, confirm, time.monotonic(), items)
+            self._confirms[cid] = (node, confirm, self.loop.time(), items)
             # routed with what this node knew of that node's process: a batch still in
             # the link's buffer when it restarts is not for its new process (see _on_pubc)
             self.transport.send(node, "pubc", [cid, items,
@@ -741,6 +742,14 @@ class ClusterMember:
                 return  # (this down's already: a snapshot after its event)
             self._redone[node] = at
         lost = [(cid, e) for cid, e in self._confirms.items() if e[0] == node]
+        # a forward older than a publisher waits for its acknowledgement was given up by
+        # then (the connection closed unacknowledged, the client sent again or gave up):
+        # sent again now it could only be stored twice
+        too_old = self.loop.time() - STORE_COMMIT_TIMEOUT
+        for cid, entry in [x for x in lost if x[1][2] < too_old]:
+            del self._confirms[cid]
+            entry[1].cancel()
+        lost = [x for x in lost if x[1][2] >= too_old]
         if not lost:
             return
         for cid, (_node, fut, sent_at, items) in lost:
@@ -762,7 +771,7 @@ class ClusterMember:
                     continue
                 new = next(self._confirm_ids)
                 done = self.loop.create_future()
-                self._confirms[new] = (target, done, time.monotonic(), items)
+                self._confirms[new] = (target, done, self.loop.time(), items)
                 self.transport.send(target, "pubr", [new, items, node, cid,
                                                      self.view.tables.position,
                                                      self._promoted_at()], True)
@@ -817,7 +826,7 @@ class ClusterMember:
     def _expire_confirms(self, older_than: float) -> None:
         """Confirmations that never came (the receiver died before storing): the
         PUBACKs waiting for them were given up long ago (their connections closed)."""
-        limit = time.monotonic() - older_than
+        limit = self.loop.time() - older_than
         for cid in [c for c, e in self._confirms.items() if e[2] < limit]:
             fut = self._confirms.pop(cid)[1]
             fut.cancel()
@@ -865,6 +874,16 @@ class ClusterMember:
     def _on_peer_restarted(self, peer: str) -> None:
         self.takeovers.on_peer_restarted(peer)
         self.replication.on_peer_restarted(peer)
+        # forwards its previous process never confirmed never will be (what was queued
+        # for it is dropped, or refused by the new one): their publishers are not
+        # answered and send again. Kept, they were sent again to wherever its sessions
+        # went at its next ``down``, long after they may have been stored (duplicates).
+        stale = [cid for cid, entry in self._confirms.items() if entry[0] == peer]
+        for cid in stale:
+            self._confirms.pop(cid)[1].cancel()
+        if stale:
+            log.info("forwards to a previous process given up node=%s peer=%s batches=%d",
+                     self.node_id, peer, len(stale))
 
     def _on_peer_up(self, peer: str) -> None:
         self.peer_down_since.pop(peer, None)
