@@ -58,9 +58,9 @@ def test_a_hundred_seeds_with_flapping_clients_without_a_violation():
 
 
 @pytest.mark.parametrize("plant, within, args", [
-    ("barrier-overtakes-forwards", 60, ()),  # first caught at seed 14
-    ("node-behind-compaction", 120, ()),  # seed 85 (42 before the failover fixes)
-    ("lost-late-messages", 400, ("--flapping",)),  # seed 312
+    ("barrier-overtakes-forwards", 60, ()),  # first caught at seed 1
+    ("node-behind-compaction", 60, ()),  # seed 39
+    ("lost-late-messages", 400, ("--flapping",)),  # seed 205
 ])
 def test_a_bug_put_back_is_caught(plant, within, args):
     """Bugs the fault run found before, put back: caught within a few hundred seeds."""
