@@ -135,7 +135,7 @@ class HoldingSide:
         self._decide(out, None if holder in (None, self.node_id) else moved_at)
         mark = HandoverMark.of(session)
         late, relayed = _stale_late(session, mark) if mark.handed is not None else ([], {})
-        promoted = getattr(self.member.view.tables, "promoted", {}).get(client_id, {})
+        promoted = self.member.view.promoted.get(client_id, {})
         if holder not in (None, self.node_id) and \
                 promoted.get(self.node_id, -1) > out.epoch:
             # promoted from this node while it was down: its replica had this copy's
@@ -199,7 +199,7 @@ class HoldingSide:
             return {"stale": True}  # claimed again while we waited
         session = self.broker.sessions.get(client_id)
         if session is None:
-            if not (self.member.caught_up and self.member.replication.adopted):
+            if not self.member.promotions_in():
                 # restarting: a session promoted here while this node was down is
                 # installed from its replica copy once the table is caught up
                 return {"retry": True}
@@ -387,11 +387,9 @@ class HoldingSide:
         another node while this one was declared down: its replica had every change this
         node acknowledged): nothing more is sent for it, the forwards its gate held are
         not confirmed (their senders sent them again to the promoted session)."""
-        out = self.outgoing.pop(client_id, None)
+        out = self._end_outgoing(client_id)
         if out is None:
             return
-        self._abandoned.add(out)
-        self._cancel_timer(out)
         held = self._undecided.pop(out, [])
         for _p, _v, _item, fut in held:
             if not fut.done():
@@ -399,6 +397,15 @@ class HoldingSide:
         log.warning("hand-over abandoned client_id=%s node=%s to=%s epoch=%d: %s (%d held "
                     "forwards not confirmed)", client_id, self.node_id, out.to, out.epoch,
                     why, len(held))
+
+    def _end_outgoing(self, client_id: str) -> HolderHandover | None:
+        """This node's hand-over of ``client_id`` ends without finishing: no timer, and
+        nothing more sent for it (``_request_late`` stops). Returns it, if there was one."""
+        out = self.outgoing.pop(client_id, None)
+        if out is not None:
+            self._cancel_timer(out)
+            self._abandoned.add(out)
+        return out
 
     def _barrier_timeout(self, out: HolderHandover) -> None:
         self._timers.pop(out, None)

@@ -584,17 +584,17 @@ class ClusterMember:
         sessions promoted to it, and every later one from that sender, in order."""
         waiting = self._waiting_forwards.get(peer)
         if waiting is None and (not promoted_at or (
-                promoted_at <= self.view.tables.position and self._promotions_in())):
+                promoted_at <= self.view.tables.position and self.promotions_in())):
             return False
         self._waiting_forwards.setdefault(peer, []).append((kind, body, promoted_at or 0))
         return True
 
-    def _promotions_in(self) -> bool:
+    def promotions_in(self) -> bool:
         """Are the sessions promoted to this node installed (not starting any more)?"""
         return self.caught_up and self.replication.adopted
 
     def _release_waiting_forwards(self) -> None:
-        if not self._waiting_forwards or not self._promotions_in():
+        if not self._waiting_forwards or not self.promotions_in():
             return
         position = self.view.tables.position
         for peer in list(self._waiting_forwards):
@@ -707,7 +707,7 @@ class ClusterMember:
         ``source`` still waited for the late messages ``source`` held (they went with
         it; these may be among them, or already here): not confirmed either way."""
         rep = self.replication
-        if not (self.caught_up and rep.adopted):
+        if not self.promotions_in():
             # restarting: the sessions promoted here are not installed yet (nothing
             # would take these); the publishers send again
             log.warning("re-sent forward refused node=%s from=%s dead=%s: this node is "
@@ -1009,7 +1009,7 @@ class ClusterMember:
         if self.node_id in view.down:
             self._declared_down()
         self.replication.adopt_promoted()
-        promoted = getattr(view.tables, "promoted", {})
+        promoted = view.promoted
         for node in sorted(view.down):
             if node == self.node_id:
                 continue

@@ -658,7 +658,7 @@ class Replication:
                 self._drop(node, "this node restarted: its streams start again")
         if not self._fresh.done():
             self._fresh.set_result(None)
-        promoted = getattr(view.tables, "promoted", {})
+        promoted = view.promoted
         n = 0
         for key in store.session_ids():
             cid, source = split_key(key)

@@ -497,6 +497,10 @@ class RoutingView:
         return self.tables.down
 
     @property
+    def promoted(self) -> dict[str, dict[str, int]]:
+        return _promoted(self.tables)
+
+    @property
     def cluster_id(self) -> str | None:
         return self.tables.cluster_id
 

@@ -61,7 +61,7 @@ from node.persist import STORE_COMMIT_TIMEOUT
 from node.session.message import Message
 from node.session.session import SessionState
 from node.store.format import Op
-from node.store.state import LiveState, MessageRef, SessionData, StoredMessage
+from node.store.state import LiveState, MessageRef, SessionData
 from node.topics import SubEntry, SubscriptionTree
 
 from .member import ClusterMember
@@ -261,13 +261,7 @@ class SimStore:
         return list(self.live.sessions)
 
     def session_data(self, client_id: str) -> SessionData | None:
-        s = self.live.sessions.get(client_id)
-        if s is None:
-            return None
-        bodies = self.live.bodies
-        return SessionData(s.meta, {k: StoredMessage(e, MessageRef(bid, bodies[bid][0]))
-                                    for k, (e, bid, _sz) in sorted(s.messages.items())},
-                           set(s.incoming))
+        return self.live.session_data(client_id)
 
     def durable_future(self):
         if self.durable >= self.submitted:

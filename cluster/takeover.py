@@ -613,9 +613,7 @@ class Takeovers(HoldingSide):
         out = self.outgoing.get(client_id)
         if out is None or out.copy is session:
             return
-        del self.outgoing[client_id]
-        self._cancel_timer(out)
-        self._abandoned.add(out)  # (what it still sends goes into the session here)
+        self._end_outgoing(client_id)  # (what it still sends goes into the session here)
         late, waiting = out.supersede()
         # (not those the session took already: a late batch it stored before it came back
         # here, whose answer a restart of this node may have lost)
@@ -737,8 +735,7 @@ class Takeovers(HoldingSide):
             if late and session is None and holder not in (None, self.node_id) \
                     and batch.hops < RELAY_HOPS:
                 return holder
-            if late and session is None and not (self.member.caught_up and
-                                                 self.member.replication.adopted):
+            if late and session is None and not self.member.promotions_in():
                 # restarting: the session may be promoted here, installed from its
                 # replica copy once the table is caught up; the sender tries again
                 raise RuntimeError(f"late messages for {client_id!r}: this node is still "
@@ -758,11 +755,9 @@ class Takeovers(HoldingSide):
         from the node it was handed to (declared down): what the hand-over kept for that
         node (late messages, forwards held undecided) goes into ``session``, since that
         node's replica never had it, and the hand-over ends. Returns how many."""
-        out = self.outgoing.pop(client_id, None)
+        out = self._end_outgoing(client_id)
         if out is None:
             return 0
-        self._abandoned.add(out)
-        self._cancel_timer(out)
         late, _waiting = out.supersede()
         late = self._unseen(session, self.node_id, out.epoch, late)
         for item in late:

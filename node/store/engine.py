@@ -55,7 +55,7 @@ from concurrent.futures import ThreadPoolExecutor
 from . import disk
 from .format import (DAMAGED_DIR, LOCK, Op, frame, header, log_name, pack, snapshot_name)
 from .recovery import RecoveryReport, recover
-from .state import LiveState, LoadedState, MessageRef, SessionData, StoredMessage
+from .state import LiveState, LoadedState, MessageRef, SessionData
 
 log = logging.getLogger("shoal.store")
 
@@ -272,13 +272,7 @@ class SessionStore:
 
     def session_data(self, client_id: str) -> SessionData | None:
         """One stored session as ``open()`` would load it (messages in key order)."""
-        s = self._state.sessions.get(client_id)
-        if s is None:
-            return None
-        bodies = self._state.bodies
-        return SessionData(s.meta, {k: StoredMessage(e, MessageRef(bid, bodies[bid][0]))
-                                    for k, (e, bid, _sz) in sorted(s.messages.items())},
-                           set(s.incoming))
+        return self._state.session_data(client_id)
 
     def put_retained(self, topic: str, record: bytes | None) -> None:
         if record is None and topic not in self._state.retained:

@@ -231,6 +231,16 @@ class LiveState:
              for cid, s in self.sessions.items()],
         )
 
+    def session_data(self, client_id: str) -> SessionData | None:
+        """One session as ``loaded`` gives it (messages in key order), or None."""
+        s = self.sessions.get(client_id)
+        if s is None:
+            return None
+        bodies = self.bodies
+        return SessionData(s.meta, {k: StoredMessage(e, MessageRef(bid, bodies[bid][0]))
+                                    for k, (e, bid, _sz) in sorted(s.messages.items())},
+                           set(s.incoming))
+
     def loaded(self) -> LoadedState:
         refs = {bid: MessageRef(bid, b[0]) for bid, b in self.bodies.items()}
         sessions = {}
