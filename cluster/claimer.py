@@ -305,6 +305,18 @@ class ClaimerHandover:
                    holder, set(pending) - {node_id}, set(awaiting), started=now,
                    verdict=None, decided=True, unread=True)
 
+    @classmethod
+    def promoted(cls, node_id: str, client_id: str, unreachable_owner: str, holder: str,
+                 epoch: int, awaiting, now: float) -> "ClaimerHandover":
+        """The gate of a node that was taking the session over from ``holder`` when it
+        was declared down, on the node the session was promoted to from its replica copy
+        (cluster/marks.py ``taking``, in the copy): the late batches it still awaited come
+        here (the old holder redirects them). Every node applied that move before the
+        promotion (it is earlier in the log): no barrier is awaited; what a node routes
+        here is held behind its late batch, as it would have been there."""
+        return cls(node_id, client_id, False, unreachable_owner, ClaimerState.MOVED, epoch,
+                   holder, set(), set(awaiting), started=now, verdict=True, decided=True)
+
     def _go(self, event: ClaimerEvent, to: ClaimerState | None = None) -> None:
         new = TRANSITIONS.get((self.state, event))
         if new is None:

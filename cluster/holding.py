@@ -27,7 +27,7 @@ from node.session.session import SessionState
 from . import holder as H
 from .holder import HolderHandover, HolderState
 from .marks import Handed, HandoverMark
-from .messages import SnapChunk, SnapshotRequest, encode
+from .messages import RESTART, LateBatch, SnapChunk, SnapshotRequest, encode
 from .transport import PeerUnreachable, RemoteError, RequestTimeout
 
 log = logging.getLogger("shoal.takeover")
@@ -104,7 +104,7 @@ class HoldingSide:
                 else:
                     taken.append(_late_item(*item, key))
             held.append(fut)
-        _stored(held, self.broker.durable_wait())
+        _decided(held)
         return taken
 
     def judged(self, client_id: str, holder: str | None) -> None:
@@ -129,6 +129,13 @@ class HoldingSide:
             # node claims it again)
             log.info("hand-over resumed after a restart waits for its move client_id=%s "
                      "node=%s to=%s epoch=%d", client_id, self.node_id, out.to, out.epoch)
+            return
+        if holder == self.node_id and self.member.replication.promoted_copy(client_id):
+            # moved, then promoted back here from a replica of the node it went to: that
+            # copy is the session (``adopt_promoted`` installs it, and this copy's late
+            # messages go into it: ``fold_outgoing``)
+            log.warning("hand-over resumed after a restart superseded by a promotion "
+                        "client_id=%s node=%s epoch=%d", client_id, self.node_id, out.epoch)
             return
         session = out.copy
         moved_at = self._left_at(client_id)
@@ -343,6 +350,30 @@ class HoldingSide:
             if self.outgoing.get(out.client_id) is out:
                 self._run_holder(out, actions)
 
+    def pass_on_late(self, client_id: str, dead: str, epoch: int, holder: str,
+                     late: list, relayed: dict) -> None:
+        """The late messages of ``dead``'s hand-over of epoch ``epoch``, from its copy
+        here (``Replication._pass_on_late``): to the session's holder, as ``dead``'s own
+        restart would send them (named by ``origin``), then those it had relayed."""
+        batches = [LateBatch(client_id, epoch, RESTART, late, still_pending=[], origin=dead)]
+        for e, items in sorted(relayed.items()):
+            batches.append(LateBatch(client_id, e, "relay", items, hops=1, origin=dead))
+        asyncio.get_running_loop().create_task(self._pass_on(holder, batches))
+
+    async def _pass_on(self, holder: str, batches: list) -> None:
+        for batch in batches:
+            if not batch.messages:
+                continue
+            if holder == self.node_id:
+                try:
+                    await self.on_late(batch.origin, batch)
+                except RuntimeError as err:  # (starting: no session here to take them)
+                    log.error("late messages of a node declared down not taken "
+                              "client_id=%s node=%s count=%d: %s", batch.client_id,
+                              self.node_id, len(batch.messages), err)
+            else:
+                await self._request_late(holder, batch)
+
     async def _request_late(self, to: str, batch, out: HolderHandover | None = None) -> None:
         """Send a late batch until ``to`` answers that it stored it (bounded: a node that
         stays away that long has lost the session's newest messages with its disk anyway);
@@ -352,21 +383,22 @@ class HoldingSide:
         for attempt in range(10_000):
             if out is not None and out in self._abandoned:
                 return
+            holder = view.holders.get(batch.client_id)
+            if (to in view.down or to not in view.members) and \
+                    holder not in (None, to, self.node_id):
+                # the new holder was declared down (or forgotten) and the session
+                # promoted from its replica, which never had these: they go there
+                log.warning("late messages redirected client_id=%s node=%s from=%s "
+                            "to=%s epoch=%d count=%d: %s is down", batch.client_id,
+                            self.node_id, to, holder, batch.epoch, len(batch.messages), to)
+                to = holder
             try:
-                await self.member.transport.request(to, *encode(batch), 10.0)
+                await self._request_unless_down(to, batch)
                 return
             except (PeerUnreachable, RequestTimeout, RemoteError) as err:
-                holder = view.holders.get(batch.client_id)
-                if (to in view.down or to not in view.members) and \
-                        holder not in (None, to, self.node_id):
-                    # the new holder was declared down (or forgotten) and the session
-                    # promoted from its replica, which never had these: they go there
-                    log.warning("late messages redirected client_id=%s node=%s from=%s "
-                                "to=%s epoch=%d count=%d: %s is down", batch.client_id,
-                                self.node_id, to, holder, batch.epoch, len(batch.messages),
-                                to)
-                    to = holder
-                    continue
+                if to in view.down and \
+                        view.holders.get(batch.client_id) not in (None, to, self.node_id):
+                    continue  # (redirected at once)
                 if _now() >= deadline:
                     log.error("late messages not delivered client_id=%s node=%s to=%s "
                               "epoch=%d source=%s count=%d after %d attempts: %r",
@@ -374,6 +406,31 @@ class HoldingSide:
                               len(batch.messages), attempt + 1, err)
                     return
                 await asyncio.sleep(0.2)  # the node restarting: try again
+
+    async def _request_unless_down(self, to: str, batch) -> None:
+        """One late batch to ``to``; raises PeerUnreachable as soon as ``to`` is declared
+        down (``on_node_down``), not after the request's timeout."""
+        signal = self._down_signals.get(to)
+        if signal is None:
+            signal = self._down_signals[to] = asyncio.get_running_loop().create_future()
+        req = asyncio.ensure_future(self.member.transport.request(to, *encode(batch), 10.0))
+        try:
+            await asyncio.wait({req, signal}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            down = not req.done()
+            if down:
+                req.cancel()
+        if down:
+            raise PeerUnreachable(f"{to} was declared down")
+        req.result()
+
+    def on_node_down(self, node: str) -> None:
+        """``node`` was declared down: the late batches this node was delivering to it go
+        at once to where its sessions were promoted (``_request_unless_down``); there a
+        gate kept from its copy holds what the nodes route after them."""
+        signal = self._down_signals.pop(node, None)
+        if signal is not None and not signal.done():
+            signal.set_result(None)
 
     def _hand_back(self, out: HolderHandover, why: str) -> None:
         """The hand-over ``out`` will never complete: the session is frozen here again,
@@ -472,17 +529,11 @@ def _late_message(item: list) -> tuple:
     return message_from_record(m), qos, retain, tuple(sub_ids) if sub_ids else None
 
 
-def _stored(held: list, durable) -> None:
-    """Held messages admitted: their waiters go on once the store has them."""
-    def done(fut=None) -> None:
-        ok = fut is None or (not fut.cancelled() and fut.exception() is None)
-        for h in held:
-            if not h.done():
-                if ok:
-                    h.set_result(None)
-                else:
-                    h.cancel()  # the store failed: this node stops, nothing is confirmed
-    if durable is None:
-        done()
-    else:
-        durable.add_done_callback(done)
+def _decided(held: list) -> None:
+    """Held messages decided (admitted into the session, or left to the other copy): their
+    waiters go on, and wait for the store from there (``ClusterMember.held_wait``): a
+    forward's replica mark follows its messages in the replica stream at once, so a
+    replica that has them has the mark too (``ClusterMember._stored_wait``)."""
+    for h in held:
+        if not h.done():
+            h.set_result(None)

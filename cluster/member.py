@@ -110,6 +110,9 @@ class ClusterMember:
         self._confirms: dict[int, tuple] = {}  # id -> (node, future, sent at)
         #: node -> the position of the ``down`` whose forwards were sent again (once)
         self._redone: dict[str, int] = {}
+        #: the position of the latest ``down`` of this node applied here: a forward routed
+        #: with an older table may be for a session promoted away from here meanwhile
+        self._fenced_at: int | None = None
         # confirmation ids unique to this process: a confirmation its previous process
         # was owed can still arrive (sent to it, never written) and must match nothing
         self._confirm_ids = itertools.count(secrets.randbits(40) << 20)
@@ -567,13 +570,22 @@ class ClusterMember:
         handler(peer, body)
 
     def held_wait(self, fut: asyncio.Future) -> None:
-        """A message a hand-over's gate holds in memory (cluster/takeover.py): what
-        acknowledges it (the forward's confirmation, a local publisher's PUBACK) waits
-        until it is admitted and stored."""
+        """A message a hand-over's gate holds in memory (cluster/takeover.py; ``fut`` is
+        done once it is decided): what acknowledges it (the forward's confirmation, a local
+        publisher's PUBACK) waits until it is admitted and stored."""
         if self._held_into is not None:
-            self._held_into.append(fut)
-        else:
-            self._forward_waits.append(fut)  # a local publish: its handler takes them
+            self._held_into.append(fut)  # (``_stored_wait``: the mark, then the store)
+            return
+        stored = self.loop.create_future()
+
+        def decided(f: asyncio.Future) -> None:
+            wait = self.broker.durable_wait() if not f.cancelled() else None
+            if wait is None:
+                _pass_on(f, stored)
+            else:
+                wait.add_done_callback(lambda w: _pass_on(w, stored))
+        fut.add_done_callback(decided)
+        self._forward_waits.append(stored)  # a local publish: its handler takes them
 
     def _promoted_at(self) -> int:
         return self.view.tables.promoted_at
@@ -634,10 +646,20 @@ class ClusterMember:
                         "node=%s from=%s count=%d", self.node_id, peer, len(items))
             self.transport.send(peer, "pubc_no", cid, True)
             return
+        position, fenced = (body[3] if len(body) > 3 else None), self._fenced_at
+        if fenced is not None and position is not None and position < fenced:
+            # routed with a table from before this node was declared down: the sessions it
+            # was meant for may have been promoted elsewhere (and dropped here). Not
+            # confirmed: the publisher sends it again, routed with the promotion
+            self.forward_stale += len(items)
+            log.warning("forwarded messages routed before this node was declared down not "
+                        "taken node=%s from=%s count=%d", self.node_id, peer, len(items))
+            self.transport.send(peer, "pubc_no", cid, True)
+            return
         held = self._held_into = []
         # the sender's table position when it routed them (a restarted old holder that
         # cannot tell yet whether they used the new routes compares it with the move's)
-        self.forward_position = body[3] if len(body) > 3 else None
+        self.forward_position = position
         try:
             self._route_forwarded(peer, items)
         finally:
@@ -951,6 +973,7 @@ class ClusterMember:
         if not self.caught_up:
             return  # replaying history: promotions here are adopted after it
         if ev.node == self.node_id:
+            self._fenced_at = ev.position
             self._declared_down()
             return
         self._promoted(ev.node, ev.promoted, ev.position, ev.stuck)
@@ -1007,6 +1030,7 @@ class ClusterMember:
         it forwarded to a node declared down."""
         view = self.view
         if self.node_id in view.down:
+            self._fenced_at = view.down[self.node_id]
             self._declared_down()
         self.replication.adopt_promoted()
         promoted = view.promoted

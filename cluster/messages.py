@@ -78,6 +78,8 @@ class LateBatch:
     hops: int = 0  # passed on by nodes the session had left (at most RELAY_HOPS)
     #: with source RESTART: the nodes whose late messages may still come, one batch each
     still_pending: list | None = None
+    #: sent by a replica for this old holder, declared down (its copy's late messages)
+    origin: str | None = None
 
 
 #: the source of the batch a restarted old holder sends first: every late message its

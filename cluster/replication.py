@@ -46,7 +46,7 @@ import zlib
 
 from node.metrics import Histogram
 from node.persist import record_from_changes
-from node.session.record import RecordError
+from node.session.record import RecordError, unpack
 from node.store import SessionStore, StoreError
 from node.ownership import Claim
 
@@ -119,6 +119,8 @@ class Replication:
         self._marks: dict[str, collections.OrderedDict] = {}
         self._touched: dict[str, float] = {}  # copy key -> last change (monotonic)
         self._fenced: set[str] = set()  # copy keys promoted here: their source is stale
+        #: (copy key, epoch) of hand-overs whose late messages went on for a dead holder
+        self._late_passed: set[tuple[str, int]] = set()
         #: ClientID -> the node it was promoted from (a re-sent forward is for these)
         self.promoted_from: dict[str, str] = {}
         #: the copies promoted here while the node was down are installed (at start,
@@ -634,9 +636,60 @@ class Replication:
                         silent)
         # (a node that still holds sessions of its own is waited for too: what was
         # forwarded to it may be for them)
+        self._pass_on_late(node)
+        self.member.takeovers.on_node_down(node)
         self.member.redo_forwards(node, sorted({p[1] for p in promoted}), stuck > 0)
         if self.k:
             self._schedule_place()
+
+    def _pass_on_late(self, node: str) -> None:
+        """``node`` went down in the middle of a hand-over it had made final (the session
+        is held elsewhere, not promoted from it): the late messages its copy kept after the
+        snapshot were acknowledged once stored there and here, and its hand-over never
+        delivered them. Their copy here sends them to the session's holder, as the old
+        holder's restart would have (a batch the holder took already is skipped there)."""
+        store = self.copies
+        if store is None:
+            return
+        view = self.member.view
+        for key in store.session_ids():
+            cid, source = split_key(key)
+            if source != node:
+                continue
+            data = store.session_data(key)
+            if data is None:
+                continue
+            mark = HandoverMark.of(_Meta(data.meta.get("handover")))
+            handed = mark.handed
+            holder = view.holders.get(cid)
+            if handed is None or holder in (None, node):
+                continue  # (not handed over, or the session was promoted from this copy)
+            move = view.handed_from.get(cid, {}).get(node)
+            if move is None or move[0] != handed.epoch or self.node_id not in move[1]:
+                continue  # (a stale copy: the hand-over was not the move, or not fed here)
+            if view.promoted.get(cid, {}).get(node, -1) > handed.epoch:
+                continue  # (promoted from it after that hand-over: the late ones with it)
+            late, relayed = [], {}
+            for k, m in data.messages.items():
+                qos, retain, sub_ids, pid, _stage = m.entry
+                if k < handed.first or pid:
+                    continue
+                item = [unpack(m.ref.record), qos, retain, list(sub_ids) if sub_ids else None]
+                name = mark.relayed.get(k)
+                if name is None:
+                    late.append(item + [k])
+                else:
+                    relayed.setdefault(name[0], []).append(item + [name[1]])
+            if (key, handed.epoch) in self._late_passed:
+                continue
+            self._late_passed.add((key, handed.epoch))
+            if not late and not relayed:
+                continue
+            log.warning("late messages of a hand-over passed on for a node declared down "
+                        "node=%s client_id=%s down=%s epoch=%d to=%s count=%d", self.node_id,
+                        cid, node, handed.epoch, holder, len(late) + sum(map(len,
+                                                                            relayed.values())))
+            self.member.takeovers.pass_on_late(cid, node, handed.epoch, holder, late, relayed)
 
     def adopt_promoted(self) -> None:
         """After a restart's catch-up: sessions promoted to this node while it replayed
@@ -658,20 +711,30 @@ class Replication:
                 self._drop(node, "this node restarted: its streams start again")
         if not self._fresh.done():
             self._fresh.set_result(None)
-        promoted = view.promoted
         n = 0
+        takeovers = self.member.takeovers
         for key in store.session_ids():
             cid, source = split_key(key)
-            epoch = promoted.get(cid, {}).get(source)
             # (held here by that promotion: a claim made since may own it, and will ask
-            # this node for it)
-            if view.holders.get(cid) == self.node_id and cid not in self.broker.sessions \
-                    and epoch is not None:
-                n += self._promote(cid, source, epoch)
+            # this node for it); a copy this node was handing over when it went down is
+            # older than the promoted one (the hand-over moved before the promotion)
+            if view.holders.get(cid) == self.node_id and self.promoted_copy(cid) == source \
+                    and (cid not in self.broker.sessions or takeovers.restored_handed(cid)):
+                n += self._promote(cid, source, max(view.promoted[cid].values()))
         self.adopted = True
         if n:
             log.warning("sessions promoted here while starting adopted node=%s count=%d",
                         self.node_id, n)
+
+    def promoted_copy(self, cid: str) -> str | None:
+        """The node ``cid`` was last promoted from, if this node has that copy (one kept
+        from a node it was promoted from earlier is older: a replica dropped since)."""
+        promoted = self.member.view.promoted.get(cid)
+        if not promoted or self.copies is None:
+            return None
+        source = max(promoted, key=promoted.get)
+        key = copy_key(cid, source)
+        return source if self.copies.has_session(key) else None
 
     def _promote(self, cid: str, source: str, epoch: int) -> bool:
         store = self.copies
@@ -692,7 +755,9 @@ class Replication:
                       err)
             return False
         # the dead node's own hand-over state went with it; what it knew of the late
-        # messages it had taken stays (they are in the copy: not taken twice)
+        # messages it had taken stays (they are in the copy: not taken twice), and the
+        # gate it had up for them goes on here
+        taking = HandoverMark.of(_Meta(record.get("handover"))).taking
         record["handover"] = HandoverMark.for_receiver(record.get("handover"))
         old = self.broker.sessions.get(cid)
         if old is not None:
@@ -705,11 +770,22 @@ class Replication:
             # (a hand-over from here to ``source`` that its move made final: what it kept
             # for ``source`` is this session's, source never had it)
             self.member.takeovers.fold_outgoing(cid, session)
+            if taking is not None:
+                self.member.takeovers.gate_promoted(session, taking)
         self.promoted_from[cid] = source
         store.delete_session(key)
         self._fenced.add(key)
         self._touched.pop(key, None)
         return True
+
+
+class _Meta:
+    """A stored copy's hand-over mark, read as a session's (``HandoverMark.of``)."""
+
+    __slots__ = ("handover",)
+
+    def __init__(self, handover) -> None:
+        self.handover = handover
 
 
 class _Fenced(Exception):

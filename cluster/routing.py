@@ -111,6 +111,11 @@ class Tables:
     #: copy that node kept from an older epoch is superseded, late messages included
     #: (its replica had them)
     promoted: dict[str, dict[str, int]] = field(default_factory=dict)
+    #: per held ClientID, per node it moved away from by a hand-over, that move's epoch
+    #: and the node's in-sync replicas then: their copies kept what the hand-over did not
+    #: deliver, should that node die before it does
+    handed_from: dict[str, dict[str, tuple[int, tuple[str, ...]]]] = \
+        field(default_factory=dict)
 
     def copy(self) -> "Tables":
         return Tables({k: dict(v) for k, v in self.members.items()}, dict(self.owners),
@@ -120,7 +125,8 @@ class Tables:
                       {c: dict(n) for c, n in getattr(self, "left_at", {}).items()},
                       {c: list(n) for c, n in _replicas(self).items()}, dict(_down(self)),
                       getattr(self, "promoted_at", 0),
-                      {c: dict(n) for c, n in _promoted(self).items()})
+                      {c: dict(n) for c, n in _promoted(self).items()},
+                      {c: dict(n) for c, n in _handed_from(self).items()})
 
 
 # What an operation changed, as the view's listeners see it (cluster/member.py dispatches
@@ -232,6 +238,7 @@ def _release(t: Tables, client_id: str, node_id: str, epoch: int, holder: bool =
         del t.holders[client_id]
         _moved_at(t).pop(client_id, None)
         _left_at(t).pop(client_id, None)
+        _handed_from(t).pop(client_id, None)
         _replicas(t).pop(client_id, None)
         _promoted(t).pop(client_id, None)
         released = True
@@ -254,6 +261,10 @@ def _moved_at(t: Tables) -> dict:
 
 def _left_at(t: Tables) -> dict:
     return _added_map(t, "left_at")
+
+
+def _handed_from(t: Tables) -> dict:
+    return _added_map(t, "handed_from")
 
 
 def _replicas(t: Tables) -> dict:
@@ -284,6 +295,8 @@ def _moved(t: Tables, client_id: str, epoch: int, from_node: str, to_node: str,
         t.holders[client_id] = to_node
         _moved_at(t)[client_id] = t.position
         _left_at(t).setdefault(client_id, {})[from_node] = t.position
+        _handed_from(t).setdefault(client_id, {})[from_node] = \
+            (epoch, tuple(_replicas(t).get(client_id, ())))
         down = _down(t)
         reps = [n for n in dict.fromkeys(replicas or ())
                 if n != to_node and n in t.members and n not in down]
@@ -390,6 +403,7 @@ def _forget(t: Tables, node_id: str):
             del t.holders[cid]
             _moved_at(t).pop(cid, None)
             _left_at(t).pop(cid, None)
+            _handed_from(t).pop(cid, None)
         owner = t.owners.get(cid)
         if owner is not None and owner[0] == node_id:
             del t.owners[cid]
@@ -499,6 +513,10 @@ class RoutingView:
     @property
     def promoted(self) -> dict[str, dict[str, int]]:
         return _promoted(self.tables)
+
+    @property
+    def handed_from(self) -> dict[str, dict[str, tuple[int, tuple[str, ...]]]]:
+        return _handed_from(self.tables)
 
     @property
     def cluster_id(self) -> str | None:

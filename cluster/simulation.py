@@ -609,6 +609,7 @@ class SimMember(ClusterMember):
         self.forward_position = None
         self._confirms = {}
         self._redone = {}
+        self._fenced_at = None
         self._confirm_ids = itertools.count(inc.number << 32)  # (unique per process)
         self._outbox_scheduled = False
         self.received = 0

@@ -53,7 +53,7 @@ from node.session.session import SessionState
 from . import claimer as C
 from .claimer import ClaimerHandover, LocalCopy
 from .holder import HolderHandover, HolderState
-from .holding import HoldingSide, _late_item, _late_message, _now, _stored
+from .holding import HoldingSide, _decided, _late_item, _late_message, _now
 from .marks import HandoverMark, Taking
 from .messages import Barrier, LateBatch, SnapshotRequest, Switched, encode
 from .routing import RaftUnavailable
@@ -152,6 +152,8 @@ class Takeovers(HoldingSide):
         self.in_progress: dict[str, asyncio.Future] = {}  # claims being decided here
         self._timers: dict[HolderHandover, asyncio.TimerHandle] = {}
         self._late_locks: dict[HolderHandover, asyncio.Lock] = {}
+        #: per node a late batch waits on: set when it is declared down
+        self._down_signals: dict[str, asyncio.Future] = {}
         #: hand-overs given up without sending anything more (``abandon``)
         self._abandoned: weakref.WeakSet = weakref.WeakSet()
         #: the last send of messages a take-back carries, per (ClientID, epoch)
@@ -507,9 +509,9 @@ class Takeovers(HoldingSide):
                     if len(item) > 4:
                         held.append(item[4])
                 if held:
-                    _stored(held, self.broker.durable_wait())
+                    _decided(held)
             elif isinstance(action, C.Release):
-                _stored([item[4] for item in action.items if len(item) > 4], None)
+                _decided([item[4] for item in action.items if len(item) > 4])
             elif isinstance(action, C.GateOff):
                 if self.incoming.get(gate.machine.client_id) is gate:
                     del self.incoming[gate.machine.client_id]
@@ -549,6 +551,30 @@ class Takeovers(HoldingSide):
             log.warning("hand-over gate restored client_id=%s node=%s holder=%s epoch=%d "
                         "barriers=%s late=%s", client_id, self.node_id, taking.holder,
                         taking.epoch, sorted(m.pending), sorted(m.awaiting))
+
+    def gate_promoted(self, session, taking: Taking) -> None:
+        """``session`` was promoted here from the copy of a node that was taking it over
+        from ``taking.holder``, its gate up: the gate goes on here (``promoted``), so that
+        the old holder's late messages, which it redirects here, still come before what
+        the nodes routed after them."""
+        client_id = session.client_id
+        view = self.member.view
+        if not taking.awaiting or taking.holder == self.node_id or \
+                taking.holder not in view.members or taking.holder in view.down or \
+                client_id in self.incoming:
+            return
+        m = ClaimerHandover.promoted(self.node_id, client_id, self.config.unreachable_owner,
+                                     taking.holder, taking.epoch, taking.awaiting, _now())
+        gate = _Gate(m)
+        gate.session = session
+        gate.opened.set_result(None)
+        self.incoming[client_id] = gate
+        session.gate = self._incoming_gate(gate)
+        self._save_gate(gate)
+        asyncio.get_running_loop().call_later(self.config.barrier_timeout, self._expired, gate)
+        log.warning("hand-over gate kept for a promoted session client_id=%s node=%s "
+                    "holder=%s epoch=%d late=%s", client_id, self.node_id, taking.holder,
+                    taking.epoch, sorted(m.awaiting))
 
     def claim_current(self, client_id: str) -> bool:
         """Is there a gate here whose claim is still the table's current one (its move
@@ -665,7 +691,10 @@ class Takeovers(HoldingSide):
 
     async def on_late(self, sender: str, batch: LateBatch) -> dict:
         """The old holder's late messages (a request): answered once they are stored
-        here (or where the session went), so that it keeps them until then."""
+        here (or where the session went), so that it keeps them until then. A replica
+        sends those of an old holder declared down in its name (``origin``)."""
+        if batch.origin is not None:
+            sender = batch.origin
         gate = self.incoming.get(batch.client_id)
         if gate is not None and gate.session is None and gate.machine.epoch == batch.epoch:
             # the session is being opened here (the CONNECT goes on in its own task): its

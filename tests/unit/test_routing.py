@@ -159,6 +159,12 @@ def test_a_move_records_the_replicas_the_new_holder_seeded():
     ok = apply(t, ("moved", "x", epoch, "n1", "n2", ["n3", "n2", "n9"]))[0]
     assert ok and t.holders["x"] == "n2" and t.replicas["x"] == ["n3"]
     # a move without replicas (an older entry) leaves the new holder without any
-    epoch = apply(t, ("claim", "x", "n3", False))[0][0]
-    assert apply(t, ("moved", "x", epoch, "n2", "n3"))[0]
+    epoch2 = apply(t, ("claim", "x", "n3", False))[0][0]
+    assert apply(t, ("moved", "x", epoch2, "n2", "n3"))[0]
     assert "x" not in t.replicas
+    # each node it left by a hand-over: that move's epoch and the replicas fed then (their
+    # copies hold what the hand-over had not delivered yet)
+    assert t.handed_from["x"] == {"n1": (epoch, ()), "n2": (epoch2, ("n3",))}
+    assert t.copy().handed_from == t.handed_from
+    apply(t, ("release", "x", "n3", epoch2))
+    assert "x" not in t.handed_from

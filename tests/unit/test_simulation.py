@@ -173,3 +173,18 @@ def test_a_restored_gate_holds_positioned_messages_until_its_table_is_read():
     m = ClaimerHandover.restored("b", "x", "refuse", "a", 5, {"p"}, {"p"}, 0.0)
     assert m.message("p", "m1", 40) is Route.HOLD
     assert m.move_applied(None) == [Release(("m1",))]
+
+
+def test_a_gate_kept_for_a_promoted_session_holds_each_node_behind_its_late_batch():
+    """The new holder died with its gate up; on the node the session was promoted to the
+    gate goes on: what a node routes there waits for the old holder's late batch from that
+    node (redirected there), whatever the old holder restarted or not."""
+    m = ClaimerHandover.promoted("c", "x", "refuse", "a", 5, {"p", "a"}, 0.0)
+    assert m.gated and not m.pending
+    assert m.message("p", "m3") is Route.HOLD  # (a forward re-sent after the death)
+    assert m.message("q", "n1") is Route.ADMIT  # (nothing awaited from q)
+    assert m.late("p", ["m1", "m2"]) == [Admit(("m1", "m2", "m3"))]
+    assert m.message("p", "m4") is Route.ADMIT
+    # the old holder's batch after a restart carries every node's: the rest is let go
+    assert m.message("a", "l2") is Route.HOLD
+    assert m.late("restart", ["l1"], []) == [Admit(("l1",)), Admit(("l2",)), GateOff()]
