@@ -188,3 +188,11 @@ def test_a_gate_kept_for_a_promoted_session_holds_each_node_behind_its_late_batc
     # the old holder's batch after a restart carries every node's: the rest is let go
     assert m.message("a", "l2") is Route.HOLD
     assert m.late("restart", ["l1"], []) == [Admit(("l1",)), Admit(("l2",)), GateOff()]
+
+
+def test_three_hundred_seeds_of_failover_without_a_violation():
+    """Replicas, the failure detector and promotion as the nodes run them: crashes and cuts
+    long enough to declare nodes down, promotions, fenced returns, and one node lost for
+    good and then forgotten (`make simulate SIM_ARGS=--failover` runs more seeds)."""
+    out, m = simulate("--seeds", "300", "--failover", timeout=600.0)
+    assert (m[1], m[3]) == ("300", "0"), out[-3000:]
