@@ -41,6 +41,7 @@ import asyncio
 import collections
 import itertools
 import logging
+import math
 import os
 import zlib
 
@@ -109,7 +110,8 @@ class Replication:
         self._seq = itertools.count(1)
         #: node -> done once its "unreplicate" committed (then nothing counts on it)
         self._dropping: dict[str, asyncio.Future] = {}
-        self._proposing: set[str] = set()  # "unreplicate" proposals in flight
+        #: "unreplicate" proposals in flight: node -> when proposed
+        self._proposing: dict[str, float] = {}
         self._declared: dict[str, float] = {}  # node -> when this leader proposed "down"
         self._to_place: set[str] = set()
         self._place_scheduled = False
@@ -389,7 +391,12 @@ class Replication:
             if q and now - q[0].sent_at > self.timeout and node not in self._dropping:
                 self._drop(node, f"no answer for {now - q[0].sent_at:.1f}s")
         for node in list(self._dropping):
-            self._propose_drop(node)  # (again, if the last proposal did not commit)
+            if self._counted_insync(node):
+                self._propose_drop(node)  # (again, if the last proposal did not commit)
+            else:
+                # the table counts it nowhere any more (its proposal committed, whatever
+                # became of the answer: one applied through a Raft snapshot has none)
+                self._release_waits(node)
         if self.k and now - self._repaired_at >= REPAIR_PERIOD:
             self._repaired_at = now
             self._repair()  # (a walk over every session: once a second, not each pass)
@@ -407,14 +414,22 @@ class Replication:
             self._dropping[node] = self.loop.create_future()
         self._propose_drop(node)
 
+    def _counted_insync(self, node: str) -> bool:
+        """Does the table count ``node`` in the in-sync set of a session held here?"""
+        view = self.member.view
+        holders = view.holders
+        return any(node in nodes and holders.get(cid) == self.node_id
+                   for cid, nodes in view.replicas.items())
+
     def _propose_drop(self, node: str) -> None:
-        if node in self._proposing:
+        now = self.loop.time()
+        if now - self._proposing.get(node, -math.inf) < self.timeout:
             return
-        self._proposing.add(node)
+        self._proposing[node] = now
         fut = self.member.raft.submit(("unreplicate", self.node_id, node))
 
         def done(f: asyncio.Future, node=node) -> None:
-            self._proposing.discard(node)
+            self._proposing.pop(node, None)
             if f.cancelled() or f.exception() is not None:
                 return  # not committed: the next pass proposes it again (waits stay)
             self._release_waits(node)
@@ -472,9 +487,15 @@ class Replication:
         view = self.member.view
         reps = view.replicas
         dropping = self._dropping  # (still in the table's set, on their way out)
-        return sum(1 for cid, s in self.broker.sessions.items()
+        held = sum(1 for cid, s in self.broker.sessions.items()
                    if s.journal is not None and view.holders.get(cid) == self.node_id
                    and sum(1 for n in reps.get(cid, ()) if n not in dropping) < self.k)
+        # and copies handed over whose late messages are on fewer replicas (the stream
+        # to a dropped one is not seeded again: the copy ends with its hand-over)
+        handing = sum(1 for cid in self.member.takeovers.outgoing
+                      if view.holders.get(cid) != self.node_id
+                      and len(self.streams.get(cid, ())) < self.k)
+        return held + handing
 
     def copies_count(self) -> int:
         return len(self.copies.session_ids()) if self.copies is not None else 0
