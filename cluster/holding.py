@@ -138,19 +138,21 @@ class HoldingSide:
                         "client_id=%s node=%s epoch=%d", client_id, self.node_id, out.epoch)
             return
         session = out.copy
-        moved_at = self._left_at(client_id)
-        self._decide(out, None if holder in (None, self.node_id) else moved_at)
-        mark = HandoverMark.of(session)
-        late, relayed = _stale_late(session, mark) if mark.handed is not None else ([], {})
         promoted = self.member.view.promoted.get(client_id, {})
         if holder not in (None, self.node_id) and \
                 promoted.get(self.node_id, -1) > out.epoch:
             # promoted from this node while it was down: its replica had this copy's
-            # every acknowledged change, late messages included; they are not sent twice
-            log.warning("late messages of a hand-over dropped after a restart client_id=%s "
-                        "node=%s: the session was promoted on %s meanwhile (count=%d)",
-                        client_id, self.node_id, holder, len(late))
-            late, relayed = [], {}
+            # every acknowledged change, late messages included; what came since was
+            # routed with a table from before that, and its senders sent it again to the
+            # promoted session (or it was never acknowledged): nothing goes from here
+            self.abandon(client_id, f"the session was promoted on {holder} meanwhile")
+            self.broker.end_session(session, "promoted elsewhere while this node was down",
+                                    release=False, will=False)
+            return
+        moved_at = self._left_at(client_id)
+        self._decide(out, None if holder in (None, self.node_id) else moved_at)
+        mark = HandoverMark.of(session)
+        late, relayed = _stale_late(session, mark) if mark.handed is not None else ([], {})
         actions = out.judged(holder, self.node_id, late, moved_at)
         if out.state is HolderState.TAKEN_BACK:
             del self.outgoing[client_id]
@@ -283,7 +285,7 @@ class HoldingSide:
                 held = self.member.loop.create_future()
                 self._undecided.setdefault(out, []).append(
                     (position, via, (msg, qos, retain, sub_ids), held))
-                self.member.held_wait(held)
+                self.member.held_wait(held, out.client_id)
                 return
             else:
                 keep = out.keeps(via)

@@ -273,6 +273,16 @@ class ClusterMember:
         keep = {cid for cid in broker.sessions if cid not in judged
                 or holders.get(cid) == me or cid in self.takeovers.outgoing
                 or self.takeovers.claim_current(cid)}
+        # promoted elsewhere from this node since this copy was held here (the node was
+        # declared down while it restarted or was cut off, and is back before it saw
+        # that): its hand-over is void, the copy is not the session
+        promoted = self.view.promoted
+        for cid in sorted(keep & judged):
+            epoch = promoted.get(cid, {}).get(me)
+            if epoch is not None and holders.get(cid) not in (None, me) and \
+                    epoch > (broker.sessions[cid].epoch or 0):
+                self.takeovers.abandon(cid, "promoted elsewhere while this node was away")
+                keep.discard(cid)
         unheld = [cid for cid in sorted(judged) if holders.get(cid) is None]
         if unheld:
             # one Raft entry for all of them (ops submitted in one loop iteration batch)
@@ -514,7 +524,7 @@ class ClusterMember:
         items, must_arrive, confirm, position = batch
         if confirm is not None:
             cid = next(self._confirm_ids)
-            self._confirms[cid] = (node, confirm, self.loop.time(), items)
+            self._confirms[cid] = (node, confirm, self.loop.time(), items, position)
             # routed with what this node knew of that node's process: a batch still in
             # the link's buffer when it restarts is not for its new process (see _on_pubc)
             self.transport.send(node, "pubc", [cid, items,
@@ -569,12 +579,16 @@ class ClusterMember:
                 return
         handler(peer, body)
 
-    def held_wait(self, fut: asyncio.Future) -> None:
-        """A message a hand-over's gate holds in memory (cluster/takeover.py; ``fut`` is
-        done once it is decided): what acknowledges it (the forward's confirmation, a local
-        publisher's PUBACK) waits until it is admitted and stored."""
+    def held_wait(self, fut: asyncio.Future, client_id: str) -> None:
+        """A message for ``client_id`` a hand-over's gate holds in memory
+        (cluster/takeover.py; ``fut`` is done once it is decided): what acknowledges it
+        (the forward's confirmation, a local publisher's PUBACK) waits until it is
+        admitted and stored."""
         if self._held_into is not None:
             self._held_into.append(fut)  # (``_stored_wait``: the mark, then the store)
+            collecting = self.replication.collecting
+            if collecting is not None:
+                collecting.add(client_id)
             return
         stored = self.loop.create_future()
 
@@ -656,25 +670,36 @@ class ClusterMember:
                         "taken node=%s from=%s count=%d", self.node_id, peer, len(items))
             self.transport.send(peer, "pubc_no", cid, True)
             return
-        held = self._held_into = []
         # the sender's table position when it routed them (a restarted old holder that
         # cannot tell yet whether they used the new routes compares it with the move's)
         self.forward_position = position
         try:
-            self._route_forwarded(peer, items)
+            held, stored_in = self._route_collecting(peer, items)
+        finally:
+            self.forward_position = None
+        self._confirm_when(self._stored_wait(held, peer, cid, stored_in), peer, cid)
+
+    def _route_collecting(self, sender: str, items: list, only=None) -> tuple[list, set]:
+        """Route a forwarded batch; returns the waits of the messages a gate holds and
+        the sessions it stored messages into (or that a gate holds them for)."""
+        held = self._held_into = []
+        stored_in = self.replication.collecting = set()
+        try:
+            self._route_forwarded(sender, items, only)
         finally:
             self._held_into = None
-            self.forward_position = None
-        self._confirm_when(self._stored_wait(held, peer, cid), peer, cid)
+            self.replication.collecting = None
+        return held, stored_in
 
-    def _stored_wait(self, held: list, sender: str, mark_id: int):
+    def _stored_wait(self, held: list, sender: str, mark_id: int, stored_in: set):
         """What a forward's confirmation waits for: the messages a hand-over's gate holds
         (decided: in a session's queue here, or left to the other copy), then the
-        forward's mark in the replica streams (``mark_forward``: a replica then skips a
-        re-send of it), then the store and the replicas. A mark sent while a message was
-        only held would make the replica skip it though its copy lacks it."""
+        forward's mark in the replica streams of the sessions it went into
+        (``mark_forward``: a replica then skips a re-send of it to those), then the store
+        and the replicas. A mark sent while a message was only held would make the
+        replica skip it though its copy lacks it."""
         if not held:
-            self.replication.mark_forward(sender, mark_id)
+            self.replication.mark_forward(sender, mark_id, stored_in)
             return self.broker.durable_wait()
         out = self.loop.create_future()
 
@@ -682,7 +707,7 @@ class ClusterMember:
             if gate.cancelled() or gate.exception() is not None:
                 _pass_on(gate, out)
                 return
-            self.replication.mark_forward(sender, mark_id)
+            self.replication.mark_forward(sender, mark_id, stored_in)
             wait = self.broker.durable_wait()
             if wait is None:
                 _pass_on(gate, out)
@@ -707,7 +732,8 @@ class ClusterMember:
 
     def _take_pubr(self, peer: str, body) -> None:
         cid, items, source, first_cid = body[0], body[1], body[2], body[3]
-        wait = self._redo_here(peer, items, source, first_cid)
+        wait = self._redo_here(peer, items, source, first_cid,
+                               body[6] if len(body) > 6 else None)
         if wait is REDO_REFUSED:
             self.transport.send(peer, "pubc_no", cid, True)
         else:
@@ -722,9 +748,13 @@ class ClusterMember:
         del self._confirms[cid]
         entry[1].cancel()
 
-    def _redo_here(self, sender: str, items: list, source: str, first_cid: int):
+    def _redo_here(self, sender: str, items: list, source: str, first_cid: int,
+                   routed_at: int | None = None):
         """Deliver a re-sent forward to the sessions promoted here from ``source``, unless
-        ``source`` had stored it (its replica stream marked it). Returns the wait for
+        ``source`` had stored it (its replica stream marked it), or it was routed
+        (``routed_at``) with a table from before the session moved to ``source`` (its
+        gate dropped it: the old holder kept it, and its late messages come here, or are
+        here already, folded from this node's own hand-over). Returns the wait for
         the store (and replicas), None, or REDO_REFUSED: a session moving here from
         ``source`` still waited for the late messages ``source`` held (they went with
         it; these may be among them, or already here): not confirmed either way."""
@@ -735,22 +765,23 @@ class ClusterMember:
             log.warning("re-sent forward refused node=%s from=%s dead=%s: this node is "
                         "still starting", self.node_id, sender, source)
             return REDO_REFUSED
-        if rep.marked(source, sender, first_cid):
-            return None
+        marked = rep.marked(source, sender, first_cid)
+        if marked is None:
+            return None  # (stored there into every session: a holder of an older version)
         if self.takeovers.waiting_for(source):
             log.warning("re-sent forward refused node=%s from=%s dead=%s: a hand-over from "
                         "it still waits for its late messages", self.node_id, sender, source)
             return REDO_REFUSED
-        only = {c for c, src in rep.promoted_from.items() if src == source}
+        # (not into the copies that had it stored)
+        only = {c for c, src in rep.promoted_from.items() if src == source} - marked
+        if routed_at is not None:
+            arrived = self.view.arrived
+            only = {c for c in only if arrived.get(c) is None or routed_at >= arrived[c]}
         if not only:
             return None
-        held = self._held_into = []
-        try:
-            self._route_forwarded(sender, items, only)
-        finally:
-            self._held_into = None
+        held, stored_in = self._route_collecting(sender, items, only)
         rep.redone += len(items)
-        return self._stored_wait(held, sender, first_cid)
+        return self._stored_wait(held, sender, first_cid, stored_in)
 
     def redo_forwards(self, node: str, targets: list[str], still_holds: bool) -> None:
         """``node`` was declared down: the batches forwarded to it that it never confirmed
@@ -774,17 +805,17 @@ class ClusterMember:
         lost = [x for x in lost if x[1][2] >= too_old]
         if not lost:
             return
-        for cid, (_node, fut, sent_at, items) in lost:
+        for cid, (_node, fut, sent_at, items, routed_at) in lost:
             waits = []
             if still_holds:
                 own = self.loop.create_future()
-                self._confirms[cid] = (node, own, sent_at, items)
+                self._confirms[cid] = (node, own, sent_at, items, routed_at)
                 waits.append(own)
             else:
                 del self._confirms[cid]
             for target in targets:
                 if target == self.node_id:
-                    w = self._redo_here(self.node_id, items, node, cid)
+                    w = self._redo_here(self.node_id, items, node, cid, routed_at)
                     if w is REDO_REFUSED:
                         w = self.loop.create_future()
                         w.cancel()
@@ -793,10 +824,10 @@ class ClusterMember:
                     continue
                 new = next(self._confirm_ids)
                 done = self.loop.create_future()
-                self._confirms[new] = (target, done, self.loop.time(), items)
+                self._confirms[new] = (target, done, self.loop.time(), items, routed_at)
                 self.transport.send(target, "pubr", [new, items, node, cid,
                                                      self.view.tables.position,
-                                                     self._promoted_at()], True)
+                                                     self._promoted_at(), routed_at], True)
                 waits.append(done)
             if not targets and not still_holds:
                 # nothing it held is anywhere else: nobody can store these now; the

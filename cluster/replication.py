@@ -59,7 +59,7 @@ log = logging.getLogger("shoal.replication")
 PERIOD = 0.25          # seconds between placement / timeout / detector passes
 SEED_PER_PASS = 500    # sessions seeded per pass at most (a big node catches up in steps)
 MARKS_KEPT = 200_000   # forwarded-batch marks kept per holder node
-MARKS_SEEDED = 20_000  # the latest marks a holder gives a node that becomes its replica
+MARKS_SEEDED = 256     # per session, the latest marks its seed gives a new replica
 START_GRACE = 2.0      # x failover_timeout: a new leader's links must have had the time
 FAILOVER_BUCKETS = (0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 7.5, 10.0, 15.0, 30.0)
 REPAIR_PERIOD = 1.0    # seconds between walks over the held sessions (placement repair)
@@ -102,9 +102,12 @@ class Replication:
         self.streams: dict[str, set[str]] = {}      # held ClientID -> replica nodes
         self.seeded: dict[str, set[str]] = {}       # ClientID -> nodes whose seed is stored
         self._fanout: collections.Counter = collections.Counter()  # node -> streams to it
-        #: the latest forwarded batches stored here (a new replica node gets them: a
-        #: re-send after this node died is not stored twice where it is promoted)
-        self._recent_marks: collections.OrderedDict = collections.OrderedDict()
+        #: per held ClientID, the latest forwarded batches stored into it (a new replica
+        #: of it gets them with its seed: a re-send after this node died is not stored
+        #: twice where it is promoted)
+        self._recent_marks: dict[str, collections.OrderedDict] = {}
+        #: while a forwarded batch is routed: the sessions it stored messages into
+        self.collecting: set[str] | None = None
         self._out: dict[str, _Batch] = {}           # node -> batch of this loop iteration
         self._unacked: dict[str, collections.deque] = {}
         self._seq = itertools.count(1)
@@ -118,6 +121,9 @@ class Replication:
         self._flush_scheduled = False
         # -- replica side
         self.copies: SessionStore | None = None
+        #: per holder node, (sender, confirmation id) -> the sessions whose copies here
+        #: have that forwarded batch's messages (None: every one, a holder of an older
+        #: version)
         self._marks: dict[str, collections.OrderedDict] = {}
         self._touched: dict[str, float] = {}  # copy key -> last change (monotonic)
         self._fenced: set[str] = set()  # copy keys promoted here: their source is stale
@@ -178,6 +184,8 @@ class Replication:
 
     def tap(self, change: tuple) -> None:
         cid = change[1]
+        if self.collecting is not None and change[0] == "m":
+            self.collecting.add(cid)
         nodes = self.streams.get(cid)
         if nodes is None:
             if change[0] == "s":
@@ -189,20 +197,27 @@ class Replication:
         if change[0] == "d":
             del self.streams[cid]
             self.seeded.pop(cid, None)
+            self._recent_marks.pop(cid, None)
             self._to_place.discard(cid)
             self._fanout.subtract(nodes)
         for node in nodes:
             self._batch(node).changes.append(change)
 
-    def mark_forward(self, sender: str, confirm_id: int) -> None:
-        """A forwarded batch was stored here: tell every replica (see the module doc)."""
-        marks = self._recent_marks
-        marks[(sender, confirm_id)] = None
-        while len(marks) > MARKS_SEEDED:
-            marks.popitem(last=False)
-        for node, streams in self._fanout.items():
-            if streams > 0:
-                self._batch(node).changes.append(("k", sender, confirm_id))
+    def mark_forward(self, sender: str, confirm_id: int, cids) -> None:
+        """A forwarded batch was stored into the sessions ``cids`` here: tell their
+        replicas, each about the sessions it has a copy of (see the module doc)."""
+        per_node: dict[str, list[str]] = {}
+        for cid in sorted(cids):
+            # (kept for the seeds to come too: a session placed at the end of this loop
+            # iteration has no stream yet)
+            marks = self._recent_marks.setdefault(cid, collections.OrderedDict())
+            marks[(sender, confirm_id)] = None
+            while len(marks) > MARKS_SEEDED:
+                marks.popitem(last=False)
+            for node in self.streams.get(cid, ()):
+                per_node.setdefault(node, []).append(cid)
+        for node, named in per_node.items():
+            self._batch(node).changes.append(("k", sender, confirm_id, named))
 
     def _remove_node(self, node: str) -> None:
         """``node`` gets no more changes of any session held here."""
@@ -360,11 +375,10 @@ class Replication:
         if not new:
             return 0
         changes = [("d", cid), *self.broker.stored_changes(session)]
+        # (the batches forwarded into it that the seed holds: a new copy has them)
+        changes += [("k", s, c, [cid]) for s, c in self._recent_marks.get(cid, ())]
         for node in new:
             batch = self._batch(node)
-            if self._fanout.get(node, 0) <= 0:
-                # a new replica node (or one seeded again): the marks it may lack
-                batch.changes.extend(("k", s, c) for s, c in self._recent_marks)
             batch.changes.extend(changes)
             batch.seeds.append(cid)
             nodes.add(node)
@@ -573,7 +587,13 @@ class Replication:
         kind = change[0]
         if kind == "k":
             marks = self._marks.setdefault(source, collections.OrderedDict())
-            marks[(change[1], change[2])] = None
+            mark = (change[1], change[2])
+            if len(change) < 4:
+                marks[mark] = None  # (every session)
+            else:
+                named = marks.get(mark, ())
+                if named is not None:
+                    marks[mark] = set(named).union(change[3])
             while len(marks) > MARKS_KEPT:
                 marks.popitem(last=False)
             return
@@ -607,9 +627,13 @@ class Replication:
         else:
             raise ValueError(f"unknown change {kind!r}")
 
-    def marked(self, source: str, sender: str, confirm_id: int) -> bool:
+    def marked(self, source: str, sender: str, confirm_id: int):
+        """The sessions whose copies of ``source``'s have a forwarded batch stored (an
+        empty set: none; None: every one)."""
         marks = self._marks.get(source)
-        return marks is not None and (sender, confirm_id) in marks
+        if marks is None:
+            return set()
+        return marks.get((sender, confirm_id), set())
 
     def _forget_stale_copies(self) -> None:
         """Copies whose source no longer holds the session and that were not promoted

@@ -116,6 +116,10 @@ class Tables:
     #: deliver, should that node die before it does
     handed_from: dict[str, dict[str, tuple[int, tuple[str, ...]]]] = \
         field(default_factory=dict)
+    #: per promoted ClientID, the position of its move to the node it was promoted from
+    #: (None: it never moved there): a forward to that node routed before it went, by
+    #: the old holder's routes, is the old holder's to keep
+    arrived: dict[str, int | None] = field(default_factory=dict)
 
     def copy(self) -> "Tables":
         return Tables({k: dict(v) for k, v in self.members.items()}, dict(self.owners),
@@ -126,7 +130,8 @@ class Tables:
                       {c: list(n) for c, n in _replicas(self).items()}, dict(_down(self)),
                       getattr(self, "promoted_at", 0),
                       {c: dict(n) for c, n in _promoted(self).items()},
-                      {c: dict(n) for c, n in _handed_from(self).items()})
+                      {c: dict(n) for c, n in _handed_from(self).items()},
+                      dict(_arrived(self)))
 
 
 # What an operation changed, as the view's listeners see it (cluster/member.py dispatches
@@ -239,6 +244,7 @@ def _release(t: Tables, client_id: str, node_id: str, epoch: int, holder: bool =
         _moved_at(t).pop(client_id, None)
         _left_at(t).pop(client_id, None)
         _handed_from(t).pop(client_id, None)
+        _arrived(t).pop(client_id, None)
         _replicas(t).pop(client_id, None)
         _promoted(t).pop(client_id, None)
         released = True
@@ -265,6 +271,10 @@ def _left_at(t: Tables) -> dict:
 
 def _handed_from(t: Tables) -> dict:
     return _added_map(t, "handed_from")
+
+
+def _arrived(t: Tables) -> dict:
+    return _added_map(t, "arrived")
 
 
 def _replicas(t: Tables) -> dict:
@@ -350,6 +360,7 @@ def _promote(t: Tables, node_id: str) -> tuple[list, int]:
         t.next_epoch += 1
         t.owners[cid] = (target, epoch)
         t.holders[cid] = target
+        _arrived(t)[cid] = _moved_at(t).get(cid)
         _moved_at(t)[cid] = t.position
         _left_at(t).setdefault(cid, {})[node_id] = t.position
         reps[cid] = []
@@ -404,6 +415,7 @@ def _forget(t: Tables, node_id: str):
             _moved_at(t).pop(cid, None)
             _left_at(t).pop(cid, None)
             _handed_from(t).pop(cid, None)
+            _arrived(t).pop(cid, None)
         owner = t.owners.get(cid)
         if owner is not None and owner[0] == node_id:
             del t.owners[cid]
@@ -517,6 +529,10 @@ class RoutingView:
     @property
     def handed_from(self) -> dict[str, dict[str, tuple[int, tuple[str, ...]]]]:
         return _handed_from(self.tables)
+
+    @property
+    def arrived(self) -> dict[str, int | None]:
+        return _arrived(self.tables)
 
     @property
     def cluster_id(self) -> str | None:

@@ -472,7 +472,7 @@ class Takeovers(HoldingSide):
                 # wait rides with the held item; made only for the few held ones)
                 held = self.member.loop.create_future()
                 item.append(held)
-                self.member.held_wait(held)
+                self.member.held_wait(held, m.client_id)
         return admit_or_hold
 
     def _run_gate(self, gate: _Gate, actions: list) -> None:
