@@ -1023,8 +1023,11 @@ class ClusterMember:
         again to be counted as up."""
         view = self.view
         self.replication.fence_self()
-        gone = [cid for cid in self.broker.sessions if view.holders.get(cid) not in
-                (None, self.node_id)]
+        # (not a session being taken over here: its move may still commit)
+        promoted, me = view.promoted, self.node_id
+        gone = [cid for cid, s in self.broker.sessions.items()
+                if view.holders.get(cid) not in (None, me)
+                and promoted.get(cid, {}).get(me, -1) > (s.epoch or 0)]
         for cid in gone:
             self.takeovers.abandon(cid, "promoted elsewhere while this node was declared "
                                    "down")

@@ -788,6 +788,8 @@ class Subscriber:
         broker.persist(session)
         if claim.confirm is not None:
             verdict = await broker.confirm_claim(claim, session)
+            if verdict and session.state is SessionState.ENDED:
+                verdict = False  # (as node/server.py)
             if not verdict:
                 if verdict is None:
                     broker.orphaned(session)

@@ -276,6 +276,7 @@ class Takeovers(HoldingSide):
         out = self.outgoing.get(client_id)
         view = self.member.view
         if out is not None and out.copy is local and \
+                out.state in (HolderState.HANDED, HolderState.RESTORED) and \
                 view.holders.get(client_id) in (None, self.node_id) and \
                 tuple(view.owners.get(client_id) or ()) == (self.node_id, epoch):
             self._hand_back(out, f"claimed here with epoch {epoch}")

@@ -34,6 +34,7 @@ from .persist import STORE_COMMIT_TIMEOUT
 from .proxy_protocol import NEED_DATA as PROXY_NEED_DATA
 from .proxy_protocol import ProxyHeaderReader, ProxyProtocolError, looks_like_header
 from .session.on_connect import finish_connect, open_connect_session
+from .session.session import SessionState
 from .store import SessionStore, StoreError
 from .tls import HANDSHAKE_TIMEOUT as TLS_HANDSHAKE_TIMEOUT, server_ssl_context
 from .websocket import WsListeners
@@ -299,6 +300,11 @@ class MqttProtocol(asyncio.Protocol):
         commit)."""
         broker = self.broker
         verdict = await broker.confirm_claim(claim, session)
+        if verdict and session.state is SessionState.ENDED:
+            # (the cluster dropped it while the move committed: it is not here)
+            log.warning("session ended while its hand-over was confirmed client_id=%s "
+                        "node=%s", session.client_id, broker.node_id)
+            verdict = False
         if verdict:
             return True
         self.waiting = False

@@ -13,6 +13,7 @@ import csv
 import io
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -85,10 +86,20 @@ def free_port() -> int:
     return unique_free_port()
 
 
+#: test listeners take ports below the kernel's ephemeral range (32768-60999 on Linux):
+#: a port from that range, free while a node is down, can become the local port of an
+#: outgoing connection (a peer reconnecting to it even connects to itself), and the node
+#: restarted on it could not listen
+_PORT_LOW, _PORT_HIGH = 12000, 32000
+_PORT_RNG = random.Random(time.monotonic_ns() ^ os.getpid())
+
+
 def _kernel_free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    for _ in range(1000):
+        port = _PORT_RNG.randrange(_PORT_LOW, _PORT_HIGH)
+        if port not in _HANDED_OUT and ports_free([port]):
+            return port
+    raise AssertionError("no free port below the ephemeral range")
 
 
 # --------------------------------------------------------------------------- codec
@@ -1275,7 +1286,7 @@ def free_port_pair() -> int:
     raise AssertionError("no free pair of neighbouring ports")
 
 
-def free_port_block(count: int, low: int = 20000, high: int = 60000) -> int:
+def free_port_block(count: int, low: int = _PORT_LOW, high: int = _PORT_HIGH) -> int:
     """A base port B such that B .. B + count - 1 are all free (for commands that take a
     base port and count up from it)."""
     import random
