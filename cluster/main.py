@@ -372,7 +372,8 @@ def cmd_cluster_join(args) -> int:
 def _try_admin_json(url: str):
     """The JSON of a GET, or None when the answer is an error or nothing answers."""
     try:
-        with urllib.request.urlopen(url, timeout=5.0) as resp:
+        req = urllib.request.Request(url, headers=node_cli.admin_headers())
+        with urllib.request.urlopen(req, timeout=5.0) as resp:
             return json.loads(resp.read())
     except (urllib.error.URLError, OSError, ValueError):
         return None
@@ -443,7 +444,8 @@ def cmd_cluster_up(args) -> int:
 
 def _try_get(url: str):
     try:
-        with urllib.request.urlopen(url, timeout=2.0) as resp:
+        req = urllib.request.Request(url, headers=node_cli.admin_headers())
+        with urllib.request.urlopen(req, timeout=2.0) as resp:
             return json.loads(resp.read())
     except (urllib.error.URLError, OSError, ValueError):
         return None

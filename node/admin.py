@@ -31,18 +31,22 @@ from __future__ import annotations
 
 import base64
 import bisect
+import hmac
 import json
 import logging
 import time
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
+from .config import ConfigError
 from .dashboard import add_dashboard_routes
 from .metrics import CONTENT_TYPE, Exposition, broker_metrics
 from .mqtt.codes import EXPIRY_NEVER
 
-__all__ = ["BROKER", "CLUSTER_ADMIN", "ClusterAdmin", "StatsSource", "make_admin_app",
+__all__ = ["BROKER", "CLUSTER_ADMIN", "ClusterAdmin", "StatsSource",
+           "load_admin_token", "make_admin_app",
            "start_admin"]
 
 log = logging.getLogger("shoal.admin")
@@ -116,6 +120,73 @@ async def _json_errors(request: web.Request, handler):
     except Exception:
         log.exception("admin API internal error path=%s", request.path)
         return _error(500, "internal error in the admin API; see the node's log")
+
+
+# -- who may ask ---------------------------------------------------------------------------------
+
+#: paths served without the token: probes, and the dashboard page (it holds no data; it
+#: asks for the token and sends it with every request)
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/", "/dashboard"})
+
+
+def load_admin_token(config) -> str | None:
+    """The admin API's bearer token: ``admin_token``, else the first line of
+    ``admin_token_file``; None when neither is set. ConfigError for a file that cannot be
+    read or holds a short token."""
+    if config.admin_token:
+        return config.admin_token
+    path = config.admin_token_file
+    if not path:
+        return None
+    try:
+        with open(path, encoding="utf-8") as fh:
+            token = fh.readline().strip()
+    except OSError as err:
+        raise ConfigError(f"admin_token_file {path} cannot be read ({err.strerror}): "
+                          "check the path and its permissions") from None
+    if len(token) < 16:
+        raise ConfigError(f"admin_token_file {path}: the token on its first line must be "
+                          "at least 16 characters (e.g. `openssl rand -hex 24`)")
+    return token
+
+
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+def _token_guard(token: str | None, metrics_open: bool, local_only: bool):
+    """Every request but the open paths carries ``Authorization: Bearer <token>`` (when a
+    token is set); a state-changing request sent by a browser from another origin is
+    refused either way (a page elsewhere cannot drive this API through the user's
+    browser); and an API bound to loopback answers only requests addressed to a loopback
+    name (``local_only``: a page whose name was rebound to 127.0.0.1 gets nothing)."""
+    expected = token.encode() if token else None
+
+    @web.middleware
+    async def guard(request: web.Request, handler):
+        public = request.path in OPEN_PATHS or (metrics_open and request.path == "/metrics")
+        if local_only and not public:  # (a probe may come without a Host)
+            name = urlsplit("//" + (request.host or "")).hostname or ""
+            if name not in LOOPBACK_NAMES and not name.startswith("127."):
+                return _error(403, f"Host {request.host!r} is not this node's loopback "
+                                   "address: use http://127.0.0.1:PORT (an API bound to "
+                                   "another address is reached by that address)")
+        if request.method not in ("GET", "HEAD", "OPTIONS"):
+            origin = request.headers.get("Origin")
+            if origin is not None and urlsplit(origin).netloc != request.host:
+                return _error(403, f"cross-origin request refused (Origin {origin} is not "
+                                   f"{request.host}): call the admin API from its own page, "
+                                   "the CLI or a client that sends no Origin")
+        if expected is None or public:
+            return await handler(request)
+        auth = request.headers.get("Authorization", "")
+        scheme, _, given = auth.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(),
+                                                                 expected):
+            return _json({"error": "this admin API needs a token: send `Authorization: "
+                                   "Bearer <admin_token>` (the CLI sends SHOAL_ADMIN_TOKEN)"},
+                         status=401, headers={"WWW-Authenticate": 'Bearer realm="shoal"'})
+        return await handler(request)
+    return guard
 
 
 # -- health, readiness, metrics, stats -------------------------------------------------------
@@ -410,9 +481,13 @@ def _retained(request: web.Request, limit: int) -> dict:
                  request.query.get("after"), limit)
 
 
-def make_admin_app(broker: StatsSource) -> web.Application:
-    """The admin Application for ``broker``; serve it with :func:`start_admin`."""
-    app = web.Application(middlewares=[_json_errors])
+def make_admin_app(broker: StatsSource, token: str | None = None,
+                   metrics_open: bool = True, local_only: bool = False) -> web.Application:
+    """The admin Application for ``broker``; serve it with :func:`start_admin`.
+    ``token``: the bearer token every request but the open paths needs (None: none);
+    ``local_only``: it listens on loopback (requests for other host names are refused)."""
+    app = web.Application(middlewares=[_json_errors,
+                                       _token_guard(token, metrics_open, local_only)])
     app[BROKER] = broker
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

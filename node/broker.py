@@ -18,6 +18,7 @@ import itertools
 import logging
 import time
 
+from .auth import Authenticator
 from .mqtt.codes import EXPIRY_NEVER, ReasonCode
 from .ownership import Claim, ClusterHooks, LocalCluster
 from .persist import SessionJournal, resume_clocks
@@ -37,6 +38,7 @@ _EXPIRE, _WILL = 0, 1
 class Broker:
     def __init__(self, config) -> None:
         self.config = config
+        self.auth = Authenticator(config)  # who may connect (node/auth.py)
         self.node_id = config.node_id
         self.cluster: ClusterHooks = LocalCluster(config.node_id)
         self.clustered = False

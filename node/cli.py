@@ -137,6 +137,12 @@ def add_admin_argument(parser: argparse.ArgumentParser) -> None:
                              "env SHOAL_ADMIN]")
 
 
+def admin_headers() -> dict:
+    """The token of a node's admin API (``admin_token``), from ``SHOAL_ADMIN_TOKEN``."""
+    token = os.environ.get("SHOAL_ADMIN_TOKEN", "").strip()
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
 def admin_answer(method: str, base: str, path: str, timeout: float = 10.0,
                  body: dict | None = None) -> tuple[int, dict]:
     """``(HTTP status, decoded JSON)`` of ``method base+path`` (``body`` sent as JSON); an
@@ -148,8 +154,10 @@ def admin_answer(method: str, base: str, path: str, timeout: float = 10.0,
     url = base.rstrip("/") + path
     data = json.dumps(body).encode() if body is not None else (
         b"" if method == "POST" else None)
-    req = urllib.request.Request(url, method=method, data=data, headers={
-        "Content-Type": "application/json"} if body is not None else {})
+    headers = admin_headers()
+    if body is not None:
+        headers["Content-Type"] = "application/json"
+    req = urllib.request.Request(url, method=method, data=data, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return resp.status, json.loads(resp.read())
@@ -315,6 +323,72 @@ def _add_kick_arguments(parser: argparse.ArgumentParser) -> None:
     add_admin_argument(parser)
 
 
+def cmd_passwd(args: argparse.Namespace) -> int:
+    """``shoal passwd FILE USER`` (asks for the password twice), ``-b FILE USER PASSWORD``
+    (for scripts, as ``mosquitto_passwd -b``), ``-D FILE USER`` (delete). The file's other
+    lines stay as they are; a running node rereads it on SIGHUP."""
+    from .auth import PasswordFileError, hash_password, parse_password_file, write_entry
+    path = args.file
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except FileNotFoundError:
+        if args.delete:
+            raise SystemExit(f"shoal passwd: {path} does not exist") from None
+        text = ""
+    except OSError as err:
+        raise SystemExit(f"shoal passwd: cannot read {path}: {err.strerror}") from None
+    try:
+        users = parse_password_file(text, path)
+        if args.delete:
+            if args.user not in users:
+                raise SystemExit(f"shoal passwd: no user {args.user!r} in {path}")
+            text = write_entry(text, args.user, None)
+        else:
+            password = args.password
+            if password is None:
+                import getpass
+                password = getpass.getpass(f"Password for {args.user}: ")
+                if getpass.getpass("Again: ") != password:
+                    raise SystemExit("shoal passwd: the passwords differ; nothing changed")
+            if not password:
+                raise SystemExit("shoal passwd: an empty password is not allowed")
+            text = write_entry(text, args.user, hash_password(password))
+    except PasswordFileError as err:
+        raise SystemExit(f"shoal passwd: {err}") from None
+    tmp = f"{path}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    action = "deleted" if args.delete else ("changed" if args.user in users else "added")
+    print(f"{args.user} {action} in {path} (a running node rereads it on SIGHUP)")
+    return 0
+
+
+def _add_passwd_arguments(parser: argparse.ArgumentParser) -> None:
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("-b", dest="batch", action="store_true",
+                      help="take the password from the command line (scripts)")
+    mode.add_argument("-D", dest="delete", action="store_true", help="delete the user")
+    parser.add_argument("file", metavar="FILE", help="the password file (created if missing)")
+    parser.add_argument("user", metavar="USER")
+    parser.add_argument("password", metavar="PASSWORD", nargs="?",
+                        help="with -b only")
+
+    def check(args: argparse.Namespace) -> int:
+        if args.batch != (args.password is not None):
+            parser.error("PASSWORD is given with -b, and only then")
+        return cmd_passwd(args)
+    parser.set_defaults(passwd_handler=check)
+
+
+def _passwd(args: argparse.Namespace) -> int:
+    return args.passwd_handler(args)
+
+
 def _sub_command(args: argparse.Namespace) -> int:
     return args.sub_handler(args)
 
@@ -336,6 +410,8 @@ COMMANDS: tuple[Command, ...] = (
             _add_sessions_arguments),
     Command("kick", "disconnect a client (MQTT 5: reason 0x98), wherever in the cluster",
             cmd_kick, _add_kick_arguments),
+    Command("passwd", "add, change or delete a user of a password file (password_file)",
+            _passwd, _add_passwd_arguments),
 )
 
 

@@ -129,6 +129,15 @@ class Config:
     tls_require_client_cert: bool = _opt(
         False, "With `tls_ca`: refuse TLS clients without a valid certificate (else one is "
         "checked only when offered).")
+    # -- who may connect (node/auth.py) ------------------------------------------------------
+    password_file: str = _opt(
+        "", "File of `username:hash` lines (`shoal passwd` writes it; files of "
+        "mosquitto_passwd work too): clients must give a listed username and its password "
+        "(else CONNACK 0x86 / 4). Reread on SIGHUP.")
+    allow_anonymous: str = _opt(
+        "auto", "Clients without a username: `auto` accepts them only while `host` is a "
+        "loopback address and no `password_file` is set (else CONNACK 0x87 / 5); `true` "
+        "always; `false` never.", _one_of("auto", "true", "false"))
     # -- behind a load balancer (node/proxy_protocol.py, deploy/haproxy) ------------------
     proxy_protocol: bool = _opt(
         False, "The MQTT TCP listener (`mqtt_port`) expects a PROXY protocol v1/v2 header "
@@ -141,6 +150,16 @@ class Config:
     admin_host: str = _opt("127.0.0.1", "Address the admin HTTP API binds to.")
     admin_port: int = _opt(8080, "Admin HTTP API port; 0 disables the admin server.",
                            _int_range(0, 65535))
+    admin_token: str = _opt(
+        "", "Bearer token the admin API asks of every request but `/healthz`, `/readyz`, the "
+        "dashboard page and (see `admin_metrics_open`) `/metrics` (at least 16 characters; "
+        "the CLI sends `SHOAL_ADMIN_TOKEN`). Empty: no token (see Security).",
+        lambda v: None if not v or len(v) >= 16 else "must be at least 16 characters")
+    admin_token_file: str = _opt(
+        "", "File holding `admin_token` (its first line), read at start; instead of "
+        "`admin_token`, so the token is not on a command line.")
+    admin_metrics_open: bool = _opt(
+        True, "With a token: `/metrics` is served without it (for scrapers).")
     data_dir: str = _opt("./data", "Directory for the durable session store.")
     log_level: str = _opt("info", "Log level: debug, info, warning or error.", _one_of(*LOG_LEVELS))
     session_expiry_311: int = _opt(
@@ -202,8 +221,10 @@ class Config:
         "`join` it joins or bootstraps as any new node does. For disaster recovery (the "
         "cluster lost its majority for good): set it for one start, then remove it.")
     cluster_name: str = _opt("shoal", "Nodes only join a cluster of the same name.")
-    cluster_secret: str = _opt("", "Shared secret that authenticates and encrypts node-to-node "
-                               "and Raft traffic; required when cluster_port is set.")
+    cluster_secret: str = _opt("", "Shared secret of the cluster: node links prove it at their "
+                               "handshake (their frames are not encrypted: see Security) and "
+                               "Raft traffic is encrypted with it; required when cluster_port "
+                               "is set.")
     takeover_timeout: float = _opt(5.0, "Seconds a CONNECT waits to take its session over from "
                                    "another node (or for a Raft quorum) before the "
                                    "`unreachable_owner` policy applies.", _non_negative_number)
@@ -316,6 +337,9 @@ def parse_value(name: str, text: str) -> Any:
 
 def _typed(f: dataclasses.Field, value: Any, source: str) -> Any:
     """Check a value that arrived already typed (TOML, overrides); strings are converted."""
+    if isinstance(value, bool) and f.type == "str" and f.metadata.get("check") and \
+            not f.metadata["check"]("true"):
+        value = "true" if value else "false"  # (TOML `allow_anonymous = true`)
     if isinstance(value, str) and f.type != "str":
         try:
             return parse_value(f.name, value)

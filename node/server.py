@@ -20,9 +20,10 @@ import os
 import signal
 import time
 
-from .admin import make_admin_app, start_admin
+from .admin import load_admin_token, make_admin_app, start_admin
+from .auth import is_loopback
 from .broker import Broker
-from .config import parse_networks
+from .config import ConfigError, parse_networks
 from .mqtt.codec import publish_parts
 from .mqtt.codes import MQTT_5, ReasonCode
 from .mqtt.connection import NEED_DATA, MqttConnection
@@ -185,8 +186,12 @@ class MqttProtocol(asyncio.Protocol):
             return
         try:
             then()
+            if self.closing or self.waiting:
+                return  # (``then`` refused, or waits for something else now)
             self.transport.resume_reading()
             self._process()
+        except ConnectRefused as err:
+            self._refuse(err)
         except Exception:
             log.exception("internal error client_id=%s peer=%s node=%s", self.client_id,
                           self.peer, self.broker.node_id)
@@ -595,7 +600,10 @@ async def serve(config, stop: asyncio.Event, extensions=()) -> None:
     # before anything is opened or listens
     tls_context = server_ssl_context(config)
     broker = Broker(config)
-    admin_app = make_admin_app(broker) if config.admin_port else None
+    _reload_on_sighup(loop, broker)
+    _log_access(config, broker.auth)
+    admin_app = make_admin_app(broker, load_admin_token(config), config.admin_metrics_open,
+                               is_loopback(config.admin_host)) if config.admin_port else None
     async with contextlib.AsyncExitStack() as stack:
         store, loaded, report = open_store(config)
 
@@ -684,6 +692,40 @@ def open_store(config) -> tuple[SessionStore, object, object]:
     for problem in report.problems:
         log.error("store recovery node=%s: %s", config.node_id, problem)
     return store, loaded, report
+
+
+def _log_access(config, auth) -> None:
+    """Who may connect, said once at start."""
+    users = len(auth.passwords.users) if auth.passwords is not None else None
+    if auth.anonymous:
+        log.info("anonymous clients accepted node=%s (allow_anonymous=%s, host=%s)%s",
+                 config.node_id, config.allow_anonymous, config.host,
+                 f"; password_file users={users}" if users is not None else "")
+    elif users is not None:
+        log.info("clients log in node=%s: password_file %s users=%d; anonymous clients "
+                 "refused", config.node_id, config.password_file, users)
+    else:
+        log.warning("anonymous clients refused node=%s: host %s is not a loopback address "
+                    "and no password_file is set, so nobody can connect: set password_file "
+                    "(users: `shoal passwd`) or allow_anonymous = true", config.node_id,
+                    config.host)
+
+
+def _reload_on_sighup(loop, broker) -> None:
+    """SIGHUP rereads the password file (a bad file keeps the users loaded before)."""
+    def reload() -> None:
+        try:
+            count = broker.auth.reload()
+        except ConfigError as err:
+            log.error("password file not reloaded node=%s: %s", broker.node_id, err)
+            return
+        if count is not None:
+            log.warning("password file reloaded node=%s users=%d", broker.node_id, count)
+    try:
+        loop.add_signal_handler(signal.SIGHUP, reload)
+    except (RuntimeError, NotImplementedError, ValueError) as err:
+        # (not the main thread: a node served inside another program reloads through it)
+        log.info("no SIGHUP reload node=%s: %s", broker.node_id, err)
 
 
 async def _main(config, extensions) -> None:

@@ -1314,12 +1314,15 @@ def ports_free(ports) -> bool:
             s.close()
 
 
-def http_json(method: str, url: str, timeout: float = 3.0, body: Any = None) -> tuple[int, Any]:
+def http_json(method: str, url: str, timeout: float = 3.0, body: Any = None,
+              headers: dict | None = None) -> tuple[int, Any]:
     """(status, decoded JSON body or text) of an HTTP call (``body``: sent as JSON); HTTP
     errors are answers too. Raises OSError / URLError when nothing answers."""
     data = json.dumps(body).encode() if body is not None else (b"" if method == "POST" else None)
-    req = urllib.request.Request(url, method=method, data=data,
-                                 headers={"Content-Type": "application/json"} if body else {})
+    sent = dict(headers or {})
+    if body:
+        sent["Content-Type"] = "application/json"
+    req = urllib.request.Request(url, method=method, data=data, headers=sent)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             status, raw = resp.status, resp.read()
@@ -1396,7 +1399,10 @@ class ClusterNodeProcess(BrokerProcess):
 
     # -- admin API
     def api(self, path: str, method: str = "GET", timeout: float = 3.0) -> tuple[int, Any]:
-        return http_json(method, self.admin_url + path, timeout)
+        # (a node started with admin_token: the harness sends it, as the CLI would)
+        token = (self.options or {}).get("admin_token")
+        return http_json(method, self.admin_url + path, timeout,
+                         headers={"Authorization": f"Bearer {token}"} if token else None)
 
     def cluster_view(self, timeout: float = 3.0) -> dict:
         status, body = self.api("/api/v1/cluster", timeout=timeout)

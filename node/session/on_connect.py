@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 
+from ..auth import ACCEPT, CHECK
 from ..mqtt.codes import EXPIRY_NEVER, MQTT_5, PropertyId, ReasonCode
 from ..mqtt.errors import ProtocolViolation
 from ..mqtt.packets import Connack, Connect
@@ -28,8 +30,49 @@ class ConnectPlan:
             setattr(self, k, v)
 
 
+#: seconds a CONNECT waits for its password check (a node flooded with checks refuses)
+AUTH_TIMEOUT = 10.0
+
+
 def on_connect(broker, client, pkt: Connect) -> None:
     plan = plan_connect(broker, pkt)
+    auth = broker.auth
+    verdict = auth.decide(pkt.username, pkt.password)
+    if verdict is CHECK:
+        auth.pending += 1
+        loop = asyncio.get_running_loop()
+        fut = loop.run_in_executor(auth.executor, auth.check, pkt.username, pkt.password)
+
+        def done(_f) -> None:
+            auth.pending -= 1
+        fut.add_done_callback(done)
+        client.defer_until([fut], AUTH_TIMEOUT, lambda: _checked(broker, client, plan, fut),
+                           what="a password check")
+        return
+    if verdict is not ACCEPT:
+        raise ConnectRefused(*verdict)
+    _claim(broker, client, plan)
+
+
+def _checked(broker, client, plan: ConnectPlan, fut) -> None:
+    """After the password check (``fut``): go on to the claim, or refuse."""
+    refused = None
+    if not fut.done():
+        refused = ConnectRefused(ReasonCode.SERVER_BUSY, "the password check took too long")
+    elif fut.cancelled() or fut.exception() is not None:
+        log.error("password check failed client_id=%s node=%s: %r", plan.client_id,
+                  broker.node_id, None if fut.cancelled() else fut.exception())
+        refused = ConnectRefused(ReasonCode.SERVER_UNAVAILABLE, "the password check failed")
+    elif not fut.result():
+        refused = ConnectRefused(ReasonCode.BAD_USER_NAME_OR_PASSWORD,
+                                 "bad username or password")
+    if refused is not None:
+        broker.auth.refused += 1
+        raise refused
+    _claim(broker, client, plan)
+
+
+def _claim(broker, client, plan: ConnectPlan) -> None:
     claim = broker.cluster.claim(plan.client_id, plan.clean_start)
     if isinstance(claim, Claim):
         finish_connect(broker, client, plan, claim)

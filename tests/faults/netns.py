@@ -320,6 +320,9 @@ def netns_cluster_class(base):
                        options: dict) -> ClusterNodeProcess:
             i = len(self.nodes) + 1
             assert i <= self.lab.n, f"the lab has {self.lab.n} namespaces"
+            # (bound to a namespace's address, not loopback: the run's clients connect
+            # without a username, which such a node refuses unless told otherwise)
+            options = {"allow_anonymous": "true", **options}
             return NetnsNode(self.workdir, node_id, self.secret, self.name, join=join,
                              options=options, ns=self.lab.ns(i), host=self.lab.address(i))
 
