@@ -82,7 +82,7 @@ start_node() {  # $1 = durability, $2 = log, $3 = session_replicas (cluster) or 
   DATA="$(mktemp -d "$WORK/data.XXXXXX")"
   local cluster=()
   if [ -n "${3:-}" ]; then
-    cluster=(--node-id n1 --cluster-port "$CLUSTER_PORT" --cluster-secret bench-secret
+    cluster=(--node-id n1 --cluster-port "$CLUSTER_PORT" --cluster-secret bench-secret-0123456789
              --cluster-name "bench-$STAMP" --session-replicas "$3")
   fi
   # shellcheck disable=SC2086
@@ -100,7 +100,7 @@ start_node() {  # $1 = durability, $2 = log, $3 = session_replicas (cluster) or 
   "${RPIN[@]}" "$SHOAL" run --host 127.0.0.1 --mqtt-port $((MQTT_PORT + 1)) \
     --admin-host 127.0.0.1 --admin-port $((ADMIN_PORT + 1)) --data-dir "$DATA/n2" \
     --log-level warning --durability "$1" --node-id n2 --cluster-port $((CLUSTER_PORT + 2)) \
-    --cluster-secret bench-secret --cluster-name "bench-$STAMP" --session-replicas "$3" \
+    --cluster-secret bench-secret-0123456789 --cluster-name "bench-$STAMP" --session-replicas "$3" \
     --join "127.0.0.1:$CLUSTER_PORT" $SHOAL_ARGS >> "$2" 2>&1 &
   RPID=$!
   for _ in $(seq 200); do

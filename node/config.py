@@ -69,6 +69,21 @@ def _one_of(*choices: str) -> Callable[[Any], str | None]:
     return check
 
 
+#: secrets of examples and tutorials, refused whatever their length
+PLACEHOLDER_SECRETS = frozenset({"change-me", "changeme", "change_me", "secret", "password",
+                                 "s", "shoal", "test", "example"})
+
+
+def _secret(value: Any) -> str | None:
+    if not value:
+        return None  # (required with cluster_port: the cluster says so)
+    if value.strip().lower() in PLACEHOLDER_SECRETS:
+        return "that is an example's placeholder: make one with `openssl rand -hex 24`"
+    if len(value) < 16:
+        return "use at least 16 characters (`openssl rand -hex 24` makes one)"
+    return None
+
+
 def _node_id(value: Any) -> str | None:
     if len(value) > 128 or any(c.isspace() or c == "=" for c in value):
         return "use at most 128 characters without spaces or '='"
@@ -224,7 +239,8 @@ class Config:
     cluster_secret: str = _opt("", "Shared secret of the cluster: node links prove it at their "
                                "handshake (their frames are not encrypted: see Security) and "
                                "Raft traffic is encrypted with it; required when cluster_port "
-                               "is set.")
+                               "is set; at least 16 characters, never an example's placeholder "
+                               "(make one: `openssl rand -hex 24`).", _secret)
     takeover_timeout: float = _opt(5.0, "Seconds a CONNECT waits to take its session over from "
                                    "another node (or for a Raft quorum) before the "
                                    "`unreachable_owner` policy applies.", _non_negative_number)
@@ -369,7 +385,8 @@ def _check(f: dataclasses.Field, value: Any, source: str | None) -> None:
     problem = check(value) if check else None
     if problem:
         where = f" {_where(source)}" if source else ""
-        raise ConfigError(f"{f.name} = {value!r}{where} is invalid: {problem}")
+        shown = "(hidden)" if "secret" in f.name or "token" in f.name else repr(value)
+        raise ConfigError(f"{f.name} = {shown}{where} is invalid: {problem}")
 
 
 def _read_toml(path: str) -> dict[str, Any]:

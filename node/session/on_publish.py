@@ -25,6 +25,9 @@ def on_publish(broker, client, pkt) -> None:
         raise ProtocolViolation("Subscription Identifier in a client PUBLISH")  # [MQTT-3.3.4-6]
     session = client.session
     broker.counters.messages_in += 1
+    if pkt.topic.startswith("$"):
+        _refuse_server_topic(broker, client, pkt)
+        return
     mark = broker.store_mark()
     if qos == 2:
         broker.counters.messages_in_qos2 += 1
@@ -47,6 +50,25 @@ def on_publish(broker, client, pkt) -> None:
     if qos == 1:
         broker.counters.messages_in_qos1 += 1
         _acknowledge(broker, client, client.write_puback, pkt.packet_id, n, mark)
+
+
+def _refuse_server_topic(broker, client, pkt) -> None:
+    """Topics that begin with ``$`` are the server's (``$SYS/``): a client's PUBLISH there
+    is not routed (MQTT 4.7.2: the server should prevent clients from exchanging messages
+    through them). MQTT 5 answers QoS 1/2 with 0x87 not authorized (a PUBREC of 0x87 ends
+    the QoS 2 flow); 3.1.1 has no such code: acknowledged and dropped, as Mosquitto does."""
+    broker.counters.publishes_refused += 1
+    if not pkt.qos:
+        return
+    reason = ReasonCode.NOT_AUTHORIZED if client.version == MQTT_5 else 0
+    write = client.write_puback if pkt.qos == 1 else client.write_pubrec
+    if pkt.qos == 2 and not reason:
+        # (3.1.1: the flow goes on, PUBREL answered PUBCOMP; the id is kept meanwhile)
+        session = client.session
+        session.inflight_in.add(pkt.packet_id)
+        if session.journal is not None:
+            session.journal.incoming(session, pkt.packet_id, True)
+    client.ack_after(None, write, pkt.packet_id, reason)
 
 
 def _acknowledge(broker, client, write_ack, pid: int, reached: int, mark: int) -> None:

@@ -89,7 +89,7 @@ class Counters:
 
     __slots__ = ("messages_in", "messages_out", "dropped_messages", "expired_messages",
                  "qos0_offline_discarded", "messages_in_qos1", "messages_in_qos2",
-                 "messages_out_qos1", "messages_out_qos2")
+                 "messages_out_qos1", "messages_out_qos2", "publishes_refused")
 
     def __init__(self) -> None:
         self.messages_in = 0
@@ -102,6 +102,7 @@ class Counters:
         self.dropped_messages = 0
         self.expired_messages = 0
         self.qos0_offline_discarded = 0
+        self.publishes_refused = 0  # (to a server topic: $SYS/...)
 
     def as_dict(self) -> dict:
         return {name: getattr(self, name) for name in self.__slots__}

@@ -29,7 +29,7 @@ import pytest
 
 from support import LIVE_NODES, ClusterNodeProcess, wait_for
 
-SECRET = "test-secret"
+SECRET = "test-secret-0123456789"
 
 
 class Cluster:

@@ -149,3 +149,33 @@ def test_a_bad_password_file_stops_the_start_with_its_line(tmp_path):
                           timeout=30)
     assert proc.returncode == 2, proc
     assert "line 1" in proc.stderr and "alice" in proc.stderr, proc.stderr
+
+
+def test_clients_cannot_publish_to_server_topics(node):
+    """`$SYS/...` (any topic beginning with `$`) is the server's: nothing a client publishes
+    there reaches a subscriber; MQTT 5 is told 0x87, 3.1.1 is acknowledged as Mosquitto does."""
+    from support import Puback, Pubcomp, Publish, Pubrec, Pubrel
+    shoal_only(node)
+    watcher = node.raw(version=5)
+    watcher.connect("sys-watch")
+    watcher.subscribe("$SYS/#", qos=1)
+    v5 = node.raw(version=5)
+    v5.connect("sys-pub-5")
+    v5.send(Publish("$SYS/broker/uptime", b"0", 1, False, False, 7, {}))
+    ack = v5.expect(Puback)
+    assert (ack.packet_id, ack.reason_code) == (7, 0x87)
+    v5.send(Publish("$SYS/broker/uptime", b"0", 2, False, False, 8, {}))
+    rec = v5.expect(Pubrec)
+    assert (rec.packet_id, rec.reason_code) == (8, 0x87)
+    v311 = node.raw(version=4)
+    v311.connect("sys-pub-4")
+    v311.send(Publish("$SYS/broker/uptime", b"0", 1, False, False, 9, {}))
+    assert v311.expect(Puback).packet_id == 9
+    v311.send(Publish("$SYS/x", b"0", 2, False, False, 10, {}))
+    assert v311.expect(Pubrec).packet_id == 10
+    v311.send(Pubrel(10))
+    assert v311.expect(Pubcomp).packet_id == 10
+    assert not [p for p in watcher.recv_nothing_for(0.5) if isinstance(p, Publish)]
+    assert node.stats()["publishes_refused"] == 4
+    for c in (watcher, v5, v311):
+        c.close()

@@ -185,3 +185,21 @@ def test_readme_option_table_matches_config():
     assert block == options_markdown(), (
         "README.md's option table is out of date: run `make docs` "
         "(or `python -m node.config README.md`)")
+
+
+@pytest.mark.parametrize("secret, words", [
+    ("change-me", "placeholder"), ("CHANGEME", "placeholder"), ("short-secret", "16"),
+])
+def test_a_weak_cluster_secret_is_refused_without_being_shown(secret, words):
+    with pytest.raises(ConfigError) as err:
+        load_config({"cluster_secret": secret})
+    assert words in str(err.value) and secret not in str(err.value)
+    assert load_config({"cluster_secret": "a" * 16}).cluster_secret == "a" * 16
+
+
+def test_allow_anonymous_takes_a_toml_boolean(tmp_path):
+    path = tmp_path / "shoal.toml"
+    path.write_text("allow_anonymous = true\n")
+    assert load_config({"config": str(path)}).allow_anonymous == "true"
+    with pytest.raises(ConfigError):
+        load_config({"allow_anonymous": "maybe"})

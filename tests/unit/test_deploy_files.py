@@ -113,7 +113,7 @@ def test_compose_has_three_shoal_nodes_and_haproxy():
     assert len(joins) == 1, f"the nodes' --join lists differ: {joins}"
     assert len(volumes) == 3 and len(addresses) == 3, "each node its own volume and address"
     # the values a node gets from the environment are valid option values
-    env = dict(nodes["node1"]["environment"], SHOAL_CLUSTER_SECRET="x")
+    env = dict(nodes["node1"]["environment"], SHOAL_CLUSTER_SECRET="x" * 24)
     cfg = load_config({}, env=env)
     assert cfg.cluster_port == 7000 and cfg.proxy_protocol is True
 
@@ -259,7 +259,7 @@ def test_systemd_unit_structure():
     assert u["Install"]["WantedBy"] == "multi-user.target"
     # the example config is valid, names the StateDirectory as data_dir, and stops in time
     example = DEPLOY / "systemd" / "shoal.toml"
-    cfg = load_config({"config": str(example)}, env={"SHOAL_CLUSTER_SECRET": "x"})
+    cfg = load_config({"config": str(example)}, env={"SHOAL_CLUSTER_SECRET": "x" * 24})
     assert cfg.data_dir == "/var/lib/shoal" and cfg.cluster_port
     # the same join list on every node, naming all initial nodes (this one too), which form
     # the cluster together
