@@ -59,7 +59,8 @@ log = logging.getLogger("shoal.replication")
 PERIOD = 0.25          # seconds between placement / timeout / detector passes
 SEED_PER_PASS = 500    # sessions seeded per pass at most (a big node catches up in steps)
 MARKS_KEPT = 200_000   # forwarded-batch marks kept per holder node
-MARKS_SEEDED = 256     # per session, the latest marks its seed gives a new replica
+MARKS_SEEDED = 16      # per session, the latest marks its seed gives a new replica (a
+#                        batch not yet confirmed when a seed goes out is among the last few)
 START_GRACE = 2.0      # x failover_timeout: a new leader's links must have had the time
 FAILOVER_BUCKETS = (0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 7.5, 10.0, 15.0, 30.0)
 REPAIR_PERIOD = 1.0    # seconds between walks over the held sessions (placement repair)
@@ -714,6 +715,9 @@ class Replication:
                 continue  # (a stale copy: the hand-over was not the move, or not fed here)
             if view.promoted.get(cid, {}).get(node, -1) > handed.epoch:
                 continue  # (promoted from it after that hand-over: the late ones with it)
+            if (key, handed.epoch) in self._late_passed:
+                continue
+            self._late_passed.add((key, handed.epoch))
             late, relayed = [], {}
             for k, m in data.messages.items():
                 qos, retain, sub_ids, pid, _stage = m.entry
@@ -725,9 +729,6 @@ class Replication:
                     late.append(item + [k])
                 else:
                     relayed.setdefault(name[0], []).append(item + [name[1]])
-            if (key, handed.epoch) in self._late_passed:
-                continue
-            self._late_passed.add((key, handed.epoch))
             if not late and not relayed:
                 continue
             log.warning("late messages of a hand-over passed on for a node declared down "
