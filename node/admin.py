@@ -373,6 +373,19 @@ async def api_kick(request: web.Request) -> web.Response:
                        f"{' to any node' if ext is not None else ''}: nothing to kick")
 
 
+async def api_auth_reload(request: web.Request) -> web.Response:
+    """Reread ``password_file`` (as SIGHUP does), on this node."""
+    broker = request.app[BROKER]
+    try:
+        users = broker.auth.reload()
+    except ConfigError as err:
+        return _error(400, f"password file not reloaded: {err}; the users loaded before stay")
+    if users is None:
+        return _error(404, "this node has no password_file: nothing to reload")
+    log.warning("password file reloaded node=%s users=%d (admin API)", broker.node_id, users)
+    return _json({"reloaded": True, "users": users, "node": broker.node_id})
+
+
 # -- sessions --------------------------------------------------------------------------------
 
 def _sub_view(entry) -> dict:
@@ -498,6 +511,7 @@ def make_admin_app(broker: StatsSource, token: str | None = None,
     app.router.add_get("/api/v1/clients/{client_id:.+}", api_client)
     app.router.add_delete("/api/v1/clients/{client_id:.+}", api_kick)
     app.router.add_post("/api/v1/clients/{client_id:.+}/kick", api_kick)
+    app.router.add_post("/api/v1/auth/reload", api_auth_reload)
     app.router.add_get("/api/v1/sessions", _paged(_sessions))
     app.router.add_get("/api/v1/sessions/{client_id:.+}", api_session)
     app.router.add_get("/api/v1/subscriptions", _paged(_subscriptions))

@@ -150,6 +150,11 @@ def broker_metrics(expo: Exposition, broker, ready: bool) -> None:
     expo.counter(name, help_text, c.dropped_messages, reason="queue_full")
     expo.counter(name, help_text, c.expired_messages, reason="expired")
     expo.counter(name, help_text, c.qos0_offline_discarded, reason="qos0_offline")
+    expo.counter("shoal_connects_refused_total", "CONNECTs refused by authentication "
+                 "(bad or unknown credentials, anonymous where not allowed, checks busy).",
+                 broker.auth.refused)
+    expo.counter("shoal_publishes_refused_total", "Client PUBLISHes to server topics ($...) "
+                 "not routed.", c.publishes_refused)
     expo.gauge("shoal_queued_messages", "Messages waiting in session queues.",
                stats["queued_messages"])
     expo.gauge("shoal_inflight_messages", "Outgoing QoS 1/2 messages awaiting acknowledgement.",

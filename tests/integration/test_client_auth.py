@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import re
 import shutil
 import signal
 import stat
@@ -14,7 +15,7 @@ import sys
 
 import pytest
 
-from support import REPO_ROOT, wait_for
+from support import REPO_ROOT, http_json, wait_for
 
 
 def passwd(*args: str) -> subprocess.CompletedProcess:
@@ -99,6 +100,20 @@ def test_sighup_rereads_the_password_file(start_node, users):
     wait_for(lambda: "password file not reloaded" in node.log_tail(200), 10.0, interval=0.2,
              message="the reload refused in the log")
     assert connack(node, 5, username="dave", password=b"dave-pw") == 0
+    # the admin API reloads it too (and says why not)
+    status, body = http_json("POST", f"http://{node.host}:{node.admin_port}"
+                                     "/api/v1/auth/reload")
+    assert status == 400 and "line 1" in body["error"], (status, body)
+    assert passwd("-b", str(users.with_name("fresh")), "gina", "gina-pw").returncode == 0
+    users.write_text(users.with_name("fresh").read_text())
+    status, body = http_json("POST", f"http://{node.host}:{node.admin_port}"
+                                     "/api/v1/auth/reload")
+    assert status == 200 and body["users"] == 1, (status, body)
+    assert connack(node, 5, username="gina", password=b"gina-pw") == 0
+    assert connack(node, 5, username="dave", password=b"dave-pw") == 0x86
+    status, text = http_json("GET", f"http://{node.host}:{node.admin_port}/metrics")
+    refused = re.search(r"^shoal_connects_refused_total(?:\{[^}]*\})? (\d+)", text, re.M)
+    assert status == 200 and refused and int(refused[1]) >= 3, text[:2000]
 
 
 def test_anonymous_clients_are_refused_on_a_non_loopback_bind(start_node):
