@@ -40,6 +40,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
+from .auth import is_loopback
 from .config import ConfigError
 from .dashboard import add_dashboard_routes
 from .metrics import CONTENT_TYPE, Exposition, broker_metrics
@@ -150,9 +151,6 @@ def load_admin_token(config) -> str | None:
     return token
 
 
-LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
-
-
 def _token_guard(token: str | None, metrics_open: bool, local_only: bool):
     """Every request but the open paths carries ``Authorization: Bearer <token>`` (when a
     token is set); a state-changing request sent by a browser from another origin is
@@ -166,7 +164,7 @@ def _token_guard(token: str | None, metrics_open: bool, local_only: bool):
         public = request.path in OPEN_PATHS or (metrics_open and request.path == "/metrics")
         if local_only and not public:  # (a probe may come without a Host)
             name = urlsplit("//" + (request.host or "")).hostname or ""
-            if name not in LOOPBACK_NAMES and not name.startswith("127."):
+            if not is_loopback(name):
                 return _error(403, f"Host {request.host!r} is not this node's loopback "
                                    "address: use http://127.0.0.1:PORT (an API bound to "
                                    "another address is reached by that address)")

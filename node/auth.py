@@ -259,6 +259,15 @@ class Authenticator:
             return (ReasonCode.SERVER_BUSY, "too many password checks waiting: try again")
         return CHECK
 
-    def check(self, username: str, password: bytes | None) -> bool:
-        """The slow part of ``decide``'s CHECK (in a worker thread)."""
+    def check_later(self, loop, username: str, password: bytes | None):
+        """``decide``'s CHECK on this authenticator's threads: a future of the verdict."""
+        self.pending += 1
+        fut = loop.run_in_executor(self.executor, self._check, username, password)
+        fut.add_done_callback(self._checked)
+        return fut
+
+    def _checked(self, _fut) -> None:
+        self.pending -= 1
+
+    def _check(self, username: str, password: bytes | None) -> bool:
         return self.passwords is not None and self.passwords.check(username, password or b"")

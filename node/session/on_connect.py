@@ -39,13 +39,7 @@ def on_connect(broker, client, pkt: Connect) -> None:
     auth = broker.auth
     verdict = auth.decide(pkt.username, pkt.password)
     if verdict is CHECK:
-        auth.pending += 1
-        loop = asyncio.get_running_loop()
-        fut = loop.run_in_executor(auth.executor, auth.check, pkt.username, pkt.password)
-
-        def done(_f) -> None:
-            auth.pending -= 1
-        fut.add_done_callback(done)
+        fut = auth.check_later(asyncio.get_running_loop(), pkt.username, pkt.password)
         client.defer_until([fut], AUTH_TIMEOUT, lambda: _checked(broker, client, plan, fut),
                            what="a password check")
         return
