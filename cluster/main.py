@@ -215,6 +215,15 @@ class MemberAdmin:
                      member.received)
         expo.counter("shoal_messages_dropped_total", "", member.forward_dropped,
                      reason="forward_queue_full")
+        ts = member.transport.stats
+        help_text = ("Connections to the node-to-node port closed before their dialler proved "
+                     "the cluster secret, by why.")
+        for why in ("bad_proofs", "malformed_handshakes", "handshake_timeouts",
+                    "handshakes_evicted"):
+            expo.counter("shoal_link_handshakes_refused_total", help_text, ts[why], reason=why)
+        expo.counter("shoal_link_auth_failures_total", "Node link frames that failed "
+                     "authentication (altered on the way): each closed its link.",
+                     ts["auth_failures"])
 
 
 # -- operator commands ----------------------------------------------------------------------------

@@ -13,7 +13,10 @@ loop iteration as one entry); message payloads never go through Raft.
 
 Operations (tuples, the first item names them):
 
-    ("claim", client_id, node_id, clean_start)   -> (epoch, holder)
+    ("claim", client_id, node_id, clean_start[, owner])
+                                                 -> (epoch, holder); (None, holder):
+                                                    refused, the session is another
+                                                    owner's (bind_client_id)
     ("release", client_id, node_id, epoch[, holder]) -> bool (holder False: the claim
                                                     only, not the node's holding)
     ("routes", node_id, added, removed)          -> None (filters, "$share/..." kept whole)
@@ -70,6 +73,8 @@ from typing import Callable
 
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, SyncObjConsumer, replicated
 
+from .raftwire import RaftTransport, install_restricted_unpickler
+
 log = logging.getLogger("shoal.routing")
 
 
@@ -120,6 +125,9 @@ class Tables:
     #: (None: it never moved there): a forward to that node routed before it went, by
     #: the old holder's routes, is the old holder's to keep
     arrived: dict[str, int | None] = field(default_factory=dict)
+    #: per held ClientID claimed with an owner (``bind_client_id``), the login that
+    #: created its session: a claim by another login is refused while the session exists
+    users: dict[str, str] = field(default_factory=dict)
 
     def copy(self) -> "Tables":
         return Tables({k: dict(v) for k, v in self.members.items()}, dict(self.owners),
@@ -131,7 +139,7 @@ class Tables:
                       getattr(self, "promoted_at", 0),
                       {c: dict(n) for c, n in _promoted(self).items()},
                       {c: dict(n) for c, n in _handed_from(self).items()},
-                      dict(_arrived(self)))
+                      dict(_arrived(self)), dict(_users(self)))
 
 
 # What an operation changed, as the view's listeners see it (cluster/member.py dispatches
@@ -219,9 +227,15 @@ def _change_routes(routes: dict, node_id: str, added, removed) -> None:
                 del routes[f]
 
 
-def _claim(t: Tables, client_id: str, node_id: str, clean: bool):
+def _claim(t: Tables, client_id: str, node_id: str, clean: bool, owner: str | None = None):
     prev = t.owners.get(client_id)
     holder = t.holders.get(client_id)
+    if owner is not None:
+        users = _users(t)
+        if holder is not None and users.get(client_id, owner) != owner:
+            return (None, holder), None  # bound to another login: nothing changes
+        if clean or holder is None:
+            users[client_id] = owner
     epoch = t.next_epoch
     t.next_epoch += 1
     t.owners[client_id] = (node_id, epoch)
@@ -247,6 +261,7 @@ def _release(t: Tables, client_id: str, node_id: str, epoch: int, holder: bool =
         _arrived(t).pop(client_id, None)
         _replicas(t).pop(client_id, None)
         _promoted(t).pop(client_id, None)
+        _users(t).pop(client_id, None)
         released = True
     return released, (Released(client_id, node_id, epoch) if released else None)
 
@@ -279,6 +294,10 @@ def _arrived(t: Tables) -> dict:
 
 def _replicas(t: Tables) -> dict:
     return _added_map(t, "replicas")
+
+
+def _users(t: Tables) -> dict:
+    return _added_map(t, "users")
 
 
 def _down(t: Tables) -> dict:
@@ -478,6 +497,12 @@ class RoutingState(SyncObjConsumer):
         return results
 
     def _deserialize(self, data) -> None:
+        # a snapshot holds our one replicated attribute and nothing else (it sets
+        # attributes by name: a crafted one must not replace the sink or anything else)
+        if not (isinstance(data, dict) and set(data) == {"tables"} and
+                isinstance(data["tables"], Tables)):
+            raise ValueError("a Raft snapshot of the routing state holds only 'tables', "
+                             f"got {sorted(map(repr, data)) if isinstance(data, dict) else data!r}")
         super()._deserialize(data)
         # a snapshot replaced the whole state (a joining or lagging node): so does the view
         self._sink(self.tables.copy())
@@ -662,7 +687,10 @@ class RaftNode:
             journal, dump = raft_files(log_dir)[:2]
         conf = raft_conf(secret, f"{bind_host}:{port}", journal, compaction[0], compaction[1],
                          dump)
-        self.syncobj = SyncObj(self_addr, partners, conf=conf, consumers=[self.state])
+        # the Raft port's bounds and restricted unpickler: cluster/raftwire.py
+        install_restricted_unpickler()
+        self.syncobj = SyncObj(self_addr, partners, conf=conf, consumers=[self.state],
+                               transportClass=RaftTransport)
         self._pending: list[tuple[tuple, asyncio.Future]] = []
         self._flush_scheduled = False
         self.commits = 0  # batches committed through this node

@@ -1,30 +1,78 @@
-"""Node-to-node links: length-prefixed msgpack frames over TCP, one link per peer pair.
+"""Node-to-node links: authenticated, encrypted, length-prefixed msgpack frames over TCP,
+one link per peer pair (link protocol version 2).
+
+Keys
+----
+Once per ``Transport``: ``K = scrypt(secret, salt = "shoal-link-2" || cluster_name,
+n = 2**14, r = 8, p = 1, 32 bytes)`` (about 45 ms and 16 MiB: whoever records a handshake
+pays that much per guess of the secret; a different cluster name gives a different key).
+Per link, from the two handshake nonces: ``HKDF-SHA256(K, salt = nA || nD, info =
+"shoal-link-2 frame keys", 64 bytes)``; the first 32 bytes key the dialler -> acceptor
+direction, the last 32 the acceptor -> dialler one.
 
 Wire format
 -----------
-Every frame is a 4-byte big-endian body length followed by a msgpack body, which is a
-list whose first element is the frame type:
+Every frame, handshake included, is a 4-byte big-endian body length followed by the body.
+The first three frames are in clear (``v`` is the byte 2, ``nA``/``nD`` 32 random bytes,
+proofs are ``HMAC-SHA256(K, "shoal-link-2" || role || nA || nD)`` with role ``D`` or
+``A``)::
 
-    [HELLO, {v, node_id, cluster, nonce, inc, info}]      handshake, both sides, first
-    [AUTH,  {mac, known_inc, rx}]                          handshake, both sides, second
-    [DATA,  ack, first_seq, [msg, msg, ...]]               numbered messages + piggybacked ack
-    [ACK,   ack]                                           ack only; also the keepalive
+    acceptor -> dialler   CHALLENGE  v || nA                       (33 bytes)
+    dialler  -> acceptor  ANSWER     v || nD || proof_D            (65 bytes)
+    acceptor -> dialler   PROOF      proof_A                       (32 bytes)
+
+Every later frame is sealed: its body is ``ChaCha20-Poly1305(key of its direction, nonce =
+the direction's frame counter as 12 big-endian bytes, associated data = the 4-byte length
+header)`` of a msgpack list whose first element is the frame type (so the length counts the
+16-byte tag). Counters start at 0 for each direction of each link; a frame that fails
+authentication (altered, dropped, replayed, reordered, or not sealed by the peer) closes
+the link with one warning, and the dialler links again as after any link loss. The length
+is checked against ``max_frame`` (+ 16) before the body is read. A link is closed (and
+dialled again, with new keys) before a counter reaches ``MAX_LINK_FRAMES``, so a nonce is
+never used twice under a key (the handshake's sealed frames are counters 0 and 1)::
+
+    dialler  -> acceptor  [HELLO, {v, node_id, cluster, inc, info}]
+    acceptor -> dialler   [HELLO, {v, node_id, cluster, inc, info, known_inc, rx}]
+    dialler  -> acceptor  [SYNC,  {known_inc, rx}]
+    either way            [DATA,  ack, first_seq, [msg, msg, ...]]   numbered messages + ack
+    either way            [ACK,   ack]                               ack only; the keepalive
 
 A message is ``[MSG, kind, body]``, ``[REQ, kind, body, id, timeout]``,
 ``[RESP, id, ok, result_or_error_text]`` or ``[VOID]`` (a message that could not be
 encoded: it keeps its sequence number so the stream has no gap).
 
-Handshake: each side sends HELLO (16 random nonce bytes, its incarnation: a random id per
-``Transport`` instance), checks the peer's HELLO (cluster name, not our own node id, the
-node id we dialled), then sends AUTH with ``mac = HMAC-SHA256(secret, "shoal-link-1" ||
-role || peer_nonce || own_nonce || own_id || peer_id || cluster)`` (role is ``D`` for the
-dialling side and ``A`` for the accepting one, so a MAC cannot be reflected or relayed in
-the other role) and the last sequence number it delivered from that peer incarnation.
+Handshake
+---------
+The accepting node sends nothing but the random challenge until the dialler has proved
+the secret: the dialler answers with its nonce and ``proof_D`` (and, in the same write,
+its HELLO, sealed); the acceptor checks ``proof_D`` in constant time, closes the
+connection if it is wrong, and only then sends ``proof_A``; the dialler checks it (constant
+time) before it reads anything else. Then the acceptor reads the sealed HELLO (cluster
+name, not our own node id), answers with its own (its node id, incarnation: a random id
+per ``Transport`` instance, ``info``, and ``known_inc``/``rx``: the incarnation of the
+dialler our receive state belongs to and the last sequence number delivered from it); the
+dialler checks it (the node id it dialled, if it knew one) and answers SYNC with the same
+two fields about the acceptor. The dialler's link is up once SYNC is written, the
+acceptor's once it is read. Until the dialler's proof checks out, the acceptor has sent 33
+bytes of which 32 are random: its proof, node id, cluster name, addresses (``info``) and
+incarnation go only to a dialler that proved the secret. (The dialler proves first, so
+whoever it dials can record its proof: guessing the secret from it costs one scrypt per
+guess.)
+
+Unproven connections: an accepted connection whose dialler has not proved the secret
+within ``UNPROVEN_TIMEOUT`` (2 s) is closed; at most ``MAX_UNPROVEN_PER_SOURCE`` (8) per
+source address and ``MAX_UNPROVEN`` (64) in all are kept, and past either limit the
+oldest one goes (new connections are never refused, so silent connections cannot keep a
+real peer out: its proof comes one round trip after its connect). The rest of the
+handshake has ``HANDSHAKE_TIMEOUT``. Refusals are counted in ``stats``
+(``handshakes_refused``: ``bad_proofs``, ``malformed_handshakes``, ``handshake_timeouts``,
+``handshakes_evicted``) and logged at most once per kind every ``REFUSAL_LOG_EVERY``
+seconds.
 
 Reliability: messages to a peer are numbered 1, 2, ... and stay in a retransmit buffer
 until the peer acknowledges them (cumulative ack). A new link retransmits everything after
-the ack the peer's AUTH carries; the receiver drops what it already delivered. When a
-peer's incarnation changes (it restarted) both sides restart numbering; what the old
+the ``rx`` the peer's handshake carries; the receiver drops what it already delivered. When
+a peer's incarnation changes (it restarted) both sides restart numbering; what the old
 incarnation received but never acknowledged is dropped (and counted in a warning), what was
 never written is sent to the new incarnation, and pending requests to the old one fail with
 ``PeerUnreachable``.
@@ -48,18 +96,37 @@ from collections import deque
 from typing import Any, Awaitable, Callable
 
 import msgpack
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 log = logging.getLogger("shoal.transport")
 
 __all__ = ["PeerUnreachable", "RequestTimeout", "RemoteError", "Transport"]
 
-# frame types
-F_HELLO, F_AUTH, F_DATA, F_ACK = 0, 1, 2, 3
+# frame types (first element of a sealed frame's body)
+F_HELLO, F_SYNC, F_DATA, F_ACK = 0, 1, 2, 3
 # message types (first element of a message inside a DATA frame)
 M_MSG, M_REQ, M_RESP, M_VOID = 0, 1, 2, 3
 
-PROTOCOL_VERSION = 1
-MAC_LABEL = b"shoal-link-1"
+PROTOCOL_VERSION = 2
+MAC_LABEL = b"shoal-link-2"            # proofs: HMAC(key, MAC_LABEL || role || nA || nD)
+KDF_SALT = b"shoal-link-2"             # long-term key: scrypt(secret, KDF_SALT || cluster)
+KEYS_INFO = b"shoal-link-2 frame keys"  # per-link keys: HKDF(key, nA || nD, KEYS_INFO)
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 1 << 14, 8, 1  # about 45 ms and 16 MiB per derivation
+NONCE_LEN = 32
+PROOF_LEN = 32                          # HMAC-SHA256
+TAG_LEN = 16                            # Poly1305
+CHALLENGE_LEN = 1 + NONCE_LEN           # version, nA
+ANSWER_LEN = 1 + NONCE_LEN + PROOF_LEN  # version, nD, the dialler's proof
+
+
+def derive_key(secret: bytes, cluster_name: str) -> bytes:
+    """The long-term link key: slow on purpose (each guess of a secret from a recorded
+    handshake costs one scrypt)."""
+    return hashlib.scrypt(secret, salt=KDF_SALT + cluster_name.encode(), n=SCRYPT_N,
+                          r=SCRYPT_R, p=SCRYPT_P, maxmem=64 << 20, dklen=32)
 
 
 class PeerUnreachable(Exception):
@@ -78,8 +145,57 @@ class _HandshakeError(Exception):
     pass
 
 
+class _BadProof(_HandshakeError):
+    """The dialler's proof is wrong: it does not hold the cluster secret (or name)."""
+
+
 class _ProtocolError(Exception):
     pass
+
+
+def _clear(body: bytes) -> bytes:
+    """A handshake frame sent before the keys exist (challenge and proofs)."""
+    return len(body).to_bytes(4, "big") + body
+
+
+class _Cipher:
+    """One link's two ChaCha20-Poly1305 keys and frame counters (one per direction).
+
+    A frame's nonce is its counter (96 bits, big-endian), its associated data the 4-byte
+    length header; a counter is never reused under its key (the keys are new per link)."""
+
+    __slots__ = ("tx", "rx", "tx_ctr", "rx_ctr")
+
+    def __init__(self, tx_key: bytes, rx_key: bytes) -> None:
+        self.tx = ChaCha20Poly1305(tx_key)
+        self.rx = ChaCha20Poly1305(rx_key)
+        self.tx_ctr = 0
+        self.rx_ctr = 0
+
+    def seal(self, body: bytes) -> bytes:
+        """The whole frame: length header (of ciphertext + tag), ciphertext, tag."""
+        hdr = (len(body) + TAG_LEN).to_bytes(4, "big")
+        ctr = self.tx_ctr
+        self.tx_ctr = ctr + 1
+        return hdr + self.tx.encrypt(ctr.to_bytes(12, "big"), body, hdr)
+
+    def open(self, hdr: bytes, data: bytes) -> bytes:
+        """The body of the next frame from the peer; raises InvalidTag if it was altered,
+        replayed, reordered or not sealed by the peer."""
+        ctr = self.rx_ctr
+        self.rx_ctr = ctr + 1
+        return self.rx.decrypt(ctr.to_bytes(12, "big"), data, hdr)
+
+
+class _Unproven:
+    """An inbound connection whose dialler has not proved the secret yet."""
+
+    __slots__ = ("writer", "source", "evicted")
+
+    def __init__(self, writer, source: str) -> None:
+        self.writer = writer
+        self.source = source
+        self.evicted: tuple[str, str] | None = None  # (kind, why) once dropped for room
 
 
 class _Link:
@@ -87,12 +203,14 @@ class _Link:
 
     __slots__ = ("peer_id", "reader", "writer", "tr", "direction", "task", "drain_task",
                  "last_read", "last_write", "paused", "closed", "up_at", "chunk", "sockname",
-                 "peername")
+                 "peername", "cipher", "why")
 
-    def __init__(self, peer_id: str, reader, writer, direction: str) -> None:
+    def __init__(self, peer_id: str, reader, writer, direction: str, cipher: _Cipher) -> None:
         self.peer_id = peer_id
         self.reader = reader
         self.writer = writer
+        self.cipher = cipher
+        self.why: str | None = None  # why this side closed it (for the link-down line)
         self.tr = writer.transport
         self.direction = direction  # "out" (we dialled) or "in"
         self.task: asyncio.Task | None = None
@@ -140,7 +258,8 @@ class _Peer:
 
 
 class Transport:
-    HANDSHAKE_TIMEOUT = 5.0   # connect + HELLO + AUTH
+    HANDSHAKE_TIMEOUT = 5.0   # a whole handshake (the dialler's, and an accepted one's)
+    UNPROVEN_TIMEOUT = 2.0    # accepted connection: from accept to the dialler's proof
     ACK_PERIOD = 0.05         # send a bare ACK at least this often while receiving
     KEEPALIVE = 1.0           # send an ACK frame when nothing was written for this long
     IDLE_TIMEOUT = 5.0        # drop a link that has been silent this long
@@ -153,7 +272,12 @@ class Transport:
     WRITE_HIGH = 4 << 20      # transport write buffer: pause above, resume below WRITE_LOW
     WRITE_LOW = 1 << 20
     MAX_HANDLERS = 1024       # concurrent on_request handlers; beyond: answered "busy"
-    MAX_HANDSHAKES = 64       # concurrent inbound handshakes
+    MAX_UNPROVEN = 64         # accepted connections not proven yet; past it the oldest goes
+    MAX_UNPROVEN_PER_SOURCE = 8  # ... from one source address; past it its oldest goes
+    REFUSAL_LOG_EVERY = 10.0  # at most one warning per kind of refusal this often
+    LISTEN_BACKLOG = 512
+    ACCEPT_READ_LIMIT = 64 << 10  # StreamReader limit of accepted connections (memory bound)
+    MAX_LINK_FRAMES = 1 << 40  # frames one way on one link; then the link is replaced
     HANDLER_TIMEOUT_MAX = 300.0
     HANDSHAKE_FRAME_MAX = 1 << 20
 
@@ -177,7 +301,8 @@ class Transport:
         self.incarnation = secrets.token_hex(8)
         self.queue_limit = queue_limit
         self.max_frame = max_frame
-        self._secret = bytes(secret)
+        # (once per Transport: the slow KDF is what makes guessing from a recording costly)
+        self._key = derive_key(bytes(secret), cluster_name)
         self._on_message = on_message
         self._on_request = on_request
         self._on_peer_up = on_peer_up
@@ -190,7 +315,8 @@ class Transport:
         self._rids = itertools.count(1)
         self._tasks: set[asyncio.Task] = set()
         self._handlers: set[asyncio.Task] = set()
-        self._handshakes = 0
+        self._unproven: dict[_Unproven, None] = {}  # oldest first
+        self._quiet: dict[str, tuple[float, int]] = {}  # refusal kind -> (last warned, since)
         self._server: asyncio.AbstractServer | None = None
         self._tick_task: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -200,7 +326,13 @@ class Transport:
         self.stats = {"links_up": 0, "links_down": 0, "dials": 0, "dial_failures": 0,
                       "accepts": 0, "handshake_failures": 0, "frames_out": 0, "frames_in": 0,
                       "msgs_out": 0, "msgs_in": 0, "retransmitted": 0, "dropped_restart": 0,
-                      "dropped_unencodable": 0, "duplicates": 0}
+                      "dropped_unencodable": 0, "duplicates": 0,
+                      # accepted connections closed before their dialler proved the secret
+                      # (sum of the four below)
+                      "handshakes_refused": 0, "bad_proofs": 0, "malformed_handshakes": 0,
+                      "handshake_timeouts": 0, "handshakes_evicted": 0,
+                      # frames that failed authentication on a link (each closed the link)
+                      "auth_failures": 0, "links_retired": 0}
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -208,7 +340,8 @@ class Transport:
         self._loop = asyncio.get_running_loop()
         self._stopping = False
         self._server = await asyncio.start_server(self._on_accept, self.host, self.port,
-                                                  limit=1 << 20)
+                                                  limit=self.ACCEPT_READ_LIMIT,
+                                                  backlog=self.LISTEN_BACKLOG)
         self.port = self._server.sockets[0].getsockname()[1]
         self._tick_task = self._spawn(self._tick_loop())
         for st in self._peers.values():
@@ -222,6 +355,8 @@ class Transport:
         self._stopping = True
         if self._server is not None:
             self._server.close()
+        for pending in list(self._unproven):
+            pending.writer.transport.abort()
         for st in self._peers.values():
             link = st.link
             if link is not None:
@@ -424,8 +559,12 @@ class Transport:
         pending = st.pending
         budget = self.WRITE_BUDGET
         limit = self.max_frame
+        cipher = link.cipher
         wrote = 0
         while pending and wrote < budget:
+            if cipher.tx_ctr >= self.MAX_LINK_FRAMES:
+                self._retire(st, link)
+                return
             n = min(len(pending), link.chunk)
             if n == len(pending):
                 batch = list(pending)
@@ -454,7 +593,7 @@ class Transport:
                 link.chunk = min(self.MAX_CHUNK, n * 2)
             st.unacked.extend(batch)
             st.ack_sent = st.rx_last
-            tr.write(size.to_bytes(4, "big") + body)
+            tr.write(cipher.seal(body))
             wrote += size
             self.stats["frames_out"] += 1
             self.stats["msgs_out"] += len(batch)
@@ -470,11 +609,23 @@ class Transport:
             self._schedule_flush(st)
 
     def _write_ack(self, st: _Peer, link: _Link) -> None:
+        if link.cipher.tx_ctr >= self.MAX_LINK_FRAMES:
+            self._retire(st, link)
+            return
         body = self._pack([F_ACK, st.rx_last])
         st.ack_sent = st.rx_last
-        link.tr.write(len(body).to_bytes(4, "big") + body)
+        link.tr.write(link.cipher.seal(body))
         link.last_write = time.monotonic()
         self.stats["frames_out"] += 1
+
+    def _retire(self, st: _Peer, link: _Link) -> None:
+        """The link sent MAX_LINK_FRAMES frames: close it (after what it has written) before
+        its frame counter could repeat; the dialler links again with new keys and what was
+        not acknowledged is sent again there."""
+        self.stats["links_retired"] += 1
+        link.why = f"retired after {link.cipher.tx_ctr} frames (new keys on the next link)"
+        log.info("link retired node=%s peer=%s: %s", self.node_id, st.id, link.why)
+        self._close_link(link, graceful=True)
 
     def _sanitize(self, st: _Peer, batch: list, too_big: bool = False) -> list:
         """Replace messages that cannot be encoded (or exceed max_frame) by placeholders
@@ -532,22 +683,34 @@ class Transport:
 
     async def _read_loop(self, st: _Peer, link: _Link) -> None:
         reader = link.reader
-        max_frame = self.max_frame
+        cipher = link.cipher
+        max_wire = self.max_frame + TAG_LEN
+        max_frames = self.MAX_LINK_FRAMES
         reason = "closed by peer"
         try:
             while True:
                 hdr = await reader.readexactly(4)
                 n = int.from_bytes(hdr, "big")
-                if n > max_frame:
-                    reason = f"frame of {n} bytes exceeds max_frame {max_frame}"
+                if n > max_wire or n < TAG_LEN:  # checked before the body is read
+                    reason = f"frame of {n} bytes (max_frame {self.max_frame} + {TAG_LEN})"
                     log.warning("link closed node=%s peer=%s: %s", self.node_id, st.id, reason)
                     break
                 data = await reader.readexactly(n)
                 if link.closed:
                     break
+                if cipher.rx_ctr >= max_frames:
+                    raise _ProtocolError(f"peer sent more than {max_frames} frames on a link")
+                try:
+                    body = cipher.open(hdr, data)
+                except InvalidTag:
+                    self.stats["auth_failures"] += 1
+                    reason = (f"frame {cipher.rx_ctr - 1} ({n} bytes) failed authentication: "
+                              "altered on the way or not sealed by the peer")
+                    log.warning("link closed node=%s peer=%s: %s", self.node_id, st.id, reason)
+                    break
                 link.last_read = time.monotonic()
                 self.stats["frames_in"] += 1
-                self._on_frame(st, link, msgpack.unpackb(data, raw=False, strict_map_key=False))
+                self._on_frame(st, link, msgpack.unpackb(body, raw=False, strict_map_key=False))
         except asyncio.IncompleteReadError:
             pass
         except (ConnectionError, OSError) as err:
@@ -557,6 +720,8 @@ class Transport:
             reason = f"protocol error: {err!r}"
             log.warning("link closed node=%s peer=%s: %s", self.node_id, st.id, reason)
         finally:
+            if link.why is not None:
+                reason = link.why
             self._link_lost(st, link, reason)
 
     def _on_frame(self, st: _Peer, link: _Link, frame) -> None:
@@ -659,27 +824,85 @@ class Transport:
     async def _on_accept(self, reader: asyncio.StreamReader,
                          writer: asyncio.StreamWriter) -> None:
         peername = writer.get_extra_info("peername")
-        if self._stopping or self._handshakes >= self.MAX_HANDSHAKES:
-            writer.transport.abort()
-            return
-        self._handshakes += 1
-        self.stats["accepts"] += 1
-        try:
-            async with asyncio.timeout(self.HANDSHAKE_TIMEOUT):
-                peer_id, hello, auth = await self._handshake(reader, writer, None, b"A")
-        except (_HandshakeError, TimeoutError, ConnectionError, OSError,
-                asyncio.IncompleteReadError) as err:
-            self.stats["handshake_failures"] += 1
-            log.warning("inbound handshake refused node=%s from=%s: %s", self.node_id,
-                        peername, err or "timed out")
-            writer.transport.abort()
-            return
-        finally:
-            self._handshakes -= 1
+        source = str(peername[0]) if isinstance(peername, tuple) and peername else "?"
         if self._stopping:
             writer.transport.abort()
             return
-        self._adopt(peer_id, hello, auth, reader, writer, "in")
+        self.stats["accepts"] += 1
+        pending = _Unproven(writer, source)
+        self._admit(pending)
+        proven = False
+        try:
+            async with asyncio.timeout(self.UNPROVEN_TIMEOUT) as deadline:
+                cipher = await self._accept_proof(reader, writer)
+                proven = True
+                self._unproven.pop(pending, None)
+                deadline.reschedule(self._loop.time() + self.HANDSHAKE_TIMEOUT)
+                peer_id, hello, sync = await self._accept_hello(reader, writer, cipher)
+        except (_HandshakeError, TimeoutError, ConnectionError, OSError,
+                asyncio.IncompleteReadError) as err:
+            writer.transport.abort()
+            self.stats["handshake_failures"] += 1
+            if proven:
+                log.warning("inbound handshake failed node=%s from=%s: %s", self.node_id,
+                            peername, err or "timed out")
+            else:
+                self._refused(pending, peername, err)
+            return
+        finally:
+            self._unproven.pop(pending, None)
+        if self._stopping:
+            writer.transport.abort()
+            return
+        self._adopt(peer_id, hello, sync, cipher, reader, writer, "in")
+
+    def _admit(self, new: _Unproven) -> None:
+        """Make room for an accepted connection that has not proved anything yet: past the
+        per-source limit the oldest unproven connection of that source goes, past the global
+        one the oldest of all (new connections are never refused, so connections that
+        stay silent cannot lock a real peer out; each goes at UNPROVEN_TIMEOUT anyway)."""
+        same = [p for p in self._unproven if p.source == new.source]
+        if len(same) >= self.MAX_UNPROVEN_PER_SOURCE:
+            self._evict(same[0], "evicted_source", f"{self.MAX_UNPROVEN_PER_SOURCE} unproven "
+                                                   f"connections from {new.source} at most")
+        elif len(self._unproven) >= self.MAX_UNPROVEN:
+            self._evict(next(iter(self._unproven)), "evicted",
+                        f"{self.MAX_UNPROVEN} unproven connections at most")
+        self._unproven[new] = None
+
+    def _evict(self, pending: _Unproven, kind: str, why: str) -> None:
+        del self._unproven[pending]
+        pending.evicted = (kind, why)
+        pending.writer.transport.abort()  # its handshake then fails and counts as evicted
+
+    def _refused(self, pending: _Unproven, peername, err: BaseException) -> None:
+        """Count (and log, at most once per kind and REFUSAL_LOG_EVERY) an accepted
+        connection closed before its dialler proved the secret."""
+        if pending.evicted is not None:
+            kind, why = pending.evicted
+            stat, why = "handshakes_evicted", f"dropped: {why}"
+        elif isinstance(err, TimeoutError):
+            kind, stat = "timeout", "handshake_timeouts"
+            why = f"no proof within {self.UNPROVEN_TIMEOUT:g}s"
+        elif isinstance(err, _BadProof):
+            kind, stat, why = "bad_proof", "bad_proofs", str(err)
+        elif isinstance(err, _HandshakeError):
+            kind, stat, why = "malformed", "malformed_handshakes", str(err)
+        else:  # the caller went away before proving anything (a port check, say)
+            log.debug("inbound connection closed before its proof node=%s from=%s: %r",
+                      self.node_id, peername, err)
+            return
+        self.stats[stat] += 1
+        self.stats["handshakes_refused"] += 1
+        now = time.monotonic()
+        last, since = self._quiet.get(kind, (float("-inf"), 0))
+        if now - last < self.REFUSAL_LOG_EVERY:
+            self._quiet[kind] = (last, since + 1)
+            return
+        self._quiet[kind] = (now, 0)
+        more = f" (and {since} more like it in {now - last:.0f}s)" if since else ""
+        log.warning("inbound connection refused node=%s from=%s: %s%s", self.node_id,
+                    peername, why, more)
 
     async def _dial(self, host: str, port: int, expect: str | None, timeout: float) -> _Peer:
         self.stats["dials"] += 1
@@ -687,77 +910,145 @@ class Transport:
         try:
             async with asyncio.timeout(timeout):
                 reader, writer = await asyncio.open_connection(host, port, limit=1 << 20)
-                peer_id, hello, auth = await self._handshake(reader, writer, expect, b"D")
-        except BaseException:
+                peer_id, hello, sync, cipher = await self._dial_handshake(reader, writer,
+                                                                          expect)
+        except BaseException as err:
+            if isinstance(err, _HandshakeError):
+                self.stats["handshake_failures"] += 1
             if writer is not None:
                 writer.transport.abort()
             raise
         if self._stopping:
             writer.transport.abort()
             raise PeerUnreachable("transport stopped")
-        return self._adopt(peer_id, hello, auth, reader, writer, "out")
+        return self._adopt(peer_id, hello, sync, cipher, reader, writer, "out")
 
-    async def _read_handshake_frame(self, reader: asyncio.StreamReader, tag: int) -> dict:
+    # -- internals: the handshake ------------------------------------------------------
+
+    def _proof(self, role: bytes, nonce_a: bytes, nonce_d: bytes) -> bytes:
+        return hmac.new(self._key, MAC_LABEL + role + nonce_a + nonce_d,
+                        hashlib.sha256).digest()
+
+    def _cipher(self, role: bytes, nonce_a: bytes, nonce_d: bytes) -> _Cipher:
+        keys = HKDF(algorithm=hashes.SHA256(), length=64, salt=nonce_a + nonce_d,
+                    info=KEYS_INFO).derive(self._key)
+        d_to_a, a_to_d = keys[:32], keys[32:]
+        return _Cipher(d_to_a, a_to_d) if role == b"D" else _Cipher(a_to_d, d_to_a)
+
+    def _hello(self) -> dict:
+        return {"v": PROTOCOL_VERSION, "node_id": self.node_id, "cluster": self.cluster_name,
+                "inc": self.incarnation, "info": self.info}
+
+    async def _read_clear(self, reader: asyncio.StreamReader, size: int, what: str) -> bytes:
         n = int.from_bytes(await reader.readexactly(4), "big")
-        if n > min(self.max_frame, self.HANDSHAKE_FRAME_MAX):
-            raise _HandshakeError(f"handshake frame of {n} bytes")
+        if n != size:
+            raise _HandshakeError(f"{what} of {n} bytes, not {size} (not a node link of "
+                                  f"protocol version {PROTOCOL_VERSION}?)")
+        return await reader.readexactly(n)
+
+    async def _read_sealed(self, reader: asyncio.StreamReader, cipher: _Cipher, tag: int,
+                           what: str) -> dict:
+        hdr = await reader.readexactly(4)
+        n = int.from_bytes(hdr, "big")
+        if not TAG_LEN <= n <= min(self.max_frame, self.HANDSHAKE_FRAME_MAX) + TAG_LEN:
+            raise _HandshakeError(f"{what} frame of {n} bytes")
+        data = await reader.readexactly(n)
         try:
-            frame = msgpack.unpackb(await reader.readexactly(n), raw=False,
-                                    strict_map_key=False)
+            body = cipher.open(hdr, data)
+        except InvalidTag:
+            raise _HandshakeError(f"{what} frame failed authentication") from None
+        try:
+            frame = msgpack.unpackb(body, raw=False, strict_map_key=False)
         except (msgpack.UnpackException, ValueError) as err:
-            raise _HandshakeError(f"undecodable handshake frame: {err}") from None
+            raise _HandshakeError(f"undecodable {what} frame: {err}") from None
         if not (isinstance(frame, list) and len(frame) == 2 and frame[0] == tag
                 and isinstance(frame[1], dict)):
-            raise _HandshakeError(f"expected handshake frame {tag}, got something else")
+            raise _HandshakeError(f"expected a {what} frame, got something else")
         return frame[1]
 
-    def _mac(self, role: bytes, to_nonce: bytes, from_nonce: bytes, from_id: str,
-             to_id: str) -> bytes:
-        data = b"\0".join((MAC_LABEL, role, to_nonce, from_nonce, from_id.encode(),
-                           to_id.encode(), self.cluster_name.encode()))
-        return hmac.new(self._secret, data, hashlib.sha256).digest()
-
-    async def _handshake(self, reader, writer, expect: str | None,
-                         role: bytes) -> tuple[str, dict, dict]:
-        nonce = secrets.token_bytes(16)
-        hello = {"v": PROTOCOL_VERSION, "node_id": self.node_id, "cluster": self.cluster_name,
-                 "nonce": nonce, "inc": self.incarnation, "info": self.info}
-        body = self._pack([F_HELLO, hello])
-        writer.write(len(body).to_bytes(4, "big") + body)
-        theirs = await self._read_handshake_frame(reader, F_HELLO)
+    def _check_hello(self, theirs: dict, expect: str | None) -> str:
         peer_id = theirs.get("node_id")
-        peer_nonce = theirs.get("nonce")
         peer_inc = theirs.get("inc")
+        if theirs.get("v") != PROTOCOL_VERSION:
+            raise _HandshakeError(f"peer {peer_id!r} speaks link protocol {theirs.get('v')!r}")
         if theirs.get("cluster") != self.cluster_name:
             raise _HandshakeError(f"wrong cluster name {theirs.get('cluster')!r} "
                                   f"(peer {peer_id!r}, ours {self.cluster_name!r})")
         if not (isinstance(peer_id, str) and 0 < len(peer_id) <= 256
-                and isinstance(peer_nonce, bytes) and len(peer_nonce) == 16
                 and isinstance(peer_inc, str) and len(peer_inc) <= 64):
             raise _HandshakeError("malformed HELLO")
         if peer_id == self.node_id:
             raise _HandshakeError(f"peer claims our own node id {peer_id!r}")
         if expect is not None and peer_id != expect:
             raise _HandshakeError(f"dialled {expect!r} but {peer_id!r} answered")
+        return peer_id
+
+    def _sync_for(self, peer_id: str, peer_inc: str) -> dict:
+        """What we tell the peer about its messages: the last we delivered, if our receive
+        state belongs to this very process of the peer."""
         st = self._peers.get(peer_id)
         if st is not None and st.inc == peer_inc:
-            known_inc, rx = peer_inc, st.rx_last
-        else:
-            known_inc, rx = None, 0
-        mac = self._mac(role, peer_nonce, nonce, self.node_id, peer_id)
-        body = self._pack([F_AUTH, {"mac": mac, "known_inc": known_inc, "rx": rx}])
-        writer.write(len(body).to_bytes(4, "big") + body)
-        auth = await self._read_handshake_frame(reader, F_AUTH)
-        peer_role = b"A" if role == b"D" else b"D"
-        want = self._mac(peer_role, nonce, peer_nonce, peer_id, self.node_id)
-        got = auth.get("mac")
-        if not isinstance(got, bytes) or not hmac.compare_digest(got, want):
-            raise _HandshakeError(f"bad MAC from {peer_id!r} (wrong cluster secret?)")
-        if not isinstance(auth.get("rx"), int) or auth["rx"] < 0:
-            raise _HandshakeError("malformed AUTH")
-        return peer_id, theirs, auth
+            return {"known_inc": peer_inc, "rx": st.rx_last}
+        return {"known_inc": None, "rx": 0}
 
-    def _adopt(self, peer_id: str, hello: dict, auth: dict, reader, writer,
+    @staticmethod
+    def _check_sync(sync: dict) -> None:
+        rx, known = sync.get("rx"), sync.get("known_inc")
+        if not (isinstance(rx, int) and rx >= 0 and (known is None or isinstance(known, str))):
+            raise _HandshakeError("malformed SYNC")
+
+    async def _accept_proof(self, reader, writer) -> _Cipher:
+        """Accepting side, before anything about this node is sent: a random challenge,
+        then the dialler's proof; only once it checks out, our own proof."""
+        nonce_a = secrets.token_bytes(NONCE_LEN)
+        writer.write(_clear(bytes([PROTOCOL_VERSION]) + nonce_a))
+        answer = await self._read_clear(reader, ANSWER_LEN, "proof")
+        if answer[0] != PROTOCOL_VERSION:
+            raise _BadProof(f"link protocol version {answer[0]}, ours {PROTOCOL_VERSION}")
+        nonce_d, proof = answer[1:1 + NONCE_LEN], answer[1 + NONCE_LEN:]
+        if not hmac.compare_digest(proof, self._proof(b"D", nonce_a, nonce_d)):
+            raise _BadProof("wrong proof of the cluster secret (another secret or cluster "
+                            "name?)")
+        writer.write(_clear(self._proof(b"A", nonce_a, nonce_d)))
+        return self._cipher(b"A", nonce_a, nonce_d)
+
+    async def _accept_hello(self, reader, writer, cipher: _Cipher) -> tuple[str, dict, dict]:
+        theirs = await self._read_sealed(reader, cipher, F_HELLO, "HELLO")
+        peer_id = self._check_hello(theirs, None)
+        ours = {**self._hello(), **self._sync_for(peer_id, theirs["inc"])}
+        writer.write(cipher.seal(self._pack([F_HELLO, ours])))
+        sync = await self._read_sealed(reader, cipher, F_SYNC, "SYNC")
+        self._check_sync(sync)
+        return peer_id, theirs, sync
+
+    async def _dial_handshake(self, reader, writer,
+                              expect: str | None) -> tuple[str, dict, dict, _Cipher]:
+        """Dialling side: prove the secret first (with our HELLO sealed behind the proof),
+        then check the node's proof, read its HELLO, answer with SYNC."""
+        challenge = await self._read_clear(reader, CHALLENGE_LEN, "challenge")
+        if challenge[0] != PROTOCOL_VERSION:
+            raise _HandshakeError(f"the node speaks link protocol version {challenge[0]}, "
+                                  f"this one {PROTOCOL_VERSION}")
+        nonce_a = challenge[1:]
+        nonce_d = secrets.token_bytes(NONCE_LEN)
+        cipher = self._cipher(b"D", nonce_a, nonce_d)
+        writer.write(_clear(bytes([PROTOCOL_VERSION]) + nonce_d
+                            + self._proof(b"D", nonce_a, nonce_d))
+                     + cipher.seal(self._pack([F_HELLO, self._hello()])))
+        try:
+            proof = await self._read_clear(reader, PROOF_LEN, "proof")
+        except asyncio.IncompleteReadError:
+            raise _HandshakeError("the node closed the connection after our proof: it "
+                                  "refused it (another cluster secret or name?)") from None
+        if not hmac.compare_digest(proof, self._proof(b"A", nonce_a, nonce_d)):
+            raise _HandshakeError("wrong proof from the node (another cluster secret or name?)")
+        theirs = await self._read_sealed(reader, cipher, F_HELLO, "HELLO")
+        peer_id = self._check_hello(theirs, expect)
+        self._check_sync(theirs)
+        writer.write(cipher.seal(self._pack([F_SYNC, self._sync_for(peer_id, theirs["inc"])])))
+        return peer_id, theirs, theirs, cipher
+
+    def _adopt(self, peer_id: str, hello: dict, auth: dict, cipher: _Cipher, reader, writer,
                direction: str) -> _Peer:
         """Make an authenticated connection the peer's link (replacing an older one) and
         reconcile both sequence states with what the peer told us."""
@@ -815,7 +1106,7 @@ class Transport:
             self.stats["retransmitted"] += resend
             st.unacked.extend(st.pending)
             st.pending, st.unacked = st.unacked, deque()
-        link = _Link(peer_id, reader, writer, direction)
+        link = _Link(peer_id, reader, writer, direction, cipher)
         link.tr.set_write_buffer_limits(high=self.WRITE_HIGH, low=self.WRITE_LOW)
         st.link = link
         link.task = self._spawn(self._read_loop(st, link))
@@ -890,8 +1181,6 @@ class Transport:
                     PeerUnreachable) as err:
                 failures += 1
                 self.stats["dial_failures"] += 1
-                if isinstance(err, _HandshakeError):
-                    self.stats["handshake_failures"] += 1
                 if failures == 1 or failures % 60 == 0:
                     log.warning("dial failed node=%s peer=%s addr=%s:%d attempt=%d: %s",
                                 self.node_id, st.id, host, port, failures,

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import time
 from collections import defaultdict
 
+import msgpack
 import pytest
 
-from cluster.transport import PeerUnreachable, RemoteError, RequestTimeout, Transport
+from cluster.transport import (CHALLENGE_LEN, NONCE_LEN, PROOF_LEN, PROTOCOL_VERSION,
+                               PeerUnreachable, RemoteError, RequestTimeout, Transport, _clear,
+                               derive_key)
 
 HOST = "127.0.0.1"
 
@@ -20,7 +24,8 @@ def run(coro, timeout: float = 60.0):
     return asyncio.run(main())
 
 
-async def until(predicate, timeout: float = 5.0, what: str = "condition"):
+async def until(predicate, timeout: float = 5.0, what: str = "condition",
+                interval: float = 0.005):
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -28,7 +33,7 @@ async def until(predicate, timeout: float = 5.0, what: str = "condition"):
             return value
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.005)
+        await asyncio.sleep(interval)
 
 
 def free_port() -> int:
@@ -92,15 +97,116 @@ async def stop_all(*nodes: Node) -> None:
         await n.t.stop()
 
 
-class Proxy:
-    """A TCP relay whose connections the test can cut at any moment."""
+class FrameTap:
+    """Follows the length-prefixed frames of one direction of a link (handshake frames
+    included: every frame is ``4-byte length || body``) and, once armed, alters one frame
+    from the ``after``-th on whose body is at least ``min_len`` bytes:
 
-    def __init__(self, target_port: int) -> None:
+    * ``body``: flips a bit of the middle byte of the body (ciphertext);
+    * ``tag``: flips a bit of the last byte (the Poly1305 tag);
+    * ``header``: flips the lowest bit of the length header (the associated data);
+    * ``replay``: sends the previous frame again, unchanged, before it."""
+
+    def __init__(self) -> None:
+        self.frames = 0  # complete frames relayed
+        self.altered: list[tuple[str, int, int]] = []  # (mode, frame index, body length)
+        self.armed: tuple[str, int, int] | None = None
+        self._hdr = bytearray()
+        self._len = 0
+        self._left = 0
+        self._target: int | None = None
+        self._cur = bytearray()
+        self._last: bytes | None = None
+
+    def arm(self, mode: str, after: int = 0, min_len: int = 0) -> None:
+        assert mode in ("body", "tag", "header", "replay")
+        self.armed = (mode, after, min_len)
+
+    def _due(self, mode: str) -> bool:
+        return (self.armed is not None and self.armed[0] == mode
+                and self.frames >= self.armed[1])
+
+    def _done(self, mode: str) -> None:
+        self.altered.append((mode, self.frames, self._len))
+        self.armed = None
+
+    def feed(self, data: bytes) -> bytes:
+        out = bytearray()
+        i, n = 0, len(data)
+        while i < n:
+            if len(self._hdr) < 4:
+                if not self._hdr and self._due("replay") and self._last is not None:
+                    out += self._last
+                    self._done("replay")
+                take = min(4 - len(self._hdr), n - i)
+                piece = bytearray(data[i:i + take])
+                start = len(self._hdr)
+                self._hdr += data[i:i + take]
+                if start + take == 4 and self._due("header") and \
+                        int.from_bytes(self._hdr, "big") >= self.armed[2]:
+                    piece[3 - start] ^= 0x01
+                    self._len = int.from_bytes(self._hdr, "big")
+                    self._done("header")
+                out += piece
+                self._cur += data[i:i + take]
+                i += take
+                if len(self._hdr) == 4:
+                    self._len = self._left = int.from_bytes(self._hdr, "big")
+                    self._target = None
+                    if self._len and self._len >= (self.armed or ("", 0, 0))[2]:
+                        if self._due("body"):
+                            self._target = self._len // 2
+                        elif self._due("tag"):
+                            self._target = self._len - 1
+                    if not self._left:
+                        self._end()
+                continue
+            take = min(self._left, n - i)
+            piece = bytearray(data[i:i + take])
+            pos = self._len - self._left
+            if self._target is not None and pos <= self._target < pos + take:
+                piece[self._target - pos] ^= 0x01
+                self._done(self.armed[0])
+                self._target = None
+            out += piece
+            self._cur += data[i:i + take]
+            self._left -= take
+            i += take
+            if not self._left:
+                self._end()
+        return bytes(out)
+
+    def _end(self) -> None:
+        self.frames += 1
+        self._last = bytes(self._cur)
+        self._cur.clear()
+        self._hdr.clear()
+
+
+class Proxy:
+    """A TCP relay whose connections the test can cut at any moment; with ``tap`` each
+    connection's two directions go through a FrameTap (``up``: dialler -> target,
+    ``down``: target -> dialler), armed with ``arm``."""
+
+    def __init__(self, target_port: int, tap: bool = False) -> None:
         self.target_port = target_port
+        self.tap = tap
+        self.taps: list[dict[str, FrameTap]] = []  # per connection, in accept order
+        self._armed: dict[str, tuple] = {}
         self.pairs: list[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = []
         self.server = None
         self.port = 0
         self.tasks: set[asyncio.Task] = set()
+
+    def arm(self, direction: str, mode: str, after: int = 0, min_len: int = 0) -> None:
+        """Alter one frame of ``direction`` on the newest connection (and on later ones
+        until one is altered)."""
+        self._armed[direction] = (mode, after, min_len)
+        if self.taps:
+            self.taps[-1][direction].arm(mode, after, min_len)
+
+    def altered(self) -> list:
+        return [a for t in self.taps for d in ("up", "down") for a in t[d].altered]
 
     async def start(self) -> None:
         self.server = await asyncio.start_server(self._accept, HOST, 0)
@@ -113,18 +219,25 @@ class Proxy:
             writer.transport.abort()
             return
         self.pairs.append((writer, uw))
-        for r, w in ((reader, uw), (ur, writer)):
-            t = asyncio.get_running_loop().create_task(self._pump(r, w))
+        taps = {"up": FrameTap(), "down": FrameTap()}
+        if self.tap:
+            for d, (mode, after, min_len) in self._armed.items():
+                if not any(a[0] == mode for t in self.taps for a in t[d].altered):
+                    taps[d].arm(mode, after, min_len)
+            self.taps.append(taps)
+        for r, w, d in ((reader, uw, "up"), (ur, writer, "down")):
+            t = asyncio.get_running_loop().create_task(
+                self._pump(r, w, taps[d] if self.tap else None))
             self.tasks.add(t)
             t.add_done_callback(self.tasks.discard)
 
-    async def _pump(self, reader, writer) -> None:
+    async def _pump(self, reader, writer, tap: FrameTap | None) -> None:
         try:
             while True:
                 data = await reader.read(7919)  # odd size: frames get cut anywhere
                 if not data:
                     break
-                writer.write(data)
+                writer.write(tap.feed(data) if tap is not None else data)
                 await writer.drain()
         except (ConnectionError, OSError):
             pass
@@ -237,12 +350,16 @@ def test_hello_links_a_seed_whose_id_is_unknown():
             # the larger id contacts the smaller: the hello connection becomes the link
             peer, info = await c.t.hello(HOST, a.t.port, 2)
             assert (peer, info) == ("a", {"name": "a"})
-            assert c.t.is_up("a") and a.t.is_up("c")
+            assert c.t.is_up("a")  # the dialler's link is up when hello returns
+            await until(lambda: a.t.is_up("c"), 2, "a adopts c's link (after c's SYNC)")
+            assert c.t.stats["dials"] == 1 and a.t.stats["accepts"] == 1
             assert (await c.t.request("a", "echo", 1, 2))["by"] == "a"
             assert (await a.t.request("c", "echo", 1, 2))["by"] == "c"
             # the smaller id contacts the larger
             peer, info = await a.t.hello(HOST, b.t.port, 2)
-            assert peer == "b" and (await b.t.request("a", "echo", 2, 2))["by"] == "a"
+            assert peer == "b" and (await a.t.request("b", "echo", 2, 2))["by"] == "b"
+            await until(lambda: b.t.is_up("a"), 2, "b adopts a's link")
+            assert (await b.t.request("a", "echo", 2, 2))["by"] == "a"
             with pytest.raises(PeerUnreachable):
                 await a.t.hello(HOST, a.t.port, 2)  # ourselves
             with pytest.raises((PeerUnreachable, OSError)):
@@ -443,3 +560,214 @@ def test_throughput_one_message_per_send(capsys):
     with capsys.disabled():
         print(f"\ntransport throughput: {rate:,.0f} msg/s (1 message per send, 100-byte body)")
     assert rate > 20_000
+
+
+# --------------------------------------------------------------------------- link security
+
+
+async def raw_exchange(port: int, send: bytes | None = None, timeout: float = 5.0,
+                       source: str = HOST) -> tuple[bytes, float]:
+    """Connect as a stranger, read the challenge, send ``send`` (if any), then record every
+    byte until the node closes the connection. Returns (bytes, seconds until closed)."""
+    t0 = time.monotonic()
+    reader, writer = await asyncio.open_connection(HOST, port, local_addr=(source, 0))
+    got = bytearray()
+    try:
+        async with asyncio.timeout(timeout):
+            got += await reader.readexactly(4 + CHALLENGE_LEN)
+            if send is not None:
+                writer.write(send)
+            while True:
+                try:
+                    chunk = await reader.read(65536)
+                except ConnectionResetError:  # an abort on our unread data: a reset
+                    break
+                if not chunk:
+                    break
+                got += chunk
+    finally:
+        writer.transport.abort()
+    return bytes(got), time.monotonic() - t0
+
+
+def check_only_a_challenge(got: bytes) -> bytes:
+    """The bytes are one challenge frame: length 33, version 2, 32 bytes; its nonce."""
+    assert len(got) == 4 + CHALLENGE_LEN, got
+    assert int.from_bytes(got[:4], "big") == CHALLENGE_LEN and got[4] == PROTOCOL_VERSION
+    return got[5:]
+
+
+def test_the_accepting_node_reveals_nothing_before_the_dialler_proves_the_secret(caplog):
+    node_id, cluster = "b-node-7f3a9c", "cluster-name-5e1d"
+
+    async def main():
+        b = Node(node_id, cluster=cluster)
+        b.t.UNPROVEN_TIMEOUT = 0.5
+        await b.start()
+        b.t.info = {"transport": f"{HOST}:{b.t.port}", "mqtt": f"{HOST}:18830"}
+        a = await Node("a", cluster=cluster).start()
+        try:
+            secrets_of_b = [node_id.encode(), cluster.encode(), HOST.encode(),
+                            str(b.t.port).encode(), b"18830", b.t.incarnation.encode()]
+            # silent: the challenge, then closed at the deadline for a proof
+            silent, took = await raw_exchange(b.t.port)
+            nonces = [check_only_a_challenge(silent)]
+            assert 0.4 <= took < 2.0, took
+            # a wrong proof: closed at once, nothing more sent
+            wrong = _clear(bytes([PROTOCOL_VERSION]) + os.urandom(NONCE_LEN + PROOF_LEN))
+            got, took = await raw_exchange(b.t.port, wrong)
+            nonces.append(check_only_a_challenge(got))
+            assert took < 0.4, took
+            # a frame of the old protocol (a plaintext DATA frame): refused, not delivered
+            body = msgpack.packb([2, 0, 1, [[0, "n", "injected"]]], use_bin_type=True)
+            got, took = await raw_exchange(b.t.port, len(body).to_bytes(4, "big") + body)
+            nonces.append(check_only_a_challenge(got))
+            assert took < 0.4, took
+            assert len(set(nonces)) == 3  # a fresh random challenge every time
+            for recorded in nonces:
+                for s in secrets_of_b:
+                    assert s not in recorded
+            assert b.t.stats["handshake_timeouts"] == 1 and b.t.stats["bad_proofs"] == 1
+            assert b.t.stats["malformed_handshakes"] == 1
+            assert b.t.stats["handshakes_refused"] == 3 and not b.got and not b.ups
+            assert b.t.peers_up() == set()
+            # a node with the secret links as before, and learns b's info only then
+            peer, info = await a.t.hello(HOST, b.t.port, 2)
+            assert (peer, info) == (node_id, b.t.info)
+        finally:
+            await stop_all(a, b)
+    run(main())
+    refusals = [r for r in caplog.records if "inbound connection refused" in r.getMessage()]
+    assert len(refusals) == 3 and all(r.exc_info is None for r in refusals), refusals
+
+
+def test_proofs_and_keys_depend_on_the_secret_and_the_cluster_name():
+    k = derive_key(b"s3cret", "test")
+    assert len(k) == 32 and k == derive_key(b"s3cret", "test")
+    assert k != derive_key(b"s3cret", "test2") and k != derive_key(b"s3cret2", "test")
+
+
+@pytest.mark.parametrize("mode", ["body", "tag", "header", "replay"])
+def test_an_altered_frame_closes_the_link_and_the_dialler_links_again(mode, caplog):
+    """A man in the middle flips one bit of a DATA frame (or replays a frame): the
+    receiver drops the link with one warning, nothing altered is delivered, and the
+    messages arrive exactly once, intact, over the next link."""
+    payload = b"x" * 500
+
+    async def main():
+        a = await Node("a").start()
+        b = await Node("b").start()
+        proxy = Proxy(b.t.port, tap=True)
+        await proxy.start()
+        try:
+            a.t.set_peer("b", HOST, proxy.port)
+            await until(lambda: a.t.is_up("b") and b.t.is_up("a"), 5, "link")
+            for i in range(100):
+                a.t.send("b", "n", [i, payload])
+            await until(lambda: len(b.got["a"]) == 100, 5, "first messages")
+            proxy.arm("up", mode, min_len=2000)  # the next frame a -> b that carries data
+            for i in range(100, 200):
+                a.t.send("b", "n", [i, payload])
+            await until(lambda: proxy.altered(), 5, "a frame altered")
+            await until(lambda: b.t.stats["auth_failures"] == 1, 5, "altered frame rejected")
+            await until(lambda: len(b.got["a"]) >= 200, 10, "the messages after relinking")
+            assert b.got["a"] == [[i, payload] for i in range(200)]
+            assert a.t.stats["links_up"] == 2 and b.t.stats["links_up"] == 2
+            assert len(proxy.taps) == 2 and a.t.is_up("b")
+            assert (await a.t.request("b", "echo", 1, 2))["by"] == "b"
+            assert a.t.stats["auth_failures"] == 0
+        finally:
+            await stop_all(a, b)
+            await proxy.stop()
+    run(main())
+    warned = [r for r in caplog.records if r.levelname == "WARNING"
+              and "failed authentication" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].exc_info is None, warned
+    assert "node=b peer=a" in warned[0].getMessage()
+
+
+def test_links_are_replaced_before_their_frame_counter_could_run_out():
+    N = 1500
+
+    async def main():
+        a, b = Node("a"), Node("b")
+        for n in (a, b):
+            n.t.MAX_LINK_FRAMES = 300
+        await a.start()
+        await b.start()
+        try:
+            await mesh(a, b)
+            for i in range(N):  # one frame each (and acknowledgements back)
+                assert a.t.send("b", "n", i)
+                await until(lambda: len(b.got["a"]) > i, 5, f"message {i}", 0)
+            assert b.got["a"] == list(range(N))
+            retired = a.t.stats["links_retired"] + b.t.stats["links_retired"]
+            assert retired >= 3 and a.t.stats["links_up"] == retired + 1, (a.t.stats, b.t.stats)
+            assert a.t.stats["auth_failures"] == b.t.stats["auth_failures"] == 0
+        finally:
+            await stop_all(a, b)
+    run(main())
+
+
+def test_silent_connections_do_not_lock_a_real_peer_out(capsys):
+    """200 connections that never prove anything (half from the real peer's own address,
+    half from 50 others): a real peer still links at once, and links again at once after a
+    link loss while 200 more are held."""
+    N = 200
+
+    async def silent(port: int, count: int) -> list:
+        conns = []
+        for i in range(count):
+            source = HOST if i % 2 == 0 else f"127.0.1.{10 + i % 100 // 2}"
+            conns.append(await asyncio.open_connection(HOST, port, local_addr=(source, 0)))
+        return conns
+
+    async def main():
+        a, b = Node("a"), Node("b")
+        await a.start()
+        await b.start()
+        held = []
+        try:
+            held += await silent(b.t.port, N)
+            await until(lambda: b.t.stats["accepts"] >= N, 5, "silent connections accepted")
+            t0 = time.monotonic()
+            a.t.set_peer("b", HOST, b.t.port)
+            await until(lambda: a.t.is_up("b") and b.t.is_up("a"), 5, "link")
+            first = time.monotonic() - t0
+            # every silent connection is dropped: the oldest past 8 per address and 64 in
+            # all at once, the rest at the 2 s deadline
+            want = N - b.t.MAX_UNPROVEN
+            assert b.t.stats["handshakes_evicted"] >= want, b.t.stats
+            await until(lambda: b.t.stats["handshakes_refused"] == N, 5, "all refused")
+            assert b.t.stats["handshake_timeouts"] == N - b.t.stats["handshakes_evicted"]
+            for r, _ in held:  # all closed by b, after the challenge and nothing else
+                got = b""
+                async with asyncio.timeout(1):
+                    while True:
+                        try:
+                            chunk = await r.read(65536)
+                        except ConnectionResetError:
+                            break
+                        if not chunk:
+                            break
+                        got += chunk
+                check_only_a_challenge(got)
+            # the link drops while 200 fresh silent connections are held
+            held += await silent(b.t.port, N)
+            await until(lambda: b.t.stats["accepts"] >= 2 * N + 1, 5, "accepted again")
+            t0 = time.monotonic()
+            b.t._peers["a"].link.tr.abort()
+            await until(lambda: a.t.stats["links_up"] == 2 and a.t.is_up("b")
+                        and b.t.is_up("a"), 5, "link back")
+            again = time.monotonic() - t0
+            assert (await a.t.request("b", "echo", 1, 2))["by"] == "b"
+            return first, again
+        finally:
+            for _, w in held:
+                w.transport.abort()
+            await stop_all(a, b)
+    first, again = run(main())
+    with capsys.disabled():
+        print(f"\nwith {N} silent connections held: link up in {first * 1000:.0f} ms, "
+              f"back after a link loss in {again * 1000:.0f} ms")
+    assert first < 1.0 and again < 2.0
