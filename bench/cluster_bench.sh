@@ -15,7 +15,7 @@ DURATION="${DURATION:-10}"
 WORK="${WORK:-/tmp/shoal-cluster-bench}"
 OUT="${OUT:-$WORK/results-$(date +%Y%m%d-%H%M%S).jsonl}"
 rm -rf "$WORK/data"; mkdir -p "$WORK/data"
-export SHOAL_CLUSTER_SECRET="bench-$RANDOM$RANDOM"
+export SHOAL_CLUSTER_SECRET="bench-secret-$RANDOM$RANDOM"
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT

@@ -418,14 +418,14 @@ class ClusterMember:
 
     # -- ClusterHooks ---------------------------------------------------------------------
 
-    def claim(self, client_id: str, clean_start: bool):
+    def claim(self, client_id: str, clean_start: bool, owner: str | None = None):
         if self.leaving or self.raft is None:
             raise ConnectRefused(ReasonCode.SERVER_UNAVAILABLE, "node is leaving the cluster"
                                  if self.leaving else "node is not a cluster member")
         if self.config.minority_clean_sessions and clean_start and not self.raft.status()[
                 "has_quorum"]:
             return Claim(0)
-        return self.takeovers.claim(client_id, clean_start)
+        return self.takeovers.claim(client_id, clean_start, owner)
 
     def session_ended(self, client_id: str, epoch: int) -> None:
         if self.raft is None:

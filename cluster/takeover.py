@@ -168,7 +168,7 @@ class Takeovers(HoldingSide):
 
     # -- the claiming side ---------------------------------------------------------------
 
-    async def claim(self, client_id: str, clean_start: bool) -> Claim:
+    async def claim(self, client_id: str, clean_start: bool, owner: str | None = None) -> Claim:
         """Claim ``client_id`` for a CONNECT here (ClaimerHandover's CLAIMING, WAITING and
         FETCHING states; the returned Claim carries the verdict's hooks)."""
         loop = asyncio.get_running_loop()
@@ -180,7 +180,7 @@ class Takeovers(HoldingSide):
             if prev is not None:
                 # the same ClientID is being connected here already: let it settle first
                 await asyncio.wait({prev}, timeout=self.config.takeover_timeout)
-            claim = await self._claim(ticket, clean_start)
+            claim = await self._claim(ticket, clean_start, owner)
         except BaseException:
             ticket.settle()
             # chunks of a snapshot whose answer never came
@@ -212,7 +212,7 @@ class Takeovers(HoldingSide):
             return "moved"
         return "overtaken by a newer claim" if verdict is False else "move not confirmed in time"
 
-    async def _claim(self, ticket: _Ticket, clean_start: bool) -> Claim:
+    async def _claim(self, ticket: _Ticket, clean_start: bool, owner: str | None) -> Claim:
         client_id = ticket.client_id
         m = ClaimerHandover(self.node_id, client_id, clean_start,
                             self.config.unreachable_owner)
@@ -222,7 +222,7 @@ class Takeovers(HoldingSide):
             following: list = []
             for action in actions:
                 if isinstance(action, C.ProposeClaim):
-                    following = await self._propose_claim(m, deadline)
+                    following = await self._propose_claim(m, deadline, owner)
                 elif isinstance(action, C.AskSnapshot):
                     following = await self._ask_snapshot(m, action, deadline)
                 elif isinstance(action, C.AwaitHolderChange):
@@ -284,10 +284,14 @@ class Takeovers(HoldingSide):
         raise ConnectRefused(ReasonCode.SERVER_UNAVAILABLE, "the session is being handed "
                              "over: connect again")
 
-    async def _propose_claim(self, m: ClaimerHandover, deadline: float) -> list:
+    async def _propose_claim(self, m: ClaimerHandover, deadline: float,
+                             owner: str | None) -> list:
         client_id = m.client_id
+        op = ("claim", client_id, self.node_id, m.clean_start)
+        if owner is not None:
+            op += (owner,)  # (bind_client_id: the table refuses another owner's claim)
         while True:
-            fut = self.member.raft.submit(("claim", client_id, self.node_id, m.clean_start))
+            fut = self.member.raft.submit(op)
             done, _ = await asyncio.wait({fut}, timeout=max(0.0, deadline - _now()))
             if done and fut.exception() is None:
                 break
@@ -301,6 +305,12 @@ class Takeovers(HoldingSide):
             return m.not_committed("not committed in time" if not done
                                    else repr(fut.exception()))
         epoch, holder = fut.result()
+        if epoch is None:
+            # (nothing was claimed: no session moves, the connected client stays)
+            log.warning("claim refused client_id=%s node=%s: the session belongs to another "
+                        "user (bind_client_id)", client_id, self.node_id)
+            raise ConnectRefused(ReasonCode.NOT_AUTHORIZED, "this ClientID belongs to another "
+                                 "user (bind_client_id)")
         return m.committed(epoch, holder, self._local_copy(client_id, epoch))
 
     def _local_copy(self, client_id: str, epoch: int) -> LocalCopy:

@@ -40,8 +40,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from .auth import is_loopback
-from .config import ConfigError
+from .config import ConfigError, is_loopback
 from .dashboard import add_dashboard_routes
 from .metrics import CONTENT_TYPE, Exposition, broker_metrics
 from .mqtt.codes import EXPIRY_NEVER
@@ -372,16 +371,20 @@ async def api_kick(request: web.Request) -> web.Response:
 
 
 async def api_auth_reload(request: web.Request) -> web.Response:
-    """Reread ``password_file`` (as SIGHUP does), on this node."""
+    """Reread ``password_file`` and ``acl_file`` (as SIGHUP does), on this node."""
     broker = request.app[BROKER]
+    auth = broker.auth
+    if auth.passwords is None and auth.acl is None and auth.plugin is None:
+        return _error(404, "this node has no password_file, acl_file or auth_plugin: "
+                      "nothing to reload")
     try:
-        users = broker.auth.reload()
+        loaded = broker.reload_auth()
     except ConfigError as err:
-        return _error(400, f"password file not reloaded: {err}; the users loaded before stay")
-    if users is None:
-        return _error(404, "this node has no password_file: nothing to reload")
-    log.warning("password file reloaded node=%s users=%d (admin API)", broker.node_id, users)
-    return _json({"reloaded": True, "users": users, "node": broker.node_id})
+        return _error(400, f"not reloaded: {err}; the files loaded before stay")
+    log.warning("auth reloaded node=%s users=%s acl_rules=%s subscriptions_removed=%d "
+                "(admin API)", broker.node_id, loaded["users"], loaded["acl_rules"],
+                loaded["subscriptions_removed"])
+    return _json({"reloaded": True, **loaded, "node": broker.node_id})
 
 
 # -- sessions --------------------------------------------------------------------------------
@@ -420,6 +423,7 @@ def _session_detail(broker, session) -> dict:
         "state": session.state.value,
         "connected": client is not None,
         "peer": client.peer if client is not None else None,
+        "user": session.username,  # the login it was opened or last resumed with
         "protocol": _protocol(session.version),
         "subscriptions": [_sub_view(e) for _, e in sorted(session.subscriptions.items())],
         "queued": len(session.queue),

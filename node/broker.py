@@ -20,6 +20,7 @@ import time
 
 from .auth import Authenticator
 from .mqtt.codes import EXPIRY_NEVER, ReasonCode
+from .mqtt.topic_rules import parse_shared
 from .ownership import Claim, ClusterHooks, LocalCluster
 from .persist import SessionJournal, resume_clocks
 from .session.message import Message
@@ -63,6 +64,43 @@ class Broker:
         self._timers: list = []
         self._seq = itertools.count()
         self._housekeeping: asyncio.Task | None = None
+        self._apply_acl()
+
+    # -- who may do what (node/auth.py, node/acl.py) ---------------------------------------
+
+    def _apply_acl(self) -> None:
+        acl = self.auth.acl
+        self.limits.read_check = self._may_read if acl is not None and acl.has_deny else None
+
+    def _may_read(self, session: Session, topic: str) -> bool:
+        if self.auth.acl.rights(session.username, session.client_id).may_read(topic):
+            return True
+        self.counters.deliveries_refused += 1
+        return False
+
+    def reload_auth(self) -> dict:
+        """Reread the password and ACL files (ConfigError: the old ones stay). The
+        subscriptions of this node's sessions that the new rules no longer allow are
+        removed. Returns what is loaded and what was removed."""
+        loaded = self.auth.reload()
+        self._apply_acl()
+        removed = 0
+        acl = self.auth.acl
+        if acl is not None:
+            for session in list(self.sessions.values()):
+                rights = acl.rights(session.username, session.client_id)
+                denied = [f for f in session.subscriptions
+                          if not rights.may_subscribe(parse_shared(f)[1])]
+                for topic_filter in denied:
+                    self.unsubscribe(session, topic_filter)
+                if denied:
+                    removed += len(denied)
+                    self.persist(session)
+            if removed:
+                log.warning("acl reload removed subscriptions node=%s count=%d",
+                            self.node_id, removed)
+        loaded["subscriptions_removed"] = removed
+        return loaded
 
     # -- lifecycle -----------------------------------------------------------------------
 

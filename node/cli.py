@@ -94,7 +94,7 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(Config):
         default = f.metadata.get("shown_default") or f.default
         help_text = f"{f.metadata['help']} [default: {default}; env {env_var(f.name)}]"
-        help_text = help_text.replace("`", "")
+        help_text = help_text.replace("`", "").replace("%", "%%")  # (argparse formats help)
         if f.type == "bool":
             parser.add_argument(flag(f.name), dest=f.name, default=None,
                                 action=argparse.BooleanOptionalAction, help=help_text)
@@ -325,8 +325,9 @@ def _add_kick_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cmd_passwd(args: argparse.Namespace) -> int:
     """``shoal passwd FILE USER`` (asks for the password twice), ``-b FILE USER PASSWORD``
-    (for scripts, as ``mosquitto_passwd -b``), ``-D FILE USER`` (delete). The file's other
-    lines stay as they are; a running node rereads it on SIGHUP."""
+    (for scripts, as ``mosquitto_passwd -b``), ``-D FILE USER`` (delete); ``--scram``
+    writes a SCRAM-SHA-256 entry. The file's other lines stay as they are; a running node
+    rereads it on SIGHUP."""
     from .auth import PasswordFileError, hash_password, parse_password_file, write_entry
     path = args.file
     try:
@@ -353,7 +354,12 @@ def cmd_passwd(args: argparse.Namespace) -> int:
                     raise SystemExit("shoal passwd: the passwords differ; nothing changed")
             if not password:
                 raise SystemExit("shoal passwd: an empty password is not allowed")
-            text = write_entry(text, args.user, hash_password(password))
+            if args.scram:
+                from .scram import scram_entry
+                hashed = scram_entry(password)
+            else:
+                hashed = hash_password(password)
+            text = write_entry(text, args.user, hashed)
     except PasswordFileError as err:
         raise SystemExit(f"shoal passwd: {err}") from None
     tmp = f"{path}.tmp"
@@ -377,6 +383,10 @@ def _add_passwd_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("user", metavar="USER")
     parser.add_argument("password", metavar="PASSWORD", nargs="?",
                         help="with -b only")
+    parser.add_argument("--scram", action="store_true",
+                        help="write a SCRAM-SHA-256 entry (for MQTT 5 enhanced authentication, "
+                        "enhanced_auth; plain CONNECT passwords work with it too) instead of "
+                        "scrypt")
 
     def check(args: argparse.Namespace) -> int:
         if args.batch != (args.password is not None):

@@ -126,7 +126,8 @@ class Config:
         _node_id, shown_default="`<hostname>-<mqtt_port>`")
     host: str = _opt("127.0.0.1", "Address the MQTT listeners (TCP, TLS, WebSocket) bind to "
                      "(`0.0.0.0` for all interfaces).")
-    mqtt_port: int = _opt(1883, "MQTT TCP port (0 picks a free one).", _int_range(0, 65535))
+    mqtt_port: int = _opt(1883, "MQTT TCP port (plaintext); 0 = off (a TLS-only node: set "
+                          "`tls_port`).", _int_range(0, 65535))
     # -- more listeners: WebSocket and TLS (node/websocket.py, node/tls.py) ---------------
     ws_port: int = _opt(0, "MQTT over WebSocket port (subprotocol `mqtt`, path `ws_path`); "
                         "0 = off.", _int_range(0, 65535))
@@ -153,6 +154,29 @@ class Config:
         "auto", "Clients without a username: `auto` accepts them only while `host` is a "
         "loopback address and no `password_file` is set (else CONNACK 0x87 / 5); `true` "
         "always; `false` never.", _one_of("auto", "true", "false"))
+    auth_plugin: str = _opt(
+        "", "A Python login check: `module:function` or the name of an entry point in the "
+        "`shoal.auth` group, called as `authenticate(client_id, username, password, peer, "
+        "cert)` on a worker thread; it answers True, False (CONNACK 0x86 / 4), None (no "
+        "opinion: `password_file` and `allow_anonymous` decide) or `{\"allow\": bool, "
+        "\"username\": identity}`. See README \"Security\".")
+    enhanced_auth: str = _opt(
+        "", "MQTT 5 enhanced authentication method offered: `SCRAM-SHA-256` (the users' "
+        "`$scram-sha-256$` entries of `password_file`, written by `shoal passwd --scram`); "
+        "empty: a CONNECT with an Authentication Method gets CONNACK 0x8C.",
+        _one_of("", "SCRAM-SHA-256"))
+    tls_identity_as_username: bool = _opt(
+        False, "On the TLS listeners, a client's verified certificate is its login: the "
+        "subject's common name is its username (no password asked); needs `tls_ca`.")
+    # -- what clients may do (node/acl.py) -----------------------------------------------
+    acl_file: str = _opt(
+        "", "ACL file in Mosquitto's `acl_file` format (`user`, `topic [read|write|readwrite|"
+        "deny]`, `pattern` with `%u` / `%c`): once set, what it does not grant is denied "
+        "(SUBACK 0x87 / 0x80, PUBACK 0x87). Reread on SIGHUP.")
+    bind_client_id: bool = _opt(
+        False, "A ClientID whose session exists can only be used by the username that "
+        "created it (in the whole cluster); another user is refused with CONNACK 0x87 / 5 "
+        "and the session's client stays connected.")
     # -- behind a load balancer (node/proxy_protocol.py, deploy/haproxy) ------------------
     proxy_protocol: bool = _opt(
         False, "The MQTT TCP listener (`mqtt_port`) expects a PROXY protocol v1/v2 header "
@@ -237,10 +261,11 @@ class Config:
         "cluster lost its majority for good): set it for one start, then remove it.")
     cluster_name: str = _opt("shoal", "Nodes only join a cluster of the same name.")
     cluster_secret: str = _opt("", "Shared secret of the cluster: node links prove it at their "
-                               "handshake (their frames are not encrypted: see Security) and "
-                               "Raft traffic is encrypted with it; required when cluster_port "
-                               "is set; at least 16 characters, never an example's placeholder "
-                               "(make one: `openssl rand -hex 24`).", _secret)
+                               "handshake and encrypt every frame with keys derived from it, "
+                               "Raft traffic is encrypted with it (see Security); required "
+                               "when cluster_port is set; at least 16 characters, never an "
+                               "example's placeholder (make one: `openssl rand -hex 24`).",
+                               _secret)
     takeover_timeout: float = _opt(5.0, "Seconds a CONNECT waits to take its session over from "
                                    "another node (or for a Raft quorum) before the "
                                    "`unreachable_owner` policy applies.", _non_negative_number)
@@ -288,6 +313,26 @@ class Config:
         for f in dataclasses.fields(self):
             _check(f, getattr(self, f.name), source=None)
         _check_listeners(self)
+        _check_admin(self)
+
+
+def is_loopback(host: str) -> bool:
+    """Is ``host`` (an address or ``localhost``) reachable from this machine only?"""
+    import ipaddress
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_admin(c: Config) -> None:
+    if c.admin_port and not is_loopback(c.admin_host) and not (c.admin_token or
+                                                                c.admin_token_file):
+        raise ConfigError(f"admin_host = {c.admin_host} is reachable from other machines: "
+                          "set admin_token or admin_token_file (make one: `openssl rand -hex "
+                          "24`), bind the admin API to 127.0.0.1, or set admin_port = 0")
 
 
 def _check_listeners(c: Config) -> None:
@@ -301,8 +346,17 @@ def _check_listeners(c: Config) -> None:
     if c.tls_require_client_cert and not c.tls_ca:
         raise ConfigError("tls_require_client_cert needs tls_ca (the PEM file of the CAs that "
                           "sign client certificates)")
+    if c.enhanced_auth and not c.password_file:
+        raise ConfigError("enhanced_auth needs password_file (its users' SCRAM entries: "
+                          "`shoal passwd --scram FILE USER`)")
+    if c.tls_identity_as_username and not c.tls_ca:
+        raise ConfigError("tls_identity_as_username needs tls_ca (client certificates are "
+                          "asked for and checked only with it)")
     ports = [(name, getattr(c, name)) for name in ("mqtt_port", "ws_port", "tls_port",
                                                    "wss_port")]
+    if not any(port for _, port in ports):
+        raise ConfigError("every MQTT listener is off (mqtt_port, ws_port, tls_port and "
+                          "wss_port are 0): turn one on")
     seen: dict[int, str] = {}
     for name, port in ports:
         if port and port in seen:

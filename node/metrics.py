@@ -154,7 +154,11 @@ def broker_metrics(expo: Exposition, broker, ready: bool) -> None:
                  "(bad or unknown credentials, anonymous where not allowed, checks busy).",
                  broker.auth.refused)
     expo.counter("shoal_publishes_refused_total", "Client PUBLISHes to server topics ($...) "
-                 "not routed.", c.publishes_refused)
+                 "or denied by acl_file, not routed.", c.publishes_refused)
+    expo.counter("shoal_subscriptions_refused_total", "Subscriptions denied by acl_file "
+                 "(SUBACK 0x87 / 0x80).", c.subscriptions_refused)
+    expo.counter("shoal_deliveries_refused_total", "Messages not delivered to a subscriber "
+                 "because an acl_file deny rule covers their topic.", c.deliveries_refused)
     expo.gauge("shoal_queued_messages", "Messages waiting in session queues.",
                stats["queued_messages"])
     expo.gauge("shoal_inflight_messages", "Outgoing QoS 1/2 messages awaiting acknowledgement.",

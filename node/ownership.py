@@ -47,9 +47,12 @@ class ConnectRefused(Exception):
 class ClusterHooks(Protocol):
     node_id: str
 
-    def claim(self, client_id: str, clean_start: bool) -> Claim | Awaitable[Claim]:
+    def claim(self, client_id: str, clean_start: bool,
+              owner: str | None = None) -> Claim | Awaitable[Claim]:
         """Claim ``client_id`` for this node. A ``Claim`` means done now; an awaitable
-        means the connection waits (reading paused) for it. Raises ``ConnectRefused``."""
+        means the connection waits (reading paused) for it. Raises ``ConnectRefused``.
+        ``owner`` (``bind_client_id``): the login claiming it; a session that exists
+        under another login is not taken (ConnectRefused 0x87)."""
 
     def session_ended(self, client_id: str, epoch: int) -> None:
         """The session of ``client_id`` (claimed with ``epoch``) ended on this node."""
@@ -131,7 +134,8 @@ class LocalCluster:
         self.node_id = node_id
         self._epoch = 0
 
-    def claim(self, client_id: str, clean_start: bool) -> Claim:
+    def claim(self, client_id: str, clean_start: bool, owner: str | None = None) -> Claim:
+        # (the owner of a local session was checked against the session itself)
         self._epoch += 1
         return Claim(self._epoch)
 

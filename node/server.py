@@ -21,15 +21,14 @@ import signal
 import time
 
 from .admin import load_admin_token, make_admin_app, start_admin
-from .auth import is_loopback
 from .broker import Broker
-from .config import ConfigError, parse_networks
+from .config import ConfigError, is_loopback, parse_networks
 from .mqtt.codec import publish_parts
 from .mqtt.codes import MQTT_5, ReasonCode
 from .mqtt.connection import NEED_DATA, MqttConnection
 from .mqtt.errors import RemoteMqttError
 from .mqtt.packets import Connack, Disconnect
-from .session.dispatch import HANDLERS
+from .session.dispatch import AUTHENTICATING, HANDLERS
 from .ownership import ConnectRefused
 from .persist import STORE_COMMIT_TIMEOUT
 from .proxy_protocol import NEED_DATA as PROXY_NEED_DATA
@@ -75,7 +74,8 @@ class MqttProtocol(asyncio.Protocol):
 
     __slots__ = ("broker", "loop", "transport", "conn", "session", "client_id", "version",
                  "v5", "writable", "out", "out_bytes", "flush_pending", "keep_alive_timeout", "last_rx",
-                 "timer", "closing", "finished", "peer", "waiting", "acks", "acks_timer")
+                 "timer", "closing", "finished", "peer", "waiting", "acks", "acks_timer",
+                 "handlers", "auth_flow")
 
     def __init__(self, broker: Broker) -> None:
         config = broker.config
@@ -103,6 +103,10 @@ class MqttProtocol(asyncio.Protocol):
         # acknowledgements waiting for the store, in the order of their packets
         self.acks: collections.deque | None = None
         self.acks_timer: asyncio.TimerHandle | None = None
+        # packet class -> handler: the dispatch table, another one during an MQTT 5
+        # enhanced authentication (node/session/on_connect.py), whose state is auth_flow
+        self.handlers = HANDLERS
+        self.auth_flow = None
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
@@ -132,7 +136,7 @@ class MqttProtocol(asyncio.Protocol):
     def _process(self) -> None:
         """Handle every complete packet in the receive buffer."""
         conn = self.conn
-        handlers = HANDLERS
+        handlers = self.handlers
         broker = self.broker
         try:
             while True:
@@ -142,6 +146,8 @@ class MqttProtocol(asyncio.Protocol):
                 handlers[pkt.__class__](broker, self, pkt)
                 if self.closing or self.waiting:
                     return
+                if handlers is not self.handlers:
+                    handlers = self.handlers
         except RemoteMqttError as err:
             self._protocol_error(err)
         except ConnectRefused as err:
@@ -461,6 +467,12 @@ class MqttProtocol(asyncio.Protocol):
         self.session = None
         self._close(reason, send_will=False)
 
+    def enhanced_auth(self, flow) -> None:
+        """An MQTT 5 enhanced authentication starts (``flow``: its state) or ends (None):
+        until it ends only AUTH and DISCONNECT are read."""
+        self.auth_flow = flow
+        self.handlers = HANDLERS if flow is None else AUTHENTICATING
+
     def close_by_client(self, send_will: bool) -> None:
         """The client sent DISCONNECT."""
         self._close(None, send_will)
@@ -635,8 +647,10 @@ async def serve(config, stop: asyncio.Event, extensions=()) -> None:
                 log.info("stopped while starting node=%s", config.node_id)
                 return
             entering.result()  # its error, if it failed
-        server = await loop.create_server(mqtt_protocol_factory(broker, config), config.host,
-                                          config.mqtt_port, backlog=2048, reuse_address=True)
+        # the plaintext listener unless mqtt_port = 0 (a TLS-only node)
+        servers: list = [await loop.create_server(
+            mqtt_protocol_factory(broker, config), config.host, config.mqtt_port,
+            backlog=2048, reuse_address=True)] if config.mqtt_port else []
         # the other listeners (node/tls.py, node/websocket.py): the same MqttProtocol
         tls_servers: list = []
         ws_listeners = WsListeners(config, lambda: MqttProtocol(broker), tls_context)
@@ -656,7 +670,7 @@ async def serve(config, stop: asyncio.Event, extensions=()) -> None:
             if admin_app is not None:
                 admin = await start_admin(admin_app, config.admin_host, config.admin_port)
             mqtt_addr = ",".join(f"{s.getsockname()[0]}:{s.getsockname()[1]}"
-                                 for s in server.sockets)
+                                 for server in servers for s in server.sockets) or "off"
             broker.listening = True  # GET /readyz: every listener is open
             log.info("listening node=%s mqtt=%s admin=%s", config.node_id, mqtt_addr,
                      f"{config.admin_host}:{config.admin_port}" if admin else "off")
@@ -665,16 +679,13 @@ async def serve(config, stop: asyncio.Event, extensions=()) -> None:
             broker.listening = False  # GET /readyz: not ready while stopping
             log.info("shutting down node=%s connections=%d", config.node_id,
                      len(broker.clients))
-            server.close()
-            for tls_server in tls_servers:
-                tls_server.close()
+            for server in servers + tls_servers:
+                server.close()
             await ws_listeners.stop_accepting()
             broker.kick_all(ReasonCode.SERVER_SHUTTING_DOWN, send_will=False)
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(server.wait_closed(), config.shutdown_grace)
-            for tls_server in tls_servers:
+            for server in servers + tls_servers:
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(tls_server.wait_closed(), config.shutdown_grace)
+                    await asyncio.wait_for(server.wait_closed(), config.shutdown_grace)
             await ws_listeners.cleanup()  # waits for the WebSocket handlers (shutdown_grace)
             await broker.stop()
             if admin is not None:
@@ -701,26 +712,34 @@ def _log_access(config, auth) -> None:
         log.info("anonymous clients accepted node=%s (allow_anonymous=%s, host=%s)%s",
                  config.node_id, config.allow_anonymous, config.host,
                  f"; password_file users={users}" if users is not None else "")
-    elif users is not None:
-        log.info("clients log in node=%s: password_file %s users=%d; anonymous clients "
-                 "refused", config.node_id, config.password_file, users)
+    elif users is not None or auth.plugin is not None:
+        log.info("clients log in node=%s: password_file=%s users=%s auth_plugin=%s; "
+                 "anonymous clients refused", config.node_id, config.password_file or "-",
+                 users, config.auth_plugin or "-")
     else:
         log.warning("anonymous clients refused node=%s: host %s is not a loopback address "
                     "and no password_file is set, so nobody can connect: set password_file "
                     "(users: `shoal passwd`) or allow_anonymous = true", config.node_id,
                     config.host)
+    if config.tls_identity_as_username:
+        log.info("TLS client certificates log in node=%s: their common name is the username",
+                 config.node_id)
+    if auth.acl is not None:
+        log.info("acl_file %s node=%s rules=%d: what it does not grant is denied",
+                 config.acl_file, config.node_id, auth.acl.rule_count())
 
 
 def _reload_on_sighup(loop, broker) -> None:
-    """SIGHUP rereads the password file (a bad file keeps the users loaded before)."""
+    """SIGHUP rereads the password and ACL files (a bad file keeps what was loaded)."""
     def reload() -> None:
         try:
-            count = broker.auth.reload()
+            loaded = broker.reload_auth()
         except ConfigError as err:
-            log.error("password file not reloaded node=%s: %s", broker.node_id, err)
+            log.error("password / acl file not reloaded node=%s: %s", broker.node_id, err)
             return
-        if count is not None:
-            log.warning("password file reloaded node=%s users=%d", broker.node_id, count)
+        log.warning("auth reloaded node=%s users=%s acl_rules=%s subscriptions_removed=%d",
+                    broker.node_id, loaded["users"], loaded["acl_rules"],
+                    loaded["subscriptions_removed"])
     try:
         loop.add_signal_handler(signal.SIGHUP, reload)
     except (RuntimeError, NotImplementedError, ValueError) as err:

@@ -9,7 +9,8 @@ Handlers see decoded packets only and talk to the connection through the small
 from __future__ import annotations
 
 from ..mqtt import packets as p
-from .on_connect import on_connect
+from .on_connect import (disconnect_during_auth, not_during_auth, on_auth_during_connect,
+                         on_connect)
 from .on_disconnect import on_auth, on_disconnect, on_pingreq
 from .on_publish import on_puback, on_pubcomp, on_publish, on_pubrec, on_pubrel
 from .on_subscribe import on_subscribe, on_unsubscribe
@@ -27,3 +28,8 @@ HANDLERS = {
     p.Disconnect: on_disconnect,
     p.Auth: on_auth,
 }
+
+#: the table while an MQTT 5 enhanced authentication waits for the client's AUTH (before
+#: CONNACK): only AUTH and DISCONNECT [MQTT-3.1.2-30]; ``client.enhanced_auth`` switches
+AUTHENTICATING = {**{cls: not_during_auth for cls in HANDLERS}, p.Auth: on_auth_during_connect,
+                  p.Disconnect: disconnect_during_auth}

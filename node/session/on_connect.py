@@ -6,12 +6,13 @@ import asyncio
 import logging
 import uuid
 
-from ..auth import ACCEPT, CHECK
+from ..auth import ACCEPT, CHECK, cert_identity
 from ..mqtt.codes import EXPIRY_NEVER, MQTT_5, PropertyId, ReasonCode
 from ..mqtt.errors import ProtocolViolation
-from ..mqtt.packets import Connack, Connect
+from ..mqtt.packets import Auth, Connack, Connect
 from ..mqtt.topic_rules import valid_topic_name
 from ..ownership import Claim, ConnectRefused
+from ..scram import METHOD as SCRAM_METHOD, ScramError, ScramServer
 
 log = logging.getLogger("shoal.session")
 
@@ -23,7 +24,7 @@ class ConnectPlan:
     claimed (at once on a single node, after a Raft commit in a cluster)."""
 
     __slots__ = ("client_id", "assigned", "clean_start", "expiry", "receive_maximum",
-                 "keep_alive", "version", "will", "will_delay", "connack_props")
+                 "keep_alive", "version", "will", "will_delay", "connack_props", "username")
 
     def __init__(self, **kw) -> None:
         for k, v in kw.items():
@@ -37,9 +38,24 @@ AUTH_TIMEOUT = 10.0
 def on_connect(broker, client, pkt: Connect) -> None:
     plan = plan_connect(broker, pkt)
     auth = broker.auth
+    cert = client.transport.get_extra_info("peercert") if client.transport else None
+    if broker.config.tls_identity_as_username and cert:
+        # a certificate verified against tls_ca is the login: its common name the user
+        identity = cert_identity(cert)
+        if identity is None:
+            auth.refused += 1
+            raise ConnectRefused(ReasonCode.NOT_AUTHORIZED, "the client certificate has no "
+                                 "common name to use as username")
+        plan.username = identity
+        _claim(broker, client, plan)
+        return
+    if plan.version == MQTT_5 and P.AUTHENTICATION_METHOD in pkt.properties:
+        _start_enhanced_auth(broker, client, plan, pkt.properties.get(P.AUTHENTICATION_DATA))
+        return
     verdict = auth.decide(pkt.username, pkt.password)
     if verdict is CHECK:
-        fut = auth.check_later(asyncio.get_running_loop(), pkt.username, pkt.password)
+        fut = auth.check_later(asyncio.get_running_loop(), plan.client_id, pkt.username,
+                               pkt.password, client.peer, cert)
         client.defer_until([fut], AUTH_TIMEOUT, lambda: _checked(broker, client, plan, fut),
                            what="a password check")
         return
@@ -54,20 +70,85 @@ def _checked(broker, client, plan: ConnectPlan, fut) -> None:
     if not fut.done():
         refused = ConnectRefused(ReasonCode.SERVER_BUSY, "the password check took too long")
     elif fut.cancelled() or fut.exception() is not None:
-        log.error("password check failed client_id=%s node=%s: %r", plan.client_id,
+        log.error("login check failed client_id=%s node=%s: %r", plan.client_id,
                   broker.node_id, None if fut.cancelled() else fut.exception())
-        refused = ConnectRefused(ReasonCode.SERVER_UNAVAILABLE, "the password check failed")
-    elif not fut.result():
-        refused = ConnectRefused(ReasonCode.BAD_USER_NAME_OR_PASSWORD,
-                                 "bad username or password")
+        refused = ConnectRefused(ReasonCode.SERVER_UNAVAILABLE, "the login check failed")
+    elif fut.result().refusal is not None:
+        refused = ConnectRefused(*fut.result().refusal)
     if refused is not None:
         broker.auth.refused += 1
         raise refused
+    plan.username = fut.result().identity
     _claim(broker, client, plan)
 
 
+def _start_enhanced_auth(broker, client, plan: ConnectPlan, data: bytes | None) -> None:
+    """SCRAM-SHA-256 (node/scram.py): answer the client-first message with AUTH 0x18;
+    until the client's AUTH comes, only AUTH and DISCONNECT are read (CONNECT_TIMEOUT
+    still ends a client that never answers)."""
+    scram = ScramServer()
+    passwords = broker.auth.passwords
+    try:
+        server_first = scram.first(data or b"", passwords.users.get)
+    except ScramError as err:
+        broker.auth.refused += 1
+        raise ConnectRefused(ReasonCode.BAD_USER_NAME_OR_PASSWORD, f"SCRAM: {err}") from None
+    client.enhanced_auth((scram, plan))
+    client.send(Auth(ReasonCode.CONTINUE_AUTHENTICATION,
+                     {P.AUTHENTICATION_METHOD: SCRAM_METHOD,
+                      P.AUTHENTICATION_DATA: server_first}))
+
+
+def on_auth_during_connect(broker, client, pkt: Auth) -> None:
+    """The client-final message: the proof checked, CONNACK carries the server-final."""
+    scram, plan = client.auth_flow
+    client.enhanced_auth(None)
+    props = pkt.properties
+    if pkt.reason_code != ReasonCode.CONTINUE_AUTHENTICATION or \
+            props.get(P.AUTHENTICATION_METHOD) != SCRAM_METHOD:
+        # [MQTT-4.12.0-5]: the same method throughout; only "continue" from the client here
+        raise ProtocolViolation("AUTH must continue the CONNECT's authentication method")
+    try:
+        server_final = scram.final(props.get(P.AUTHENTICATION_DATA) or b"")
+    except ScramError as err:
+        broker.auth.refused += 1
+        raise ConnectRefused(ReasonCode.BAD_USER_NAME_OR_PASSWORD, f"SCRAM: {err}") from None
+    if server_final is None:
+        broker.auth.refused += 1
+        raise ConnectRefused(ReasonCode.BAD_USER_NAME_OR_PASSWORD, "bad username or password")
+    plan.username = scram.user
+    plan.connack_props[P.AUTHENTICATION_METHOD] = SCRAM_METHOD
+    plan.connack_props[P.AUTHENTICATION_DATA] = server_final
+    _claim(broker, client, plan)
+
+
+def not_during_auth(broker, client, pkt) -> None:
+    raise ProtocolViolation(f"{type(pkt).__name__} before the CONNACK of an enhanced "
+                            "authentication (only AUTH or DISCONNECT)")
+
+
+def disconnect_during_auth(broker, client, pkt) -> None:
+    client.enhanced_auth(None)
+    client.close_by_client(False)
+
+
 def _claim(broker, client, plan: ConnectPlan) -> None:
-    claim = broker.cluster.claim(plan.client_id, plan.clean_start)
+    """The login is known: rules on the will and the ClientID's owner, then the claim."""
+    auth = broker.auth
+    if auth.acl is not None and plan.will is not None and \
+            not auth.acl.rights(plan.username, plan.client_id).may_publish(plan.will.topic):
+        auth.refused += 1
+        raise ConnectRefused(ReasonCode.NOT_AUTHORIZED, "the will topic is not writable for "
+                             "this client (acl_file)")
+    bind = broker.config.bind_client_id
+    if bind:
+        local = broker.sessions.get(plan.client_id)
+        if local is not None and local.username != plan.username:
+            auth.refused += 1
+            raise ConnectRefused(ReasonCode.NOT_AUTHORIZED, "this ClientID belongs to "
+                                 "another user (bind_client_id)")
+    claim = broker.cluster.claim(plan.client_id, plan.clean_start,
+                                 _owner(plan.username) if bind else None)
     if isinstance(claim, Claim):
         finish_connect(broker, client, plan, claim)
     else:
@@ -86,9 +167,12 @@ def plan_connect(broker, pkt: Connect) -> ConnectPlan:
             raise ConnectRefused(ReasonCode.CLIENT_IDENTIFIER_NOT_VALID,
                                  "empty ClientID with Clean Session 0")
         client_id = assigned = f"shoal-{uuid.uuid4().hex}"
-    if v5 and P.AUTHENTICATION_METHOD in props:
+    if v5 and P.AUTHENTICATION_METHOD in props and \
+            props[P.AUTHENTICATION_METHOD] != (config.enhanced_auth or None):
         raise ConnectRefused(ReasonCode.BAD_AUTHENTICATION_METHOD,
-                             "enhanced authentication is not supported")
+                             f"authentication method {props[P.AUTHENTICATION_METHOD]!r} is not "
+                             "offered here" + (f" (only {config.enhanced_auth})"
+                                               if config.enhanced_auth else ""))
     will = pkt.will
     if will is not None:
         if not valid_topic_name(will.topic):
@@ -119,7 +203,12 @@ def plan_connect(broker, pkt: Connect) -> ConnectPlan:
         client_id=client_id, assigned=assigned, clean_start=pkt.clean_start, expiry=expiry,
         receive_maximum=receive_maximum, keep_alive=keep_alive, version=pkt.protocol_level,
         will=will, will_delay=will.properties.get(P.WILL_DELAY_INTERVAL, 0) if (will and v5)
-        else 0, connack_props=connack_props)
+        else 0, connack_props=connack_props, username=pkt.username)
+
+
+def _owner(username: str | None) -> str:
+    """The ClientID binding's name of a login (anonymous clients share one)."""
+    return "" if username is None else "u:" + username
 
 
 def open_connect_session(broker, plan: ConnectPlan, claim: Claim):
@@ -129,6 +218,7 @@ def open_connect_session(broker, plan: ConnectPlan, claim: Claim):
                                            plan.version, claim)
     session.will = plan.will
     session.will_delay = plan.will_delay
+    session.username = plan.username  # (the user travels with the session: ACL rights)
     broker.persist(session)
     return session, present
 

@@ -20,6 +20,6 @@ def on_pingreq(broker, client, pkt) -> None:
 
 
 def on_auth(broker, client, pkt) -> None:
-    # CONNECT never carries an Authentication Method here (refused with 0x8C), so an
-    # AUTH packet is always out of place [MQTT-4.12.0-1].
+    # After the CONNACK (or without an Authentication Method in the CONNECT) an
+    # AUTH packet is out of place [MQTT-4.12.0-7] (during one: on_connect.py).
     raise ProtocolViolation("AUTH without enhanced authentication")

@@ -28,6 +28,11 @@ def on_publish(broker, client, pkt) -> None:
     if pkt.topic.startswith("$"):
         _refuse_server_topic(broker, client, pkt)
         return
+    acl = broker.auth.acl
+    if acl is not None and not acl.rights(session.username, session.client_id).may_publish(
+            pkt.topic):
+        _refuse_server_topic(broker, client, pkt)  # (the same answer: not authorized)
+        return
     mark = broker.store_mark()
     if qos == 2:
         broker.counters.messages_in_qos2 += 1
@@ -53,10 +58,11 @@ def on_publish(broker, client, pkt) -> None:
 
 
 def _refuse_server_topic(broker, client, pkt) -> None:
-    """Topics that begin with ``$`` are the server's (``$SYS/``): a client's PUBLISH there
-    is not routed (MQTT 4.7.2: the server should prevent clients from exchanging messages
-    through them). MQTT 5 answers QoS 1/2 with 0x87 not authorized (a PUBREC of 0x87 ends
-    the QoS 2 flow); 3.1.1 has no such code: acknowledged and dropped, as Mosquitto does."""
+    """A PUBLISH that is not routed: topics that begin with ``$`` are the server's
+    (``$SYS/``; MQTT 4.7.2: the server should prevent clients from exchanging messages
+    through them), and topics the ACL does not let the client write. MQTT 5 answers QoS 1/2
+    with 0x87 not authorized (a PUBREC of 0x87 ends the QoS 2 flow); 3.1.1 has no such code:
+    acknowledged and dropped, as Mosquitto does."""
     broker.counters.publishes_refused += 1
     if not pkt.qos:
         return

@@ -22,11 +22,18 @@ def on_subscribe(broker, client, pkt) -> None:
     codes = []
     retained = []
     mark = broker.store_mark()
+    acl = broker.auth.acl
+    rights = acl.rights(session.username, session.client_id) if acl is not None else None
     for s in pkt.subscriptions:
         if not valid_topic_filter(s.topic_filter):
             codes.append(ReasonCode.TOPIC_FILTER_INVALID if v5 else ReasonCode.UNSPECIFIED_ERROR)
             continue
         group, levels = parse_shared(s.topic_filter)
+        if rights is not None and not rights.may_subscribe(levels):
+            # (0x87 not authorized in MQTT 5; 3.1.1 knows only 0x80 failure)
+            broker.counters.subscriptions_refused += 1
+            codes.append(ReasonCode.NOT_AUTHORIZED if v5 else ReasonCode.UNSPECIFIED_ERROR)
+            continue
         if group is not None and s.no_local:
             raise ProtocolViolation("No Local on a shared subscription")  # [MQTT-3.8.3-4]
         qos = s.qos if s.qos < max_qos else max_qos

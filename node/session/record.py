@@ -6,7 +6,8 @@ and the durable store: plain lists and dicts, no pickles, versioned.
                       "inflight_out": [[pid, msg, qos, retain, sub_ids, stage]...],
                       "queue": [[msg, qos, retain, sub_ids]...], "inflight_in": [pid...],
                       "will": will | None, "will_delay", "will_at",
-                      "handover": the cluster's hand-over mark (cluster/marks.py) | None}
+                      "handover": the cluster's hand-over mark (cluster/marks.py) | None,
+                      "user": the client's login | None (absent in older records)}
     (records of older versions have "handed" and "late_seen" instead of "handover": read
     into it)
     msg  = [topic, payload, qos, retain, properties | None, expires_at | None, origin]
@@ -88,6 +89,7 @@ def session_meta(s: Session) -> dict:
         "will_delay": s.will_delay,
         "will_at": s.will_at,
         "handover": s.handover,
+        "user": s.username,
     }
 
 
@@ -128,6 +130,9 @@ def session_from_record(r: dict, limits, counters) -> tuple[Session, list]:
         s.will = None if w is None else Will(w[0], w[1], w[2], w[3], props_in(w[4]) or {})
         s.will_delay = r["will_delay"]
         s.will_at = r["will_at"]
+        s.username = r.get("user")
+        if s.username is not None and not isinstance(s.username, str):
+            raise TypeError(f"user is {type(s.username).__name__}")
         handover = r.get("handover")
         if handover is None and (r.get("handed") or r.get("late_seen")):
             handover = {"handed": r.get("handed"), "late_seen": r.get("late_seen")}

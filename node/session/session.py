@@ -89,7 +89,8 @@ class Counters:
 
     __slots__ = ("messages_in", "messages_out", "dropped_messages", "expired_messages",
                  "qos0_offline_discarded", "messages_in_qos1", "messages_in_qos2",
-                 "messages_out_qos1", "messages_out_qos2", "publishes_refused")
+                 "messages_out_qos1", "messages_out_qos2", "publishes_refused",
+                 "subscriptions_refused", "deliveries_refused")
 
     def __init__(self) -> None:
         self.messages_in = 0
@@ -102,19 +103,24 @@ class Counters:
         self.dropped_messages = 0
         self.expired_messages = 0
         self.qos0_offline_discarded = 0
-        self.publishes_refused = 0  # (to a server topic: $SYS/...)
+        self.publishes_refused = 0  # (to a server topic: $SYS/..., or denied by the ACL)
+        self.subscriptions_refused = 0  # (denied by the ACL)
+        self.deliveries_refused = 0  # (messages an ACL deny rule kept from a subscriber)
 
     def as_dict(self) -> dict:
         return {name: getattr(self, name) for name in self.__slots__}
 
 
 class SessionLimits:
-    __slots__ = ("max_inflight", "max_queue", "queue_qos0_offline")
+    __slots__ = ("max_inflight", "max_queue", "queue_qos0_offline", "read_check")
 
     def __init__(self, max_inflight: int, max_queue: int, queue_qos0_offline: bool) -> None:
         self.max_inflight = max_inflight
         self.max_queue = max_queue
         self.queue_qos0_offline = queue_qos0_offline
+        # read_check(session, topic) -> bool: may a message on topic be delivered to the
+        # session? Set by the broker while its ACL has deny rules; None otherwise
+        self.read_check = None
 
 
 class Session:
@@ -122,7 +128,8 @@ class Session:
         "client_id", "state", "client", "subscriptions", "inflight_out", "queue", "queued_qos0",
         "inflight_in", "window", "limits", "counters", "next_pid", "expiry_interval",
         "expires_at", "will", "will_delay", "will_at", "version", "dropping", "created_at",
-        "timer_gen", "epoch", "gate", "journal", "seq", "handover", "__weakref__",
+        "timer_gen", "epoch", "gate", "journal", "seq", "handover", "username",
+        "__weakref__",
     )
 
     def __init__(self, client_id: str, limits: SessionLimits, counters: Counters) -> None:
@@ -157,6 +164,9 @@ class Session:
         # The cluster's record of this session's hand-overs (cluster/marks.py gives it its
         # shape): a plain dict stored with the session, or None. Opaque here.
         self.handover: dict | None = None
+        # the login of the client that opened or last resumed it (None: anonymous): what
+        # the ACL and the ClientID binding use; stored and handed over with the session
+        self.username: str | None = None
 
     # -- state ---------------------------------------------------------------------------
 
@@ -242,6 +252,9 @@ class Session:
     # -- outgoing messages -----------------------------------------------------------------
 
     def deliver(self, msg, qos: int, retain: bool, sub_ids) -> None:
+        read_check = self.limits.read_check
+        if read_check is not None and not read_check(self, msg.topic):
+            return  # (an ACL deny rule: node/acl.py)
         if self.gate is not None:
             self.gate(self, msg, qos, retain, sub_ids)
             return

@@ -299,6 +299,9 @@ class NetnsNode(ClusterNodeProcess):
         self.host = host
         # the admin API binds 127.0.0.1 by default: the namespace's own loopback
         self.options.setdefault("admin_host", host)
+        # (an admin API reachable from other addresses needs a token: the harness's
+        # api() sends it)
+        self.options.setdefault("admin_token", "netns-admin-token-0123456789")
 
     def command(self) -> tuple[list[str], dict]:
         cmd, env = super().command()

@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from support import REPO_ROOT, http_json, wait_for
+from support import REPO_ROOT, free_port, http_json, wait_for
 
 
 def passwd(*args: str) -> subprocess.CompletedProcess:
@@ -97,7 +97,7 @@ def test_sighup_rereads_the_password_file(start_node, users):
     # a broken file is not loaded: the users from before stay
     users.write_text("carol:plain-text\n")
     node.proc.send_signal(signal.SIGHUP)
-    wait_for(lambda: "password file not reloaded" in node.log_tail(200), 10.0, interval=0.2,
+    wait_for(lambda: "password / acl file not reloaded" in node.log_tail(200), 10.0, interval=0.2,
              message="the reload refused in the log")
     assert connack(node, 5, username="dave", password=b"dave-pw") == 0
     # the admin API reloads it too (and says why not)
@@ -159,7 +159,7 @@ def test_a_bad_password_file_stops_the_start_with_its_line(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("SHOAL_")}
     env["PYTHONPATH"] = str(REPO_ROOT)
     proc = subprocess.run([sys.executable, "-m", "cluster", "run", "--password-file",
-                           str(path), "--data-dir", str(tmp_path / "d"), "--mqtt-port", "0",
+                           str(path), "--data-dir", str(tmp_path / "d"), "--mqtt-port", str(free_port()),
                            "--admin-port", "0"], env=env, capture_output=True, text=True,
                           timeout=30)
     assert proc.returncode == 2, proc
@@ -194,3 +194,62 @@ def test_clients_cannot_publish_to_server_topics(node):
     assert node.stats()["publishes_refused"] == 4
     for c in (watcher, v5, v311):
         c.close()
+
+
+def test_mqtt5_enhanced_authentication_with_scram_sha_256(start_node, tmp_path):
+    """CONNECT (client-first) / AUTH 0x18 (server-first) / AUTH 0x18 (client-final) /
+    CONNACK with the server-final: the password never crosses the wire, and the server
+    proves it knows the user's keys."""
+    from support import Auth, Connect, Connack, Publish
+    from node.scram import client_exchange
+    path = tmp_path / "passwd"
+    assert passwd("-b", "--scram", str(path), "sam", "sam-pw").returncode == 0
+    assert passwd("-b", str(path), "ann", "ann-pw").returncode == 0  # (scrypt: no SCRAM)
+    assert "$scram-sha-256$" in path.read_text()
+    node = start_node(password_file=path, enhanced_auth="SCRAM-SHA-256")
+    shoal_only(node)
+    method = {0x15: "SCRAM-SHA-256"}
+
+    def exchange(user: str, password: str):
+        flow = client_exchange(user, password)
+        client = node.raw(version=5)
+        client.send(Connect(client_id=f"scram-{user}", protocol_level=5,
+                            properties={**method, 0x16: next(flow)}))
+        first = client.recv()
+        if isinstance(first, Connack):
+            return first, None, client
+        assert isinstance(first, Auth) and first.reason_code == 0x18, first
+        assert first.properties[0x15] == "SCRAM-SHA-256"
+        client.send(Auth(0x18, {**method, 0x16: flow.send(first.properties[0x16])}))
+        ack = client.expect(Connack)
+        proved = None
+        if ack.reason_code == 0:
+            assert ack.properties[0x15] == "SCRAM-SHA-256"
+            try:
+                flow.send(ack.properties[0x16])
+            except StopIteration as done:
+                proved = done.value
+        return ack, proved, client
+
+    ack, proved, client = exchange("sam", "sam-pw")
+    assert ack.reason_code == 0 and proved is True
+    client.subscribe("scram/t", qos=1)
+    client.publish("scram/t", b"hi", qos=1)
+    assert any(isinstance(p, Publish) and p.payload == b"hi"
+               for p in client.recv_nothing_for(0.5))
+    for user, password in (("sam", "wrong"), ("nobody", "x"), ("ann", "ann-pw")):
+        ack, _, _ = exchange(user, password)
+        assert ack.reason_code == 0x86, (user, ack)
+    # the plain password works against the SCRAM entry too; another method: 0x8C
+    assert connack(node, 5, username="sam", password=b"sam-pw") == 0
+    other = node.raw(version=5)
+    assert other.connect("m", expect_success=False,
+                         properties={0x15: "SCRAM-SHA-1"}).reason_code == 0x8C
+    # a PUBLISH before the CONNACK of an enhanced authentication: a protocol error
+    flow = client_exchange("sam", "sam-pw")
+    rude = node.raw(version=5)
+    rude.send(Connect(client_id="rude", protocol_level=5, properties={**method,
+                                                                      0x16: next(flow)}))
+    assert isinstance(rude.recv(), Auth)
+    rude.send(Publish("x", b"y", 0, False, False, 0, {}))
+    rude.wait_closed()
