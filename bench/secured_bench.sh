@@ -33,11 +33,16 @@ for i in $(seq 1 99); do echo "user-$i:$hash" >> "$WORK/passwd"; done
 } > "$WORK/acl"
 
 NODE="$HERE/.venv/bin/python -m node run --host 127.0.0.1 --mqtt-port 18833 --admin-port 0 --log-level warning"
-for rep in $(seq "$REPEAT"); do
+run_open() {
   OURS_LABEL=shoal-open TARGETS=shoal-open REPEAT=1 \
     OURS_CMD="$NODE --data-dir $WORK/data-open" bash "$RUN" | grep -E "^  rep" || true
+}
+run_secured() {
   OURS_LABEL=shoal-secured TARGETS=shoal-secured REPEAT=1 \
     OURS_CMD="$NODE --data-dir $WORK/data-secured --password-file $WORK/passwd --acl-file $WORK/acl --allow-anonymous true" \
     bash "$RUN" | grep -E "^  rep" || true
+}
+for rep in $(seq "$REPEAT"); do  # (which goes first alternates: no order effect)
+  if [ $((rep % 2)) = 1 ]; then run_open; run_secured; else run_secured; run_open; fi
 done
 /tmp/bench-venv/bin/python "$(dirname "$RUN")/mqttbench.py" report "$OUT"

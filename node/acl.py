@@ -104,13 +104,14 @@ def overlaps(a: tuple, b: tuple) -> bool:
 class Rights:
     """One client's compiled rules, with its answers cached."""
 
-    __slots__ = ("deny", "read", "write", "generation", "_pub", "_read")
+    __slots__ = ("deny", "read", "write", "acl", "key", "_pub", "_read")
 
-    def __init__(self, deny: list, read: list, write: list, generation: int) -> None:
+    def __init__(self, deny: list, read: list, write: list, acl: "Acl", key: tuple) -> None:
         self.deny = deny
         self.read = read
         self.write = write
-        self.generation = generation
+        self.acl = acl  # the rules these were compiled from
+        self.key = key  # (username, client_id)
         self._pub: dict[str, bool] = {}
         self._read: dict[str, bool] = {}
 
@@ -146,19 +147,17 @@ class Rights:
 class Acl:
     """The rules of one ACL file (``Acl.parse``); replaced as a whole on reload."""
 
-    def __init__(self, anonymous: list, users: dict[str, list], patterns: list,
-                 generation: int = 1) -> None:
+    def __init__(self, anonymous: list, users: dict[str, list], patterns: list) -> None:
         # each rule: (access bits or 0 for deny, topic levels)
         self.anonymous = anonymous
         self.users = users
         self.patterns = patterns
-        self.generation = generation
         self.has_deny = any(not a for a, _ in anonymous + patterns) or any(
             not a for rules in users.values() for a, _ in rules)
         self._cache: dict[tuple, Rights] = {}
 
     @classmethod
-    def parse(cls, text: str, path: str = "acl file", generation: int = 1) -> "Acl":
+    def parse(cls, text: str, path: str = "acl file") -> "Acl":
         anonymous: list = []
         users: dict[str, list] = {}
         patterns: list = []
@@ -193,10 +192,18 @@ class Acl:
             if problem:
                 raise AclFileError(f"{path} line {number}: {problem}")
             (patterns if word == "pattern" else current).append((access, levels))
-        return cls(anonymous, users, patterns, generation)
+        return cls(anonymous, users, patterns)
 
     def rule_count(self) -> int:
         return len(self.anonymous) + len(self.patterns) + sum(map(len, self.users.values()))
+
+    def rights_of(self, session) -> Rights:
+        """``rights`` of a session's user and ClientID, kept on the session (the publish
+        path's check is then two attribute reads and a dictionary lookup)."""
+        r = session.rights
+        if r is None or r.acl is not self or r.key[0] != session.username:
+            r = session.rights = self.rights(session.username, session.client_id)
+        return r
 
     def rights(self, username: str | None, client_id: str) -> Rights:
         key = (username, client_id)
@@ -218,7 +225,7 @@ class Acl:
             rules.append((access, tuple(username if lv == "%u" else client_id if lv == "%c"
                                         else lv for lv in levels)))
         return Rights([lv for a, lv in rules if not a], [lv for a, lv in rules if a & READ],
-                      [lv for a, lv in rules if a & WRITE], self.generation)
+                      [lv for a, lv in rules if a & WRITE], self, (username, client_id))
 
 
 def _plain_level(value: str) -> bool:
@@ -239,7 +246,7 @@ def _check_rule(levels: tuple, pattern: bool) -> str | None:
     return None
 
 
-def load_acl_file(path: str, generation: int = 1) -> Acl:
+def load_acl_file(path: str) -> Acl:
     """Read and parse ``path`` (AclFileError when it cannot be used)."""
     try:
         with open(path, encoding="utf-8") as fh:
@@ -247,4 +254,4 @@ def load_acl_file(path: str, generation: int = 1) -> Acl:
     except OSError as err:
         raise AclFileError(f"acl_file {path} cannot be read ({err.strerror}): check the path "
                            "and its permissions") from None
-    return Acl.parse(text, path, generation)
+    return Acl.parse(text, path)

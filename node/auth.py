@@ -317,8 +317,7 @@ class Authenticator:
         from .acl import load_acl_file
         acl = None
         if self.config.acl_file:
-            acl = load_acl_file(self.config.acl_file,
-                                (self.acl.generation + 1) if self.acl is not None else 1)
+            acl = load_acl_file(self.config.acl_file)
         users = self.passwords.load() if self.passwords is not None else None
         if acl is not None:
             self.acl = acl

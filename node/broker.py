@@ -73,7 +73,7 @@ class Broker:
         self.limits.read_check = self._may_read if acl is not None and acl.has_deny else None
 
     def _may_read(self, session: Session, topic: str) -> bool:
-        if self.auth.acl.rights(session.username, session.client_id).may_read(topic):
+        if self.auth.acl.rights_of(session).may_read(topic):
             return True
         self.counters.deliveries_refused += 1
         return False
@@ -88,7 +88,7 @@ class Broker:
         acl = self.auth.acl
         if acl is not None:
             for session in list(self.sessions.values()):
-                rights = acl.rights(session.username, session.client_id)
+                rights = acl.rights_of(session)
                 denied = [f for f in session.subscriptions
                           if not rights.may_subscribe(parse_shared(f)[1])]
                 for topic_filter in denied:

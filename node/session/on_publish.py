@@ -29,10 +29,13 @@ def on_publish(broker, client, pkt) -> None:
         _refuse_server_topic(broker, client, pkt)
         return
     acl = broker.auth.acl
-    if acl is not None and not acl.rights(session.username, session.client_id).may_publish(
-            pkt.topic):
-        _refuse_server_topic(broker, client, pkt)  # (the same answer: not authorized)
-        return
+    if acl is not None:
+        rights = session.rights
+        if rights is None or rights.acl is not acl:
+            rights = acl.rights_of(session)
+        if not rights.may_publish(pkt.topic):
+            _refuse_server_topic(broker, client, pkt)  # (the same answer: not authorized)
+            return
     mark = broker.store_mark()
     if qos == 2:
         broker.counters.messages_in_qos2 += 1

@@ -23,7 +23,7 @@ def on_subscribe(broker, client, pkt) -> None:
     retained = []
     mark = broker.store_mark()
     acl = broker.auth.acl
-    rights = acl.rights(session.username, session.client_id) if acl is not None else None
+    rights = acl.rights_of(session) if acl is not None else None
     for s in pkt.subscriptions:
         if not valid_topic_filter(s.topic_filter):
             codes.append(ReasonCode.TOPIC_FILTER_INVALID if v5 else ReasonCode.UNSPECIFIED_ERROR)

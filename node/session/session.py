@@ -128,7 +128,7 @@ class Session:
         "client_id", "state", "client", "subscriptions", "inflight_out", "queue", "queued_qos0",
         "inflight_in", "window", "limits", "counters", "next_pid", "expiry_interval",
         "expires_at", "will", "will_delay", "will_at", "version", "dropping", "created_at",
-        "timer_gen", "epoch", "gate", "journal", "seq", "handover", "username",
+        "timer_gen", "epoch", "gate", "journal", "seq", "handover", "username", "rights",
         "__weakref__",
     )
 
@@ -167,6 +167,7 @@ class Session:
         # the login of the client that opened or last resumed it (None: anonymous): what
         # the ACL and the ClientID binding use; stored and handed over with the session
         self.username: str | None = None
+        self.rights = None  # its compiled ACL rules (node/acl.py Acl.rights_of), a cache
 
     # -- state ---------------------------------------------------------------------------
 
