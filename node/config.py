@@ -214,13 +214,29 @@ class Config:
     queue_qos0_offline: bool = _opt(False, "Also queue QoS 0 messages for offline sessions.")
     max_packet_size: int = _opt(1048576, "Largest MQTT packet accepted, in bytes.",
                                 _int_range(16, 268435460))
+    connect_timeout: float = _opt(
+        10.0, "Seconds a new connection may take to send its CONNECT, on every listener (the "
+        "TLS handshake and the WebSocket upgrade included): then it is closed.",
+        _positive_number)
+    max_topic_levels: int = _opt(
+        128, "Most levels in a topic name or filter: a deeper PUBLISH is not routed (PUBACK / "
+        "PUBREC 0x90 for MQTT 5), a deeper SUBSCRIBE filter gets SUBACK 0x8F / 0x80, a "
+        "deeper will topic CONNACK 0x90.", _int_range(1, 65535))
+    max_topic_length: int = _opt(
+        65535, "Longest topic name or filter in bytes (UTF-8), with the same answers as "
+        "`max_topic_levels`.", _int_range(1, 65535))
+    max_client_id_length: int = _opt(
+        256, "Longest ClientID in characters: a longer one gets CONNACK 0x85 / 2 (identifier "
+        "rejected).", _int_range(23, 65535))
     receive_maximum: int = _opt(65535, "Inbound QoS 1/2 window granted to each client "
                                 "(MQTT 5.0 Receive Maximum).", _int_range(1, 65535))
     topic_alias_maximum: int = _opt(64, "Topic aliases a MQTT 5.0 client may use towards us "
                                     "(0 disables them).", _int_range(0, 65535))
-    max_keep_alive: int = _opt(0, "Keep-alive cap in seconds sent to MQTT 5.0 clients as "
-                               "Server Keep Alive; 0 accepts any client keep-alive.",
-                               _int_range(0, 65535))
+    max_keep_alive: int = _opt(600, "Keep-alive cap in seconds: a client asking for more, or "
+                               "for 0 (none), gets this one (MQTT 5: told as Server Keep "
+                               "Alive) and is closed after 1.5 times it without a packet; 0 "
+                               "accepts any keep-alive, 0 included (a silent connection is "
+                               "then never closed).", _int_range(0, 65535))
     retain_available: bool = _opt(True, "Accept and store retained messages.")
     max_qos: int = _opt(2, "Highest QoS granted to subscriptions and accepted on PUBLISH.",
                         _int_range(0, 2))

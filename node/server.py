@@ -36,12 +36,11 @@ from .proxy_protocol import ProxyHeaderReader, ProxyProtocolError, looks_like_he
 from .session.on_connect import finish_connect, open_connect_session
 from .session.session import SessionState
 from .store import SessionStore, StoreError
-from .tls import HANDSHAKE_TIMEOUT as TLS_HANDSHAKE_TIMEOUT, server_ssl_context
+from .tls import server_ssl_context
 from .websocket import WsListeners
 
 log = logging.getLogger("shoal.server")
 
-CONNECT_TIMEOUT = 10.0  # seconds a new connection may take to send CONNECT
 FLUSH_BYTES = 65536  # write at once when this much output is pending (else once per iteration)
 # A read this large means the socket has more: take a turn, read the rest next iteration.
 # libuv reads a socket until it is empty, so one fast publisher could otherwise hold the
@@ -116,7 +115,8 @@ class MqttProtocol(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
         self.broker.clients.add(self)
-        self.timer = self.loop.call_later(CONNECT_TIMEOUT, self._connect_timeout)
+        self.timer = self.loop.call_later(self.broker.config.connect_timeout,
+                                          self._connect_timeout)
 
     def data_received(self, data: bytes) -> None:
         if self.closing:
@@ -660,7 +660,7 @@ async def serve(config, stop: asyncio.Event, extensions=()) -> None:
             if config.tls_port:
                 tls_servers.append(await loop.create_server(
                     lambda: MqttProtocol(broker), config.host, config.tls_port,
-                    ssl=tls_context, ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT,
+                    ssl=tls_context, ssl_handshake_timeout=config.connect_timeout,
                     backlog=2048, reuse_address=True))
             await ws_listeners.start()
             if config.tls_port or ws_listeners.addresses:

@@ -18,9 +18,7 @@ import ssl
 
 from .config import Config, ConfigError
 
-__all__ = ["HANDSHAKE_TIMEOUT", "server_ssl_context"]
-
-HANDSHAKE_TIMEOUT = 10.0  # seconds a client may take to finish the TLS handshake
+__all__ = ["server_ssl_context"]
 
 
 MAX_PEM_BYTES = 1 << 20  # a certificate chain or key file is a few KB

@@ -71,12 +71,14 @@ class Match:
 
 
 _CACHE_LIMIT = 100_000
+_CACHE_BYTES = 8 << 20  # topic characters kept as cache keys, at most (long topics, one-offs)
 
 
 class SubscriptionTree:
     def __init__(self) -> None:
         self._root = _Node()
         self._cache: dict[str, Match] = {}
+        self._cache_bytes = 0
         self.count = 0
 
     def add(self, filter_levels: str, entry: SubEntry) -> bool:
@@ -89,6 +91,7 @@ class SubscriptionTree:
                 child = node.children[level] = _Node()
             node = child
         self._cache.clear()
+        self._cache_bytes = 0
         if entry.share_group is None:
             new = entry.client_id not in node.subs
             node.subs[entry.client_id] = entry
@@ -123,6 +126,7 @@ class SubscriptionTree:
             return False
         self.count -= 1
         self._cache.clear()
+        self._cache_bytes = 0
         # prune empty branches
         for i in range(len(levels), 0, -1):
             n = path[i]
@@ -138,38 +142,43 @@ class SubscriptionTree:
         entries: list[SubEntry] = []
         groups: list[SharedGroup] = []
         levels = topic.split("/")
+        n = len(levels)
         # [MQTT-4.7.2-1]: topics starting with '$' do not match filters starting with a wildcard
-        self._walk(self._root, levels, 0, entries, groups, topic.startswith("$"))
+        dollar = topic.startswith("$")
+        # depth first with a stack of its own (no input reaches a recursion limit), in the
+        # order of a recursive walk: at each level `#`, then the `+` branch, then the name
+        stack = [(self._root, 0)]
+        pop, push = stack.pop, stack.append
+        while stack:
+            node, i = pop()
+            children = node.children
+            if i == n:
+                entries.extend(node.subs.values())
+                groups.extend(node.groups.values())
+                # "a/#" also matches "a"
+                hash_node = children.get("#")
+                if hash_node is not None:
+                    entries.extend(hash_node.subs.values())
+                    groups.extend(hash_node.groups.values())
+                continue
+            child = children.get(levels[i])
+            if child is not None:
+                push((child, i + 1))
+            if not (dollar and i == 0):
+                hash_node = children.get("#")
+                if hash_node is not None:
+                    entries.extend(hash_node.subs.values())
+                    groups.extend(hash_node.groups.values())
+                plus = children.get("+")
+                if plus is not None:
+                    push((plus, i + 1))
         m = Match(entries, groups)
-        if len(self._cache) >= _CACHE_LIMIT:
+        if len(self._cache) >= _CACHE_LIMIT or self._cache_bytes >= _CACHE_BYTES:
             self._cache.clear()
+            self._cache_bytes = 0
         self._cache[topic] = m
+        self._cache_bytes += len(topic)
         return m
-
-    def _walk(self, node: _Node, levels: list[str], i: int, entries: list, groups: list,
-              dollar: bool) -> None:
-        children = node.children
-        if i == len(levels):
-            entries.extend(node.subs.values())
-            groups.extend(node.groups.values())
-            # "a/#" also matches "a"
-            hash_node = children.get("#")
-            if hash_node is not None:
-                entries.extend(hash_node.subs.values())
-                groups.extend(hash_node.groups.values())
-            return
-        wild = not (dollar and i == 0)
-        if wild:
-            hash_node = children.get("#")
-            if hash_node is not None:
-                entries.extend(hash_node.subs.values())
-                groups.extend(hash_node.groups.values())
-            plus = children.get("+")
-            if plus is not None:
-                self._walk(plus, levels, i + 1, entries, groups, dollar)
-        child = children.get(levels[i])
-        if child is not None:
-            self._walk(child, levels, i + 1, entries, groups, dollar)
 
 
 def filter_matches(topic_filter: str, topic: str) -> bool:

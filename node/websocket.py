@@ -263,6 +263,13 @@ class WsListeners:
         self.ssl_context = ssl_context
         self.runner: web.AppRunner | None = None
         self.addresses: list[str] = []
+        # HTTP connections that have not asked for the WebSocket upgrade: when each was
+        # first seen; closed after connect_timeout (idle or slowloris sockets)
+        # (aiohttp's handlers take no weak references: pruned at each sweep instead)
+        self._first_seen: dict = {}
+        self._upgraded: set = set()
+        self._sweeper: asyncio.Task | None = None
+        self.timed_out = 0
 
     def make_app(self) -> web.Application:
         app = web.Application()
@@ -283,8 +290,38 @@ class WsListeners:
                                    backlog=2048)
                 await site.start()
                 self.addresses.append(f"{scheme}://{config.host}:{port}{config.ws_path}")
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep_loop())
+
+    async def _sweep_loop(self) -> None:
+        """Close the HTTP connections that did not ask for the WebSocket upgrade within
+        ``connect_timeout`` (once upgraded, MqttProtocol's own CONNECT deadline applies)."""
+        timeout = self.config.connect_timeout
+        loop = asyncio.get_running_loop()
+        while self.runner is not None and self.runner.server is not None:
+            await asyncio.sleep(min(1.0, timeout / 4))
+            now = loop.time()
+            server = self.runner.server if self.runner is not None else None
+            current = set(server.connections if server is not None else ())
+            self._upgraded &= current
+            for gone in [h for h in self._first_seen if h not in current]:
+                del self._first_seen[gone]
+            closed = 0
+            for handler in current:
+                if handler in self._upgraded:
+                    continue
+                since = self._first_seen.setdefault(handler, now)
+                if now - since > timeout and handler.transport is not None:
+                    closed += 1
+                    handler.transport.abort()
+            if closed:
+                self.timed_out += closed
+                log.info("WebSocket listener closed %d connection(s) that asked for no "
+                         "upgrade within %.1fs (connect_timeout)", closed, timeout)
 
     async def stop_accepting(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         if self.runner is not None:
             for site in list(self.runner.sites):
                 await site.stop()
@@ -311,6 +348,7 @@ class WsListeners:
                      request.headers.get("Sec-WebSocket-Protocol", ""))
             return web.Response(status=400, text="MQTT over WebSocket needs the subprotocol "
                                 "'mqtt' (Sec-WebSocket-Protocol: mqtt)\n")
+        self._upgraded.add(request.protocol)
         await ws.prepare(request)
         await WsTransport(ws, request, self.protocol_factory()).run()
         return ws

@@ -84,7 +84,7 @@ def _checked(broker, client, plan: ConnectPlan, fut) -> None:
 
 def _start_enhanced_auth(broker, client, plan: ConnectPlan, data: bytes | None) -> None:
     """SCRAM-SHA-256 (node/scram.py): answer the client-first message with AUTH 0x18;
-    until the client's AUTH comes, only AUTH and DISCONNECT are read (CONNECT_TIMEOUT
+    until the client's AUTH comes, only AUTH and DISCONNECT are read (connect_timeout
     still ends a client that never answers)."""
     scram = ScramServer()
     passwords = broker.auth.passwords
@@ -160,6 +160,10 @@ def plan_connect(broker, pkt: Connect) -> ConnectPlan:
     v5 = pkt.protocol_level == MQTT_5
     props = pkt.properties
     client_id = pkt.client_id
+    if len(client_id) > config.max_client_id_length:
+        raise ConnectRefused(ReasonCode.CLIENT_IDENTIFIER_NOT_VALID,
+                             f"ClientID longer than {config.max_client_id_length} characters "
+                             "(max_client_id_length)")
     assigned = None
     if not client_id:
         if not v5 and not pkt.clean_start:
@@ -177,6 +181,9 @@ def plan_connect(broker, pkt: Connect) -> ConnectPlan:
     if will is not None:
         if not valid_topic_name(will.topic):
             raise ConnectRefused(ReasonCode.TOPIC_NAME_INVALID, "invalid will topic")
+        if topic_too_big(config, will.topic):
+            raise ConnectRefused(ReasonCode.TOPIC_NAME_INVALID, "will topic beyond "
+                                 "max_topic_levels / max_topic_length")
         if will.qos > config.max_qos:
             raise ConnectRefused(ReasonCode.QOS_NOT_SUPPORTED, "will QoS above maximum")
         if will.retain and not config.retain_available:
@@ -254,6 +261,13 @@ def finish_connect(broker, client, plan: ConnectPlan, claim: Claim, opened=None)
                   "expiry=%s epoch=%d", plan.client_id, broker.node_id, plan.version,
                   plan.clean_start, present,
                   "never" if plan.expiry == EXPIRY_NEVER else plan.expiry, claim.epoch)
+
+
+def topic_too_big(config, topic: str) -> bool:
+    """Beyond ``max_topic_levels`` or ``max_topic_length`` (a name or a filter)?"""
+    return topic.count("/") >= config.max_topic_levels or (
+        len(topic) > config.max_topic_length // 4 and
+        len(topic.encode("utf-8", "surrogatepass")) > config.max_topic_length)
 
 
 def check_disconnect_expiry(session, props: dict) -> None:

@@ -7,6 +7,7 @@ import logging
 from ..mqtt.codes import MQTT_5, PropertyId, ReasonCode
 from ..mqtt.errors import ProtocolViolation
 from .message import Message
+from .on_connect import topic_too_big
 
 log = logging.getLogger("shoal.session")
 
@@ -27,6 +28,11 @@ def on_publish(broker, client, pkt) -> None:
     broker.counters.messages_in += 1
     if pkt.topic.startswith("$"):
         _refuse_server_topic(broker, client, pkt)
+        return
+    topic = pkt.topic
+    if topic.count("/") >= config.max_topic_levels or (
+            len(topic) * 4 > config.max_topic_length and topic_too_big(config, topic)):
+        _refuse_server_topic(broker, client, pkt, ReasonCode.TOPIC_NAME_INVALID)
         return
     acl = broker.auth.acl
     if acl is not None:
@@ -60,16 +66,17 @@ def on_publish(broker, client, pkt) -> None:
         _acknowledge(broker, client, client.write_puback, pkt.packet_id, n, mark)
 
 
-def _refuse_server_topic(broker, client, pkt) -> None:
+def _refuse_server_topic(broker, client, pkt, reason: int = ReasonCode.NOT_AUTHORIZED) -> None:
     """A PUBLISH that is not routed: topics that begin with ``$`` are the server's
     (``$SYS/``; MQTT 4.7.2: the server should prevent clients from exchanging messages
     through them), and topics the ACL does not let the client write. MQTT 5 answers QoS 1/2
     with 0x87 not authorized (a PUBREC of 0x87 ends the QoS 2 flow); 3.1.1 has no such code:
-    acknowledged and dropped, as Mosquitto does."""
+    acknowledged and dropped, as Mosquitto does. Topics beyond ``max_topic_levels`` /
+    ``max_topic_length`` the same way, with 0x90 topic name invalid."""
     broker.counters.publishes_refused += 1
     if not pkt.qos:
         return
-    reason = ReasonCode.NOT_AUTHORIZED if client.version == MQTT_5 else 0
+    reason = reason if client.version == MQTT_5 else 0
     write = client.write_puback if pkt.qos == 1 else client.write_pubrec
     if pkt.qos == 2 and not reason:
         # (3.1.1: the flow goes on, PUBREL answered PUBCOMP; the id is kept meanwhile)

@@ -8,6 +8,7 @@ from ..mqtt.packets import Suback, Unsuback
 from ..mqtt.topic_rules import parse_shared, valid_topic_filter
 from ..persist import STORE_COMMIT_TIMEOUT
 from ..topics import SubEntry
+from .on_connect import topic_too_big
 
 
 def on_subscribe(broker, client, pkt) -> None:
@@ -29,6 +30,9 @@ def on_subscribe(broker, client, pkt) -> None:
             codes.append(ReasonCode.TOPIC_FILTER_INVALID if v5 else ReasonCode.UNSPECIFIED_ERROR)
             continue
         group, levels = parse_shared(s.topic_filter)
+        if topic_too_big(broker.config, levels):
+            codes.append(ReasonCode.TOPIC_FILTER_INVALID if v5 else ReasonCode.UNSPECIFIED_ERROR)
+            continue
         if rights is not None and not rights.may_subscribe(levels):
             # (0x87 not authorized in MQTT 5; 3.1.1 knows only 0x80 failure)
             broker.counters.subscriptions_refused += 1

@@ -86,3 +86,55 @@ def test_unsubscribe_stops_delivery(node, version):
     pub.publish("us/keep", b"marker", qos=1)
     sub.wait_messages(1, topic="us/keep")
     assert sub.payloads("us/a") == [b"1"]
+
+
+def test_topic_levels_and_client_id_length_are_bounded(start_node):
+    """max_topic_levels / max_client_id_length: a too deep PUBLISH is not routed (PUBACK
+    0x90), a too deep filter gets SUBACK 0x8F / 0x80, a too deep will and a too long
+    ClientID refuse the CONNECT; the node keeps serving."""
+    from support import Puback
+    node = start_node(max_topic_levels=8, max_client_id_length=64)
+    deep = "/".join(["l"] * 9)
+    ok = "/".join(["l"] * 8)
+    sub = node.raw(5)
+    sub.connect("levels-sub")
+    sub.send(Subscribe(1, [Subscription(ok, 1), Subscription(deep, 1),
+                           Subscription("l/#", 1)]))
+    assert sub.expect(Suback).reason_codes == [1, 0x8F, 1]
+    sub4 = node.raw(4)
+    sub4.connect("levels-sub4")
+    sub4.send(Subscribe(1, [Subscription(deep, 1)]))
+    assert sub4.expect(Suback).reason_codes == [0x80]
+    pub = node.raw(5)
+    pub.connect("levels-pub")
+    pub.send(Publish(deep, b"too deep", qos=1, packet_id=1))
+    assert pub.expect(Puback).reason_code == 0x90
+    pub.send(Publish(ok, b"fine", qos=1, packet_id=2))
+    assert pub.expect(Puback).reason_code == 0
+    got = [p.payload for p in sub.recv_nothing_for(0.5) if isinstance(p, Publish)]
+    assert got == [b"fine"]  # (overlapping subscriptions of one client: one delivery)
+    will = node.raw(5)
+    ack = will.connect("levels-will", expect_success=False, will_topic=deep,
+                       will_payload=b"x")
+    assert ack.reason_code == 0x90
+    for version, code in ((5, 0x85), (4, 2)):
+        long_id = node.raw(version)
+        assert long_id.connect("c" * 65, expect_success=False).reason_code == code
+    assert node.raw(5).connect("c" * 64).reason_code == 0
+
+
+def test_a_topic_of_ten_thousand_levels_is_matched_without_recursion(start_node):
+    """The subscription tree is walked with a stack of its own: a 10,000-level topic and
+    a filter as deep reach the subscriber (no RecursionError, no traceback)."""
+    node = start_node(max_topic_levels=20000)
+    deep = "/".join(f"l{i % 10}" for i in range(10_000))
+    sub = node.raw(5)
+    sub.connect("deep-sub")
+    sub.send(Subscribe(1, [Subscription(deep, 1), Subscription(deep[:-2] + "+", 1)]))
+    assert sub.expect(Suback).reason_codes == [1, 1]
+    pub = node.raw(5)
+    pub.connect("deep-pub")
+    pub.publish(deep, b"deep", qos=1)
+    got = [p for p in sub.recv_nothing_for(1.0) if isinstance(p, Publish)]
+    assert [p.payload for p in got] == [b"deep"], got
+    assert "Traceback" not in node.log_tail(200)

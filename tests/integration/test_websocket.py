@@ -225,3 +225,36 @@ def test_node_shutdown_disconnects_websocket_clients_with_0x8b(ws_node):
     assert ws_node.stop() == 0
     wait_for(lambda: ws.disconnects, DEADLINE, message="the client's disconnect")
     assert ws.disconnects[0] == 0x8B  # Server shutting down
+
+
+@pytest.mark.shoal_only("Shoal's connect_timeout on the WebSocket listener")
+def test_sockets_that_never_upgrade_are_closed_after_connect_timeout(start_node):
+    """Idle and slowloris sockets on the WebSocket listener (no upgrade ever completes) are
+    closed after connect_timeout, while a real WebSocket client works meanwhile."""
+    import socket
+    import time as _time
+    ws_port = unique_free_port()
+    node = start_node(ws_port=ws_port, connect_timeout=1.5)
+    socks = []
+    for i in range(50):
+        s = socket.create_connection(("127.0.0.1", ws_port), timeout=5)
+        if i % 2:
+            s.sendall(b"GET /mqtt HTTP/1.1\r\nHost: x\r\n")  # headers that never end
+        socks.append(s)
+    client = node.paho("ws-while-idle", 5, transport="websockets", port=ws_port)
+    client.subscribe("idle/t", qos=1)
+    client.publish("idle/t", b"ok", qos=1)
+    assert client.wait_messages(1)[0].payload == b"ok"
+    deadline = _time.monotonic() + 10
+    closed = 0
+    for s in socks:
+        s.settimeout(max(0.1, deadline - _time.monotonic()))
+        try:
+            closed += s.recv(1) == b""
+        except ConnectionResetError:
+            closed += 1
+        except socket.timeout:
+            pass
+        s.close()
+    assert closed == len(socks)
+    assert client.is_connected()

@@ -158,3 +158,12 @@ def test_server_keep_alive_not_imposed_below_the_cap(start_node):
     ack = raw.connect("under-cap", keep_alive=5)
     assert ack.properties.get(Prop.SERVER_KEEP_ALIVE, 5) == 5, ack
     assert raw.ping() < 1
+
+
+@pytest.mark.shoal_only("Shoal's default keep-alive cap")
+def test_a_client_without_keep_alive_gets_the_default_cap(node):
+    """max_keep_alive defaults to 600 s: a keep-alive of 0 (never time out) is not granted,
+    so a silent connection cannot be held forever."""
+    raw = node.raw(5)
+    ack = raw.connect("no-keepalive", keep_alive=0)
+    assert ack.properties.get(Prop.SERVER_KEEP_ALIVE) == 600, ack

@@ -71,3 +71,17 @@ def test_retained_lookup_by_filter():
     assert sorted(store.matching("#")) == ["a/b", "a/c", "x/y"]
     store.delete("a/b")
     assert sorted(store.matching("a/#")) == ["a/c"]
+
+
+def test_the_match_cache_is_bounded_in_bytes_and_deep_topics_do_not_recurse():
+    from node.topics import _CACHE_BYTES, SubEntry, SubscriptionTree
+    tree = SubscriptionTree()
+    tree.add("#", SubEntry("c", "#", 0))
+    for i in range(2_000):  # 2,000 distinct 60 KB topics: ~117 MiB if all were kept
+        topic = f"{i}/" + "x" * 60_000
+        assert [e.client_id for e in tree.match(topic).entries] == ["c"]
+    assert tree._cache_bytes <= _CACHE_BYTES + 61_000
+    deep = "/".join(["a"] * 50_000)
+    tree.add(deep, SubEntry("d", deep, 0))
+    tree.add(deep[:-1] + "+", SubEntry("e", deep[:-1] + "+", 0))
+    assert sorted(e.client_id for e in tree.match(deep).entries) == ["c", "d", "e"]
