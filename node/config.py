@@ -214,6 +214,17 @@ class Config:
     queue_qos0_offline: bool = _opt(False, "Also queue QoS 0 messages for offline sessions.")
     max_packet_size: int = _opt(1048576, "Largest MQTT packet accepted, in bytes.",
                                 _int_range(16, 268435460))
+    max_connections: int = _opt(
+        0, "Connections a node takes at most (every listener); past it new ones are closed at "
+        "once. 0: the open-file limit less 256 descriptors kept for the store, the cluster "
+        "and the admin API (a node never runs out of them for its own files).",
+        _int_range(0))
+    max_connections_per_address: int = _opt(
+        0, "Connections from one source address at most (with `proxy_protocol`: the "
+        "client's real address); 0 = no limit (mind NAT and load balancers).", _int_range(0))
+    max_connection_rate: int = _opt(
+        0, "New connections per second from one source address at most; past it they are "
+        "closed at once; 0 = no limit.", _int_range(0))
     connect_timeout: float = _opt(
         10.0, "Seconds a new connection may take to send its CONNECT, on every listener (the "
         "TLS handshake and the WebSocket upgrade included): then it is closed.",

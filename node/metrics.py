@@ -153,6 +153,10 @@ def broker_metrics(expo: Exposition, broker, ready: bool) -> None:
     expo.counter("shoal_connects_refused_total", "CONNECTs refused by authentication "
                  "(bad or unknown credentials, anonymous where not allowed, checks busy).",
                  broker.auth.refused)
+    for reason, count in broker.admission.refused.items():
+        expo.counter("shoal_connections_refused_total", "Connections closed at once by "
+                     "max_connections, max_connections_per_address or max_connection_rate.",
+                     count, reason=reason)
     expo.counter("shoal_publishes_refused_total", "Client PUBLISHes to server topics ($...) "
                  "or denied by acl_file, not routed.", c.publishes_refused)
     expo.counter("shoal_subscriptions_refused_total", "Subscriptions denied by acl_file "

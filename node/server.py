@@ -74,7 +74,7 @@ class MqttProtocol(asyncio.Protocol):
     __slots__ = ("broker", "loop", "transport", "conn", "session", "client_id", "version",
                  "v5", "writable", "out", "out_bytes", "flush_pending", "keep_alive_timeout", "last_rx",
                  "timer", "closing", "finished", "peer", "waiting", "acks", "acks_timer",
-                 "handlers", "auth_flow")
+                 "handlers", "auth_flow", "address")
 
     def __init__(self, broker: Broker) -> None:
         config = broker.config
@@ -106,17 +106,48 @@ class MqttProtocol(asyncio.Protocol):
         # enhanced authentication (node/session/on_connect.py), whose state is auth_flow
         self.handlers = HANDLERS
         self.auth_flow = None
+        self.address: str | None = None  # counted in broker.admission per address until closed
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
+    #: the per-address limits apply at connection_made (False: once the PROXY header
+    #: named the real address)
+    COUNTS_ADDRESS = True
+
     def connection_made(self, transport) -> None:
         self.transport = transport
-        transport.set_write_buffer_limits(high=self.broker.config.write_buffer_high)
+        broker = self.broker
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
-        self.broker.clients.add(self)
-        self.timer = self.loop.call_later(self.broker.config.connect_timeout,
+        why = broker.admission.admit_total(len(broker.clients))
+        if why is None and self.COUNTS_ADDRESS:
+            why = self._admit(str(peer[0]) if peer else "?")
+        if why is not None:
+            self._turn_away(why)
+            return
+        transport.set_write_buffer_limits(high=broker.config.write_buffer_high)
+        broker.clients.add(self)
+        self.timer = self.loop.call_later(broker.config.connect_timeout,
                                           self._connect_timeout)
+
+    def _admit(self, address: str) -> str | None:
+        why = self.broker.admission.admit_address(address, self.loop.time())
+        if why is None:
+            self.address = address
+        return why
+
+    def _turn_away(self, why: str) -> None:
+        """Refuse the connection before any MQTT (node/limits.py)."""
+        skipped = self.broker.admission.log_due(self.loop.time())
+        if skipped is not None:
+            log.warning("connection refused peer=%s node=%s: %s%s", self.peer,
+                        self.broker.node_id, why,
+                        f" ({skipped} more refused since the last such line)" if skipped else "")
+        if self in self.broker.clients:
+            self._close(None, send_will=False)
+            return
+        self.closing = self.finished = True  # (never counted as a client)
+        self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
         if self.closing:
@@ -520,6 +551,9 @@ class MqttProtocol(asyncio.Protocol):
             self.acks_timer.cancel()
             self.acks_timer = None
         self.acks = None  # never sent: the client re-sends what they acknowledge
+        if self.address is not None:
+            self.broker.admission.release(self.address)
+            self.address = None
         self.broker.connection_lost(self, self.session, send_will)
         self.session = None
 
@@ -533,6 +567,7 @@ class ProxiedMqttProtocol(MqttProtocol):
     to MQTT as in ``MqttProtocol``. After the header a read costs one attribute test more."""
 
     __slots__ = ("proxy", "via", "trusted")
+    COUNTS_ADDRESS = False  # (the balancer's address: counted once the header is read)
 
     def __init__(self, broker: Broker, trusted: tuple = ()) -> None:
         super().__init__(broker)
@@ -576,6 +611,11 @@ class ProxiedMqttProtocol(MqttProtocol):
         self.proxy = None
         if header.source is not None:
             self.peer = f"{header.source[0]}:{header.source[1]}"
+        why = self._admit(str(header.source[0]) if header.source is not None
+                          else self.via.rsplit(":", 1)[0])
+        if why is not None:
+            self._turn_away(why)
+            return
         log.debug("PROXY v%d %s peer=%s via=%s node=%s", header.version, header.command,
                   self.peer, self.via, self.broker.node_id)
         if reader.trailing_data:

@@ -138,3 +138,79 @@ def test_a_topic_of_ten_thousand_levels_is_matched_without_recursion(start_node)
     got = [p for p in sub.recv_nothing_for(1.0) if isinstance(p, Publish)]
     assert [p.payload for p in got] == [b"deep"], got
     assert "Traceback" not in node.log_tail(200)
+
+
+def _connect_from(node, source: str, client_id: str):
+    """A CONNECT from ``source`` (a loopback address): the socket and the CONNACK, or None
+    when the node closed the connection without one."""
+    import socket
+    from support import Connack, Connect, decode, encode, split_frames
+    s = socket.socket()
+    s.bind((source, 0))
+    s.settimeout(5)
+    s.connect((node.host, node.port))
+    try:
+        s.sendall(encode(Connect(client_id=client_id, protocol_level=5), 5))
+        data = s.recv(64)
+    except ConnectionResetError:
+        data = b""
+    if not data:
+        s.close()
+        return None, None
+    (first, body), = split_frames(bytearray(data))
+    ack = decode(first, body, 5)
+    assert isinstance(ack, Connack), ack
+    return s, ack
+
+
+@pytest.mark.shoal_only("Shoal's connection limits")
+def test_connection_limits_refuse_at_once_and_the_node_keeps_serving(start_node):
+    import re
+    import time
+    from support import http_json
+    node = start_node(max_connections=12, max_connections_per_address=5)
+    held = []
+    for i in range(5):
+        s, ack = _connect_from(node, "127.0.0.1", f"lim-a{i}")
+        assert ack is not None and ack.reason_code == 0
+        held.append(s)
+    assert _connect_from(node, "127.0.0.1", "lim-a5") == (None, None)  # per address
+    for i in range(5):
+        s, ack = _connect_from(node, "127.0.0.2", f"lim-b{i}")
+        assert ack is not None, i
+        held.append(s)
+    for i in range(2):
+        s, ack = _connect_from(node, "127.0.0.3", f"lim-c{i}")
+        assert ack is not None, i
+        held.append(s)
+    assert _connect_from(node, "127.0.0.4", "lim-d0") == (None, None)  # max_connections
+    held.pop(0).close()  # one from 127.0.0.1 leaves: room again, for its address too
+    deadline = time.monotonic() + 5
+    while True:
+        s, ack = _connect_from(node, "127.0.0.1", "lim-a6")
+        if ack is not None or time.monotonic() > deadline:
+            break
+    assert ack is not None and ack.reason_code == 0
+    held.append(s)
+    status, text = http_json("GET", f"http://{node.host}:{node.admin_port}/metrics")
+    counts = dict(re.findall(r'^shoal_connections_refused_total\{[^}]*reason="(\w+)"[^}]*\} '
+                             r'(\d+)', text, re.M))
+    assert int(counts["per_address"]) >= 1 and int(counts["max_connections"]) >= 1, counts
+    for s in held:
+        s.close()
+
+
+@pytest.mark.shoal_only("Shoal's connection limits")
+def test_connection_rate_per_address(start_node):
+    from support import let_time_pass
+    node = start_node(max_connection_rate=5)
+    results = [_connect_from(node, "127.0.0.5", f"rate-{i}") for i in range(12)]
+    accepted = [s for s, ack in results if ack is not None]
+    assert 5 <= len(accepted) <= 7, len(accepted)  # (the window may turn once meanwhile)
+    s, ack = _connect_from(node, "127.0.0.6", "rate-other")  # another address: its own rate
+    assert ack is not None
+    let_time_pass(1.1)  # the one-second window passes (elapsed time is the behaviour)
+    s2, ack = _connect_from(node, "127.0.0.5", "rate-later")
+    assert ack is not None
+    for c in accepted + [s, s2]:
+        c.close()
