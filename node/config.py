@@ -205,8 +205,9 @@ class Config:
         7200, "Seconds an MQTT 3.1.1 Clean Session 0 session outlives its connection.",
         _int_range(0))
     max_session_expiry: int = _opt(
-        4294967295, "Cap, in seconds, on an MQTT 5.0 client's Session Expiry Interval "
-        "(4294967295 = never expire).", _int_range(0, 4294967295))
+        604800, "Cap, in seconds, on an MQTT 5.0 client's Session Expiry Interval (7 days by "
+        "default: a client asking for more, or for never, is told this one in CONNACK; "
+        "4294967295 lets sessions never expire).", _int_range(0, 4294967295))
     max_inflight: int = _opt(32, "Outgoing QoS 1/2 messages awaiting acknowledgement per session.",
                              _int_range(1, 65535))
     max_queue: int = _opt(1000, "Messages queued per session beyond the inflight window "

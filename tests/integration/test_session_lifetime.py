@@ -295,3 +295,14 @@ def test_takeover_moves_inflight_and_queued_messages_to_the_new_connection(node)
         new.send(Puback(p.packet_id))
     assert got == [(b"m0", True), (b"m1", False), (b"m2", False), (b"m3", False)]
     assert new.recv_nothing_for(0.3) == []
+
+
+@pytest.mark.shoal_only("Shoal's default session expiry cap")
+def test_a_session_that_asks_to_never_expire_gets_seven_days(node):
+    """max_session_expiry defaults to 7 days: a v5 client asking for 0xFFFFFFFF (never) is
+    told 604800 in its CONNACK, so abandoned sessions do not pile up for good."""
+    from support import Prop
+    raw = node.raw(5)
+    ack = raw.connect("forever", clean_start=False,
+                      properties={Prop.SESSION_EXPIRY_INTERVAL: 0xFFFFFFFF})
+    assert ack.properties.get(Prop.SESSION_EXPIRY_INTERVAL) == 604800, ack
