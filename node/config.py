@@ -230,6 +230,10 @@ class Config:
         10.0, "Seconds a new connection may take to send its CONNECT, on every listener (the "
         "TLS handshake and the WebSocket upgrade included): then it is closed.",
         _positive_number)
+    max_subscriptions: int = _opt(
+        1000, "Subscriptions one session may hold: a SUBSCRIBE past it gets 0x97 (quota "
+        "exceeded) / 0x80 for the new filters (a filter already held may be replaced); 0 = "
+        "no limit.", _int_range(0))
     max_topic_levels: int = _opt(
         128, "Most levels in a topic name or filter: a deeper PUBLISH is not routed (PUBACK / "
         "PUBREC 0x90 for MQTT 5), a deeper SUBSCRIBE filter gets SUBACK 0x8F / 0x80, a "

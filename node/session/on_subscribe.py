@@ -25,6 +25,7 @@ def on_subscribe(broker, client, pkt) -> None:
     mark = broker.store_mark()
     acl = broker.auth.acl
     rights = acl.rights_of(session) if acl is not None else None
+    max_subs = broker.config.max_subscriptions
     for s in pkt.subscriptions:
         if not valid_topic_filter(s.topic_filter):
             codes.append(ReasonCode.TOPIC_FILTER_INVALID if v5 else ReasonCode.UNSPECIFIED_ERROR)
@@ -32,6 +33,10 @@ def on_subscribe(broker, client, pkt) -> None:
         group, levels = parse_shared(s.topic_filter)
         if topic_too_big(broker.config, levels):
             codes.append(ReasonCode.TOPIC_FILTER_INVALID if v5 else ReasonCode.UNSPECIFIED_ERROR)
+            continue
+        if max_subs and len(session.subscriptions) >= max_subs and \
+                s.topic_filter not in session.subscriptions:
+            codes.append(ReasonCode.QUOTA_EXCEEDED if v5 else ReasonCode.UNSPECIFIED_ERROR)
             continue
         if rights is not None and not rights.may_subscribe(levels):
             # (0x87 not authorized in MQTT 5; 3.1.1 knows only 0x80 failure)

@@ -214,3 +214,19 @@ def test_connection_rate_per_address(start_node):
     assert ack is not None
     for c in accepted + [s, s2]:
         c.close()
+
+
+@pytest.mark.shoal_only("Shoal's max_subscriptions")
+def test_subscriptions_per_session_are_capped(start_node):
+    node = start_node(max_subscriptions=3)
+    raw = node.raw(5)
+    raw.connect("many-subs")
+    raw.send(Subscribe(1, [Subscription(f"q/{i}", 1) for i in range(5)]))
+    assert raw.expect(Suback).reason_codes == [1, 1, 1, 0x97, 0x97]
+    raw.send(Subscribe(2, [Subscription("q/0", 0)]))  # replacing one held: allowed
+    assert raw.expect(Suback).reason_codes == [0]
+    raw4 = node.raw(4)
+    raw4.connect("many-subs-4")
+    raw4.send(Subscribe(1, [Subscription(f"r/{i}", 1) for i in range(4)]))
+    assert raw4.expect(Suback).reason_codes == [1, 1, 1, 0x80]
+    assert raw.ping() < 1
