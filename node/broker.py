@@ -51,7 +51,7 @@ class Broker:
         self.retained = RetainedStore()
         self.counters = Counters()
         self.limits = SessionLimits(config.max_inflight, config.max_queue,
-                                    config.queue_qos0_offline)
+                                    config.queue_qos0_offline, config.max_queue_bytes)
         self.filter_refs: dict[str, int] = {}  # filter -> local subscriptions (cluster routes)
         self.route_waits: list = []  # route announcements not yet acknowledged (cluster)
         self._all_done_last = None  # (futures, combined): all_done()'s last answer

@@ -213,6 +213,10 @@ class Config:
     max_queue: int = _opt(1000, "Messages queued per session beyond the inflight window "
                           "(see Sessions and queues for what happens past it).", _int_range(1))
     queue_qos0_offline: bool = _opt(False, "Also queue QoS 0 messages for offline sessions.")
+    max_queue_bytes: int = _opt(
+        16 << 20, "Bytes (payloads and topics) queued per session at most, besides the count "
+        "`max_queue`; past it the same drop policy applies (the oldest QoS 0 message, else "
+        "the oldest); 0 = no byte cap.", _int_range(0))
     max_packet_size: int = _opt(1048576, "Largest MQTT packet accepted, in bytes.",
                                 _int_range(16, 268435460))
     max_connections: int = _opt(

@@ -234,6 +234,7 @@ class SessionJournal:
                 else:
                     queue.append((msg, qos, retain, sub_ids_in(sub_ids), key))
             session.inflight_in = set(data.incoming)
+            session.count_queue_bytes()
             sessions.append((session, subs))
         if expired:
             counters.expired_messages += expired

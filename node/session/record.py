@@ -125,6 +125,7 @@ def session_from_record(r: dict, limits, counters) -> tuple[Session, list]:
             s.queue.append((message_from_record(m), qos, retain, sub_ids_in(sub_ids), 0))
             if qos == 0:
                 s.queued_qos0 += 1
+        s.count_queue_bytes()
         s.inflight_in = set(r["inflight_in"])
         w = r["will"]
         s.will = None if w is None else Will(w[0], w[1], w[2], w[3], props_in(w[4]) or {})

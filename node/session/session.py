@@ -112,11 +112,14 @@ class Counters:
 
 
 class SessionLimits:
-    __slots__ = ("max_inflight", "max_queue", "queue_qos0_offline", "read_check")
+    __slots__ = ("max_inflight", "max_queue", "queue_qos0_offline", "read_check",
+                 "max_queue_bytes")
 
-    def __init__(self, max_inflight: int, max_queue: int, queue_qos0_offline: bool) -> None:
+    def __init__(self, max_inflight: int, max_queue: int, queue_qos0_offline: bool,
+                 max_queue_bytes: int = 0) -> None:
         self.max_inflight = max_inflight
         self.max_queue = max_queue
+        self.max_queue_bytes = max_queue_bytes  # 0: no byte cap
         self.queue_qos0_offline = queue_qos0_offline
         # read_check(session, topic) -> bool: may a message on topic be delivered to the
         # session? Set by the broker while its ACL has deny rules; None otherwise
@@ -129,6 +132,7 @@ class Session:
         "inflight_in", "window", "limits", "counters", "next_pid", "expiry_interval",
         "expires_at", "will", "will_delay", "will_at", "version", "dropping", "created_at",
         "timer_gen", "epoch", "gate", "journal", "seq", "handover", "username", "rights",
+        "queue_bytes",
         "__weakref__",
     )
 
@@ -140,6 +144,7 @@ class Session:
         self.inflight_out: dict[int, OutFlight] = {}
         self.queue: collections.deque = collections.deque()  # (msg, qos, retain, sub_ids)
         self.queued_qos0 = 0
+        self.queue_bytes = 0  # payload and topic bytes of the queued messages (max_queue_bytes)
         self.inflight_in: set[int] = set()
         self.limits = limits
         self.window = limits.max_inflight
@@ -246,6 +251,7 @@ class Session:
         self.client = None
         self.timer_gen += 1
         self.queue.clear()
+        self.queue_bytes = 0
         self.inflight_out.clear()
         if self.journal is not None:
             self.journal.forget(self)
@@ -319,16 +325,24 @@ class Session:
             self.counters.qos0_offline_discarded += 1
             return 0
         queue = self.queue
-        if len(queue) >= self.limits.max_queue:
+        limits = self.limits
+        size = len(msg.payload) + len(msg.topic)
+        max_bytes = limits.max_queue_bytes
+        if max_bytes and size > max_bytes:
+            self._dropped(1)  # (alone larger than the whole queue may be)
+            return 0
+        while len(queue) >= limits.max_queue or (
+                max_bytes and queue and self.queue_bytes + size > max_bytes):
             # Drop policy: the oldest QoS 0 message (the new one counts as the newest),
             # else the oldest message. A new QoS 0 message with no older QoS 0 queued is
             # itself the oldest QoS 0, so it is the one dropped.
             if self.queued_qos0:
                 if queue[0][1] == 0:
-                    del queue[0]
+                    gone = queue.popleft()
                 else:
                     for i, item in enumerate(queue):
                         if item[1] == 0:
+                            gone = item
                             del queue[i]
                             break
                 self.queued_qos0 -= 1
@@ -336,17 +350,24 @@ class Session:
                 self._dropped(1)
                 return 0
             else:
-                key = queue.popleft()[4]
-                if key:
-                    self.journal.remove(self, key)
+                gone = queue.popleft()
+                if gone[4]:
+                    self.journal.remove(self, gone[4])
+            self.queue_bytes -= len(gone[0].payload) + len(gone[0].topic)
             self._dropped(1)
         key = 0
         if qos and self.journal is not None:
             key = self.journal.queued(self, msg, qos, retain, sub_ids)
         queue.append((msg, qos, retain, sub_ids, key))
+        self.queue_bytes += size
         if qos == 0:
             self.queued_qos0 += 1
         return key
+
+    def count_queue_bytes(self) -> None:
+        """``queue_bytes`` from the queue itself (after it was filled or rebuilt whole)."""
+        self.queue_bytes = sum(len(item[0].payload) + len(item[0].topic)
+                               for item in self.queue)
 
     def _dropped(self, n: int) -> None:
         self.counters.dropped_messages += n
@@ -371,6 +392,7 @@ class Session:
             if qos and len(inflight) >= self.window:
                 break
             queue.popleft()
+            self.queue_bytes -= len(msg.payload) + len(msg.topic)
             if qos == 0:
                 self.queued_qos0 -= 1
             if msg.expires_at is not None and now >= msg.expires_at:
@@ -402,6 +424,7 @@ class Session:
         if removed:
             self.queue = collections.deque(kept)
             self.queued_qos0 = sum(1 for item in kept if item[1] == 0)
+            self.count_queue_bytes()
             self.counters.expired_messages += removed
         return removed
 

@@ -230,3 +230,29 @@ def test_subscriptions_per_session_are_capped(start_node):
     raw4.send(Subscribe(1, [Subscription(f"r/{i}", 1) for i in range(4)]))
     assert raw4.expect(Suback).reason_codes == [1, 1, 1, 0x80]
     assert raw.ping() < 1
+
+
+@pytest.mark.shoal_only("Shoal's max_queue_bytes")
+def test_a_session_queue_is_bounded_in_bytes(start_node):
+    """An offline persistent session queues at most max_queue_bytes: the oldest messages
+    are dropped past it (here 2 MiB: 4 of 20 messages of 500 KB stay)."""
+    from support import Prop, Puback
+    node = start_node(max_queue_bytes=2 * 1024 * 1024, max_packet_size=4 * 1024 * 1024)
+    sub = node.raw(5)
+    sub.connect("qbytes", clean_start=False, properties={Prop.SESSION_EXPIRY_INTERVAL: 300})
+    sub.subscribe("qb/t", qos=1)
+    sub.disconnect()
+    pub = node.raw(5)
+    pub.connect("qbytes-pub")
+    for i in range(20):
+        pub.publish("qb/t", bytes([i]) * 500_000, qos=1)
+    back = node.raw(5)
+    ack = back.connect("qbytes", clean_start=False,
+                       properties={Prop.SESSION_EXPIRY_INTERVAL: 300})
+    assert ack.session_present
+    got = []
+    for p in back.recv_nothing_for(2.0):
+        if isinstance(p, Publish):
+            got.append(p.payload[0])
+            back.send(Puback(p.packet_id))
+    assert got == [16, 17, 18, 19], got

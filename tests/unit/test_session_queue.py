@@ -192,3 +192,37 @@ def test_hand_over_marks_travel_with_the_stored_record_but_not_the_snapshot():
     assert HandoverMark.of(before) == HandoverMark(Handed("n2", 7, 40), {"n1": (3, [5, 6])})
     del old["handed"], old["late_seen"]
     assert HandoverMark.of(session_from_record(old, s.limits, s.counters)[0]) == HandoverMark()
+
+
+def test_the_queue_is_bounded_in_bytes_and_its_byte_count_stays_exact():
+    """max_queue_bytes: the same drop policy past the byte cap; a message larger than the
+    cap is dropped alone; queue_bytes always equals what is queued (random deliveries,
+    attaches, acknowledgements and expiries)."""
+    import random
+    rng = random.Random(7)
+    s = Session("c", SessionLimits(4, 1000, True, max_queue_bytes=1000), Counters())
+
+    def big(n, size, qos=1):
+        return Message("t/x", bytes([n % 256]) * size, qos, False, None, None, "pub")
+
+    for n in range(10):
+        s.deliver(big(n, 197), 1, False, None)  # 200 bytes each with the topic
+    assert len(s.queue) == 5 and s.queue_bytes == 1000
+    assert [m.payload[0] for m, *_ in s.queue] == [5, 6, 7, 8, 9]
+    s.deliver(big(99, 2000), 1, False, None)  # alone beyond the cap
+    assert len(s.queue) == 5 and s.queue_bytes == 1000
+    client = RecordingClient()
+    for _ in range(2000):
+        op = rng.random()
+        if op < 0.6:
+            q = rng.choice((0, 1, 2))
+            s.deliver(big(rng.randrange(256), rng.randrange(0, 400), q), q, False, None)
+        elif op < 0.7 and s.client is None:
+            s.attach(client, receive_maximum=4)
+        elif op < 0.8 and s.client is not None:
+            s.detach("test")
+        elif op < 0.95 and s.inflight_out:
+            pid = next(iter(s.inflight_out))
+            s.on_puback(pid) or s.on_pubrec(pid, 0)
+        assert s.queue_bytes == sum(len(m.payload) + len(m.topic) for m, *_ in s.queue)
+        assert s.queue_bytes <= 1000
