@@ -262,6 +262,10 @@ class Config:
                         _int_range(0, 2))
     write_buffer_high: int = _opt(262144, "Per-connection transport high-water mark in bytes; "
                                   "past it deliveries to that client pause.", _int_range(1))
+    max_output_buffer: int = _opt(
+        8 << 20, "Bytes waiting to be sent to one client at most: messages stop at "
+        "`write_buffer_high` (the session queues them), but acknowledgements and PINGRESPs of "
+        "a client that never reads are closed past this.", _int_range(65536))
     shutdown_grace: float = _opt(5.0, "Seconds a stopping node waits for connections to close "
                                  "and the store to flush.", _non_negative_number)
     durability: str = _opt(

@@ -153,6 +153,8 @@ def broker_metrics(expo: Exposition, broker, ready: bool) -> None:
     expo.counter("shoal_connects_refused_total", "CONNECTs refused by authentication "
                  "(bad or unknown credentials, anonymous where not allowed, checks busy).",
                  broker.auth.refused)
+    expo.counter("shoal_output_overflows_total", "Connections closed because the client "
+                 "did not read past max_output_buffer.", c.output_overflows)
     for reason, count in broker.admission.refused.items():
         expo.counter("shoal_connections_refused_total", "Connections closed at once by "
                      "max_connections, max_connections_per_address or max_connection_rate.",

@@ -405,6 +405,23 @@ class MqttProtocol(asyncio.Protocol):
         self.transport.write(out[0] if len(out) == 1 else b"".join(out))
         out.clear()
         self.out_bytes = 0
+        if not self.writable and self.transport.get_write_buffer_size() > \
+                self.broker.config.max_output_buffer:
+            self._output_overflow()
+
+    def _output_overflow(self) -> None:
+        """The client does not read what it asks for (acknowledgements, PINGRESPs: what
+        flow control cannot hold back): past max_output_buffer the connection goes."""
+        if self.closing:
+            return
+        self.broker.counters.output_overflows += 1
+        log.warning("client does not read: %d bytes waiting, over max_output_buffer; "
+                    "closing client_id=%s peer=%s node=%s",
+                    self.transport.get_write_buffer_size(), self.client_id, self.peer,
+                    self.broker.node_id)
+        self._close(None, send_will=True)
+        if self.transport is not None:
+            self.transport.abort()  # (what is buffered would never be read)
 
     def send(self, packet) -> None:
         self.write(self.conn.send(packet))

@@ -90,7 +90,7 @@ class Counters:
     __slots__ = ("messages_in", "messages_out", "dropped_messages", "expired_messages",
                  "qos0_offline_discarded", "messages_in_qos1", "messages_in_qos2",
                  "messages_out_qos1", "messages_out_qos2", "publishes_refused",
-                 "subscriptions_refused", "deliveries_refused")
+                 "subscriptions_refused", "deliveries_refused", "output_overflows")
 
     def __init__(self) -> None:
         self.messages_in = 0
@@ -106,6 +106,7 @@ class Counters:
         self.publishes_refused = 0  # (to a server topic: $SYS/..., or denied by the ACL)
         self.subscriptions_refused = 0  # (denied by the ACL)
         self.deliveries_refused = 0  # (messages an ACL deny rule kept from a subscriber)
+        self.output_overflows = 0  # connections closed past max_output_buffer
 
     def as_dict(self) -> dict:
         return {name: getattr(self, name) for name in self.__slots__}

@@ -256,3 +256,32 @@ def test_a_session_queue_is_bounded_in_bytes(start_node):
             got.append(p.payload[0])
             back.send(Puback(p.packet_id))
     assert got == [16, 17, 18, 19], got
+
+
+@pytest.mark.shoal_only("Shoal's max_output_buffer")
+def test_a_client_that_never_reads_its_pingresps_is_closed(start_node):
+    """PINGREQs sent without reading the PINGRESPs: past max_output_buffer the node closes
+    the connection (instead of buffering without end), and keeps serving others."""
+    import socket
+    from support import Connect, Pingreq, encode
+    node = start_node(max_output_buffer=65536)
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect((node.host, node.port))
+    s.sendall(encode(Connect(client_id="never-reads", protocol_level=5), 5))
+    block = encode(Pingreq(), 5) * 65536  # 128 KiB of PINGREQs per write
+    s.settimeout(10)
+    sent, closed = 0, False
+    try:
+        while sent < 64 << 20:
+            s.sendall(block)
+            sent += len(block)
+    except (BrokenPipeError, ConnectionResetError):
+        closed = True
+    s.close()
+    assert closed, f"still open after {sent} bytes of PINGREQs"
+    assert sent < 48 << 20, sent
+    other = node.raw(5)
+    other.connect("reads-fine")
+    assert other.ping() < 1
+    assert "client does not read" in node.log_tail(50)
