@@ -264,13 +264,14 @@ def _limit(request: web.Request) -> int:
     return limit
 
 
-def _page(keys: list, items: list, after, limit: int) -> dict:
-    """``keys`` sorted, ``items`` in the same order: the page after ``after``."""
+def _page(keys: list, view, after, limit: int) -> dict:
+    """``keys`` sorted: the page after ``after``, ``view(key)`` of each (only the page's
+    views are built: a page of a big listing costs its sort, not a view per item)."""
     start = 0 if after is None else bisect.bisect_right(keys, after)
-    page = items[start:start + limit]
-    more = start + limit < len(items)
-    return {"items": page, "next": keys[start + limit - 1] if more and page else None,
-            "total": len(items)}
+    chosen = keys[start:start + limit]
+    more = start + limit < len(keys)
+    return {"items": [view(k) for k in chosen], "next": chosen[-1] if more and chosen
+            else None, "total": len(keys)}
 
 
 def _encode_cursor(key: tuple) -> str:
@@ -326,9 +327,8 @@ def _connected(broker) -> dict:
 
 def _clients(request: web.Request, limit: int) -> dict:
     clients = _connected(request.app[BROKER])
-    keys = sorted(clients)
-    return _page(keys, [_client_view(clients[k]) for k in keys], request.query.get("after"),
-                 limit)
+    return _page(sorted(clients), lambda k: _client_view(clients[k]),
+                 request.query.get("after"), limit)
 
 
 async def api_client(request: web.Request) -> web.Response:
@@ -440,8 +440,7 @@ def _session_detail(broker, session) -> dict:
 
 def _sessions(request: web.Request, limit: int) -> dict:
     sessions = request.app[BROKER].sessions
-    keys = sorted(sessions)
-    return _page(keys, [_session_summary(sessions[k]) for k in keys],
+    return _page(sorted(sessions), lambda k: _session_summary(sessions[k]),
                  request.query.get("after"), limit)
 
 
@@ -468,18 +467,29 @@ def _subscriptions(request: web.Request, limit: int) -> dict:
     sessions = request.app[BROKER].sessions
     only = request.query.get("client_id")
     ids = [only] if only is not None else sorted(sessions)
-    keys, items = [], []
-    for cid in ids:
+    after = _decode_cursor(request.query.get("after"))
+    # sessions before the cursor's are skipped whole; filters are sorted per session
+    start = 0 if after is None else bisect.bisect_left(ids, after[0])
+    items: list = []
+    last = None
+    more = False
+    for cid in ids[start:]:
         session = sessions.get(cid)
         if session is None:
             continue
-        for topic_filter, entry in sorted(session.subscriptions.items()):
-            keys.append((cid, topic_filter))
-            items.append(dict(_sub_view(entry), client_id=cid))
-    page = _page(keys, items, _decode_cursor(request.query.get("after")), limit)
-    if page["next"] is not None:
-        page["next"] = _encode_cursor(page["next"])
-    return page
+        for topic_filter in sorted(session.subscriptions):
+            if after is not None and (cid, topic_filter) <= after:
+                continue
+            if len(items) == limit:
+                more = True
+                break
+            items.append(dict(_sub_view(session.subscriptions[topic_filter]), client_id=cid))
+            last = (cid, topic_filter)
+        if more:
+            break
+    total = sum(len(sessions[c].subscriptions) for c in ids if c in sessions)
+    return {"items": items, "next": _encode_cursor(last) if more and last else None,
+            "total": total}
 
 
 def _retained_view(msg) -> dict:
@@ -491,8 +501,7 @@ def _retained_view(msg) -> dict:
 
 def _retained(request: web.Request, limit: int) -> dict:
     retained = dict(request.app[BROKER].retained.items())
-    keys = sorted(retained)
-    return _page(keys, [_retained_view(retained[k]) for k in keys],
+    return _page(sorted(retained), lambda k: _retained_view(retained[k]),
                  request.query.get("after"), limit)
 
 
