@@ -258,6 +258,14 @@ class Config:
                                "accepts any keep-alive, 0 included (a silent connection is "
                                "then never closed).", _int_range(0, 65535))
     retain_available: bool = _opt(True, "Accept and store retained messages.")
+    max_retained: int = _opt(
+        100_000, "Retained messages a node keeps at most: a retained PUBLISH to a new topic "
+        "past it is not accepted (PUBACK / PUBREC 0x97 for MQTT 5; 3.1.1: acknowledged and "
+        "dropped); replacing or clearing one is accepted. 0 = no limit.", _int_range(0))
+    max_retained_bytes: int = _opt(
+        256 << 20, "Bytes (payloads and topics) of retained messages a node keeps at most: a "
+        "retained PUBLISH that would grow them past it gets the same answer as past "
+        "`max_retained`; 0 = no limit.", _int_range(0))
     max_qos: int = _opt(2, "Highest QoS granted to subscriptions and accepted on PUBLISH.",
                         _int_range(0, 2))
     write_buffer_high: int = _opt(262144, "Per-connection transport high-water mark in bytes; "

@@ -203,15 +203,25 @@ class RetainedStore:
 
     def __init__(self) -> None:
         self._by_topic: dict = {}
+        self.bytes = 0  # payloads and topics held (max_retained_bytes)
 
     def __len__(self) -> int:
         return len(self._by_topic)
 
+    def get(self, topic: str):
+        return self._by_topic.get(topic)
+
     def set(self, topic: str, message) -> None:
+        old = self._by_topic.get(topic)
+        if old is not None:
+            self.bytes -= len(old.payload) + len(topic)
         self._by_topic[topic] = message
+        self.bytes += len(message.payload) + len(topic)
 
     def delete(self, topic: str) -> None:
-        self._by_topic.pop(topic, None)
+        old = self._by_topic.pop(topic, None)
+        if old is not None:
+            self.bytes -= len(old.payload) + len(topic)
 
     def matching(self, topic_filter: str) -> Iterator:
         if "+" not in topic_filter and "#" not in topic_filter:

@@ -34,6 +34,10 @@ def on_publish(broker, client, pkt) -> None:
             len(topic) * 4 > config.max_topic_length and topic_too_big(config, topic)):
         _refuse_server_topic(broker, client, pkt, ReasonCode.TOPIC_NAME_INVALID)
         return
+    if pkt.retain and pkt.payload and _retained_full(broker, config, topic, pkt.payload):
+        broker.counters.retained_refused += 1
+        _refuse_server_topic(broker, client, pkt, ReasonCode.QUOTA_EXCEEDED)
+        return
     acl = broker.auth.acl
     if acl is not None:
         rights = session.rights
@@ -64,6 +68,19 @@ def on_publish(broker, client, pkt) -> None:
     if qos == 1:
         broker.counters.messages_in_qos1 += 1
         _acknowledge(broker, client, client.write_puback, pkt.packet_id, n, mark)
+
+
+def _retained_full(broker, config, topic: str, payload) -> bool:
+    """Would a new retained message pass max_retained / max_retained_bytes? (Replacing
+    one is judged by the bytes it adds.)"""
+    retained = broker.retained
+    old = retained.get(topic)
+    if old is None and config.max_retained and len(retained) >= config.max_retained:
+        return True
+    if config.max_retained_bytes:
+        grow = len(payload) + (len(topic) if old is None else -len(old.payload))
+        return grow > 0 and retained.bytes + grow > config.max_retained_bytes
+    return False
 
 
 def _refuse_server_topic(broker, client, pkt, reason: int = ReasonCode.NOT_AUTHORIZED) -> None:

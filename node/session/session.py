@@ -90,7 +90,8 @@ class Counters:
     __slots__ = ("messages_in", "messages_out", "dropped_messages", "expired_messages",
                  "qos0_offline_discarded", "messages_in_qos1", "messages_in_qos2",
                  "messages_out_qos1", "messages_out_qos2", "publishes_refused",
-                 "subscriptions_refused", "deliveries_refused", "output_overflows")
+                 "subscriptions_refused", "deliveries_refused", "output_overflows",
+                 "retained_refused")
 
     def __init__(self) -> None:
         self.messages_in = 0
@@ -107,6 +108,7 @@ class Counters:
         self.subscriptions_refused = 0  # (denied by the ACL)
         self.deliveries_refused = 0  # (messages an ACL deny rule kept from a subscriber)
         self.output_overflows = 0  # connections closed past max_output_buffer
+        self.retained_refused = 0  # retained PUBLISHes past max_retained(_bytes)
 
     def as_dict(self) -> dict:
         return {name: getattr(self, name) for name in self.__slots__}

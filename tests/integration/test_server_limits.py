@@ -285,3 +285,27 @@ def test_a_client_that_never_reads_its_pingresps_is_closed(start_node):
     other.connect("reads-fine")
     assert other.ping() < 1
     assert "client does not read" in node.log_tail(50)
+
+
+@pytest.mark.shoal_only("Shoal's max_retained")
+def test_retained_messages_are_capped_in_count_and_bytes(start_node):
+    from support import Puback
+    node = start_node(max_retained=3, max_retained_bytes=10_000)
+    pub = node.raw(5)
+    pub.connect("ret-cap")
+
+    def code(topic, payload):
+        pid = pub.next_id()
+        pub.send(Publish(topic, payload, qos=1, retain=True, packet_id=pid))
+        return pub.await_packet(lambda p: isinstance(p, Puback) and p.packet_id == pid,
+                                "PUBACK").reason_code
+    assert [code(f"rc/{i}", b"x") for i in range(4)] == [0x10, 0x10, 0x10, 0x97]
+    assert code("rc/0", b"replaced") == 0x10      # replacing one: accepted
+    assert code("rc/1", b"") == 0x10              # clearing one: accepted
+    assert code("rc/9", b"y" * 5000) == 0x10      # room again (count), bytes fit
+    assert code("rc/2", b"z" * 6000) == 0x97      # would pass 10,000 bytes
+    sub = node.raw(5)
+    sub.connect("ret-cap-sub")
+    sub.send(Subscribe(1, [Subscription("rc/#", 0)]))
+    got = sorted(p.topic for p in sub.recv_nothing_for(0.5) if isinstance(p, Publish))
+    assert got == ["rc/0", "rc/2", "rc/9"], got

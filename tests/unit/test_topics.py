@@ -62,15 +62,22 @@ def test_shared_groups_are_matched_as_groups():
     tree.remove("t/#", "c2", "g")
     assert tree.match("t/1").groups == []
 
-def test_retained_lookup_by_filter():
+def test_retained_lookup_by_filter_and_byte_count():
+    from types import SimpleNamespace
     store = RetainedStore()
     for t in ("a/b", "a/c", "x/y", "$SYS/z"):
-        store.set(t, t)
-    assert sorted(store.matching("a/+")) == ["a/b", "a/c"]
-    assert list(store.matching("x/y")) == ["x/y"]
-    assert sorted(store.matching("#")) == ["a/b", "a/c", "x/y"]
+        store.set(t, SimpleNamespace(topic=t, payload=t.encode() * 2))
+
+    def topics(found):
+        return sorted(m.topic for m in found)
+    assert topics(store.matching("a/+")) == ["a/b", "a/c"]
+    assert topics(store.matching("x/y")) == ["x/y"]
+    assert topics(store.matching("#")) == ["a/b", "a/c", "x/y"]
+    assert store.bytes == 3 * 9 + 18
     store.delete("a/b")
-    assert sorted(store.matching("a/#")) == ["a/c"]
+    store.set("a/c", SimpleNamespace(topic="a/c", payload=b"1"))
+    assert topics(store.matching("a/#")) == ["a/c"]
+    assert store.bytes == (3 + 1) + (3 + 6) + (6 + 12)
 
 
 def test_the_match_cache_is_bounded_in_bytes_and_deep_topics_do_not_recurse():
