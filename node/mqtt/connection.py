@@ -67,6 +67,11 @@ _VALID_DISCONNECT_REASONS = frozenset({
 })
 
 
+#: outbound topic aliases one connection keeps at most, and the topic characters they hold
+OUT_ALIASES = 1024
+OUT_ALIAS_BYTES = 64 * 1024
+
+
 class MqttConnection:
     """One client connection, seen from the broker.
 
@@ -80,7 +85,7 @@ class MqttConnection:
         "max_packet_size", "topic_alias_maximum",
         "_client", "_server", "_accept", "_error", "_halt",
         "_buf", "_pos", "_chunks", "_chunks_len", "_eof",
-        "_in_aliases", "_out_aliases",
+        "_in_aliases", "_out_aliases", "_out_alias_bytes",
     )
 
     def __init__(self, *, max_packet_size: int = DEFAULT_MAX_PACKET_SIZE,
@@ -103,6 +108,7 @@ class MqttConnection:
         self._eof = False
         self._in_aliases: dict[int, str] = {}
         self._out_aliases: dict[str, int] = {}
+        self._out_alias_bytes = 0  # topic characters kept by _out_aliases
 
     def __repr__(self) -> str:
         return (f"<MqttConnection v{self.version} {self.state.name} "
@@ -315,7 +321,11 @@ class MqttConnection:
         if version == 5 and self.peer_topic_alias_maximum:
             aliases = self._out_aliases
             alias = aliases.get(topic)
-            new = alias is None and len(aliases) < self.peer_topic_alias_maximum
+            # (the client may allow 65,535: we keep at most OUT_ALIASES of them, and
+            # OUT_ALIAS_BYTES of topics, whatever it allows)
+            new = alias is None and len(aliases) < self.peer_topic_alias_maximum and \
+                len(aliases) < OUT_ALIASES and \
+                self._out_alias_bytes + len(topic) <= OUT_ALIAS_BYTES
             if new:
                 alias = len(aliases) + 1
             if alias is not None:
@@ -335,6 +345,7 @@ class MqttConnection:
                 if len(head) + len(tail) + extra <= limit:
                     if new:
                         aliases[topic] = alias
+                        self._out_alias_bytes += len(topic)
                     return _join(head, tail, qos, packet_id)
         head, tail = publish_parts(version, topic, payload, qos, retain, dup, properties)
         return _join(head, tail, qos, packet_id)

@@ -521,3 +521,20 @@ def test_error_reply_other_connect_errors_are_nothing():
     conn = MqttConnection()
     err = failing(conn, b"\x10\x02\x00\x00")
     assert conn.error_reply(err) == b""
+
+
+def test_outbound_aliases_are_bounded_whatever_the_client_allows():
+    """A client allowing 65,535 aliases does not make the connection keep 65,535 topics:
+    at most OUT_ALIASES of them and OUT_ALIAS_BYTES of topic text; the others go in full."""
+    from node.mqtt.connection import OUT_ALIAS_BYTES, OUT_ALIASES
+    conn = connected(5, props={"topic_alias_maximum": 65535})
+    for i in range(3000):
+        topic = f"long/{i}/" + "x" * 1000
+        frame = conn.encode_publish(topic, b"p", 0, False, False, 0, None)
+        assert topic.encode() in frame  # (its first PUBLISH, aliased or not, names it)
+    # (filled to within one topic of the byte bound, and no further)
+    assert OUT_ALIAS_BYTES - 1010 < conn._out_alias_bytes <= OUT_ALIAS_BYTES
+    short = connected(5, props={"topic_alias_maximum": 65535})
+    for i in range(5000):
+        short.encode_publish(f"s/{i}", b"p", 0, False, False, 0, None)
+    assert len(short._out_aliases) == OUT_ALIASES
