@@ -19,7 +19,7 @@ import logging
 import time
 
 from .auth import Authenticator
-from .limits import ConnectionLimits
+from .limits import ConnectionLimits, FlappingGuard
 from .mqtt.codes import EXPIRY_NEVER, ReasonCode
 from .mqtt.topic_rules import parse_shared
 from .ownership import Claim, ClusterHooks, LocalCluster
@@ -42,6 +42,7 @@ class Broker:
         self.config = config
         self.auth = Authenticator(config)  # who may connect (node/auth.py)
         self.admission = ConnectionLimits(config)  # how many connections (node/limits.py)
+        self.flapping = FlappingGuard(config)  # ClientIDs that reconnect without end
         self.node_id = config.node_id
         self.cluster: ClusterHooks = LocalCluster(config.node_id)
         self.clustered = False

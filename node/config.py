@@ -230,6 +230,14 @@ class Config:
     max_connection_rate: int = _opt(
         0, "New connections per second from one source address at most; past it they are "
         "closed at once; 0 = no limit.", _int_range(0))
+    flapping_connects: int = _opt(
+        0, "A ClientID that connects more than this many times within `flapping_window` "
+        "seconds is refused for `flapping_ban` seconds (CONNACK 0x9F / 3); 0 = off.",
+        _int_range(0))
+    flapping_window: float = _opt(60.0, "Seconds over which `flapping_connects` counts.",
+                                  _positive_number)
+    flapping_ban: float = _opt(60.0, "Seconds a flapping ClientID is refused.",
+                               _positive_number)
     connect_timeout: float = _opt(
         10.0, "Seconds a new connection may take to send its CONNECT, on every listener (the "
         "TLS handshake and the WebSocket upgrade included): then it is closed.",

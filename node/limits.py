@@ -12,10 +12,10 @@ once the header is read.
 
 from __future__ import annotations
 
-__all__ = ["ConnectionLimits", "RESERVED_FDS", "default_max_connections"]
+__all__ = ["ConnectionLimits", "FlappingGuard", "RESERVED_FDS", "default_max_connections"]
 
 RESERVED_FDS = 256
-MAX_TRACKED_ADDRESSES = 100_000  # rate windows kept at most (older ones are dropped)
+MAX_TRACKED_ADDRESSES = 100_000  # rate windows (addresses, ClientIDs) kept at most
 
 
 def default_max_connections() -> int:
@@ -91,3 +91,51 @@ class ConnectionLimits:
             del self.windows[a]
         if len(self.windows) >= MAX_TRACKED_ADDRESSES:
             self.windows.clear()  # (a flood from that many addresses: start over)
+
+
+class FlappingGuard:
+    """``flapping_connects``: a ClientID that connects more than that many times within
+    ``flapping_window`` seconds is refused (CONNACK 0x9F, connection rate exceeded; 3.1.1:
+    3) for ``flapping_ban`` seconds (a client stuck in a reconnect loop, or two devices
+    fighting over one ClientID, stop costing the node a takeover each time)."""
+
+    __slots__ = ("limit", "window", "ban", "recent", "banned", "refused")
+
+    def __init__(self, config) -> None:
+        self.limit = config.flapping_connects
+        self.window = config.flapping_window
+        self.ban = config.flapping_ban
+        self.recent: dict[str, list] = {}   # client_id -> [window start, connects in it]
+        self.banned: dict[str, float] = {}  # client_id -> until
+        self.refused = 0
+
+    def check(self, client_id: str, now: float) -> float | None:
+        """Count a CONNECT of ``client_id``: None, or the seconds its ban still lasts."""
+        if not self.limit:
+            return None
+        until = self.banned.get(client_id)
+        if until is not None:
+            if now < until:
+                self.refused += 1
+                return until - now
+            del self.banned[client_id]
+        entry = self.recent.get(client_id)
+        if entry is None or now - entry[0] >= self.window:
+            if entry is None and len(self.recent) >= MAX_TRACKED_ADDRESSES:
+                self._prune(now)
+            self.recent[client_id] = entry = [now, 0]
+        entry[1] += 1
+        if entry[1] > self.limit:
+            del self.recent[client_id]
+            self.banned[client_id] = now + self.ban
+            self.refused += 1
+            return self.ban
+        return None
+
+    def _prune(self, now: float) -> None:
+        for cid in [c for c, e in self.recent.items() if now - e[0] >= self.window]:
+            del self.recent[cid]
+        for cid in [c for c, until in self.banned.items() if now >= until]:
+            del self.banned[cid]
+        if len(self.recent) >= MAX_TRACKED_ADDRESSES:
+            self.recent.clear()

@@ -153,6 +153,8 @@ def broker_metrics(expo: Exposition, broker, ready: bool) -> None:
     expo.counter("shoal_connects_refused_total", "CONNECTs refused by authentication "
                  "(bad or unknown credentials, anonymous where not allowed, checks busy).",
                  broker.auth.refused)
+    expo.counter("shoal_flapping_refused_total", "CONNECTs refused because their ClientID "
+                 "connects too often (flapping_connects).", broker.flapping.refused)
     expo.counter("shoal_retained_refused_total", "Retained PUBLISHes not accepted past "
                  "max_retained / max_retained_bytes.", c.retained_refused)
     expo.counter("shoal_output_overflows_total", "Connections closed because the client "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 
 from ..auth import ACCEPT, CHECK, cert_identity
@@ -37,6 +38,11 @@ AUTH_TIMEOUT = 10.0
 
 def on_connect(broker, client, pkt: Connect) -> None:
     plan = plan_connect(broker, pkt)
+    banned = broker.flapping.check(plan.client_id, time.monotonic())
+    if banned is not None:
+        raise ConnectRefused(ReasonCode.CONNECTION_RATE_EXCEEDED,
+                             f"this ClientID connects too often (flapping): refused for "
+                             f"{banned:.0f} s more")
     auth = broker.auth
     cert = client.transport.get_extra_info("peercert") if client.transport else None
     if broker.config.tls_identity_as_username and cert:

@@ -309,3 +309,19 @@ def test_retained_messages_are_capped_in_count_and_bytes(start_node):
     sub.send(Subscribe(1, [Subscription("rc/#", 0)]))
     got = sorted(p.topic for p in sub.recv_nothing_for(0.5) if isinstance(p, Publish))
     assert got == ["rc/0", "rc/2", "rc/9"], got
+
+
+@pytest.mark.shoal_only("Shoal's flapping detection")
+def test_a_flapping_client_id_is_refused_for_a_while(start_node):
+    from support import let_time_pass
+    node = start_node(flapping_connects=5, flapping_window=30, flapping_ban=2)
+    for i in range(5):
+        c = node.raw(5)
+        assert c.connect("flapper").reason_code == 0
+        c.disconnect()
+    for version, code in ((5, 0x9F), (4, 3)):
+        c = node.raw(version)
+        assert c.connect("flapper", expect_success=False).reason_code == code
+    assert node.raw(5).connect("steady").reason_code == 0  # others are not affected
+    let_time_pass(2.1)  # the ban runs out (elapsed time is the behaviour)
+    assert node.raw(5).connect("flapper").reason_code == 0
