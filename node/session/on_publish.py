@@ -55,7 +55,8 @@ def on_publish(broker, client, pkt) -> None:
             # a re-sent PUBLISH: delivered once already (after the first PUBREC)
             client.ack_after(None, client.write_pubrec, pid, 0)
             return
-        if len(inflight_in) >= config.receive_maximum:
+        # (a 3.1.1 client is never told a Receive Maximum: it may use every packet id)
+        if len(inflight_in) >= (config.receive_maximum if client.v5 else 65535):
             raise ProtocolViolation("more QoS 2 messages unacknowledged than Receive Maximum",
                                     ReasonCode.RECEIVE_MAXIMUM_EXCEEDED)
         inflight_in.add(pid)
