@@ -252,6 +252,24 @@ class WsTransport(asyncio.Transport):
             self._request.transport.close()
 
 
+class _Site(web.TCPSite):
+    """aiohttp's TCP site with a TLS handshake deadline (``connect_timeout``; aiohttp's
+    own leaves asyncio's 60 s)."""
+
+    def __init__(self, *args, handshake_timeout: float, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.handshake_timeout = handshake_timeout
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)  # (registers the site with its runner)
+        extra = {"ssl_handshake_timeout": self.handshake_timeout} if self._ssl_context else {}
+        self._server = await asyncio.get_running_loop().create_server(
+            self._runner.server, self._host, self._port, ssl=self._ssl_context,
+            backlog=self._backlog, reuse_address=self._reuse_address,
+            reuse_port=self._reuse_port, **extra)
+        self._bound_port = self._server.sockets[0].getsockname()[1]
+
+
 class WsListeners:
     """The WebSocket listeners of one node: ``ws_port`` and ``wss_port`` (either may be 0),
     one aiohttp runner. ``protocol_factory()`` makes the ``MqttProtocol`` of a connection."""
@@ -286,8 +304,8 @@ class WsListeners:
         for port, ssl_context, scheme in ((config.ws_port, None, "ws"),
                                           (config.wss_port, self.ssl_context, "wss")):
             if port:
-                site = web.TCPSite(self.runner, config.host, port, ssl_context=ssl_context,
-                                   backlog=2048)
+                site = _Site(self.runner, config.host, port, ssl_context=ssl_context,
+                             backlog=2048, handshake_timeout=config.connect_timeout)
                 await site.start()
                 self.addresses.append(f"{scheme}://{config.host}:{port}{config.ws_path}")
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep_loop())

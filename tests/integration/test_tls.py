@@ -213,3 +213,24 @@ def test_unusable_certificate_or_missing_option_stops_the_start(tmp_path, pki):
     assert result.returncode == 2, result.stderr
     line, = _error_lines(result.stderr)
     assert "tls_cert" in line and "tls_key" in line
+
+
+@pytest.mark.shoal_only("Shoal's connect_timeout on the TLS listeners")
+def test_silent_sockets_on_the_tls_listeners_are_closed_after_connect_timeout(start_node, pki):
+    """No ClientHello ever: the TLS and WSS listeners close the socket after
+    connect_timeout (not asyncio's 60 s), and serve a real client meanwhile."""
+    import socket
+    tls_port, wss_port = unique_free_port(), unique_free_port()
+    node = start_node(tls_port=tls_port, wss_port=wss_port, tls_cert=pki["cert"],
+                      tls_key=pki["key"], connect_timeout=1.5)
+    socks = [socket.create_connection(("127.0.0.1", port), timeout=8)
+             for port in (tls_port, wss_port) for _ in range(10)]
+    secure = node.paho("tls-while-silent", 5, port=tls_port, tls={"ca_certs": pki["ca"]})
+    secure.subscribe("silent/t", qos=1)
+    for s in socks:
+        try:
+            assert s.recv(1) == b""  # closed by the node (in time: the timeout is 8 s)
+        except ConnectionResetError:
+            pass
+        s.close()
+    assert secure.is_connected()
