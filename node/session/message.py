@@ -14,7 +14,7 @@ _WILL_DELAY = PropertyId.WILL_DELAY_INTERVAL
 
 class Message:
     __slots__ = ("topic", "payload", "qos", "retain", "properties", "expires_at", "origin",
-                 "parts", "via", "store_ref")
+                 "parts", "via", "store_ref", "size")
 
     def __init__(self, topic: str, payload: bytes, qos: int, retain: bool,
                  properties: dict | None, expires_at: float | None, origin: str) -> None:
@@ -30,6 +30,7 @@ class Message:
         self.parts: dict | None = None  # encoding cache owned by the delivering side
         self.via: str | None = None  # the node that forwarded it here; None = published here
         self.store_ref = None  # node.store.MessageRef once a persistent session stored it
+        self.size = len(payload) + len(topic)  # what it weighs in a queue (max_queue_bytes)
 
     @classmethod
     def from_publish(cls, pkt, origin: str, now: float | None = None) -> "Message":

@@ -116,13 +116,14 @@ class Counters:
 
 class SessionLimits:
     __slots__ = ("max_inflight", "max_queue", "queue_qos0_offline", "read_check",
-                 "max_queue_bytes")
+                 "max_queue_bytes", "queue_bytes_cap")
 
     def __init__(self, max_inflight: int, max_queue: int, queue_qos0_offline: bool,
                  max_queue_bytes: int = 0) -> None:
         self.max_inflight = max_inflight
         self.max_queue = max_queue
         self.max_queue_bytes = max_queue_bytes  # 0: no byte cap
+        self.queue_bytes_cap = max_queue_bytes or 1 << 62  # (one comparison either way)
         self.queue_qos0_offline = queue_qos0_offline
         # read_check(session, topic) -> bool: may a message on topic be delivered to the
         # session? Set by the broker while its ACL has deny rules; None otherwise
@@ -329,13 +330,12 @@ class Session:
             return 0
         queue = self.queue
         limits = self.limits
-        size = len(msg.payload) + len(msg.topic)
-        max_bytes = limits.max_queue_bytes
-        if max_bytes and size > max_bytes:
+        size = msg.size
+        if size > limits.queue_bytes_cap:
             self._dropped(1)  # (alone larger than the whole queue may be)
             return 0
         while len(queue) >= limits.max_queue or (
-                max_bytes and queue and self.queue_bytes + size > max_bytes):
+                self.queue_bytes + size > limits.queue_bytes_cap and queue):
             # Drop policy: the oldest QoS 0 message (the new one counts as the newest),
             # else the oldest message. A new QoS 0 message with no older QoS 0 queued is
             # itself the oldest QoS 0, so it is the one dropped.
@@ -356,7 +356,7 @@ class Session:
                 gone = queue.popleft()
                 if gone[4]:
                     self.journal.remove(self, gone[4])
-            self.queue_bytes -= len(gone[0].payload) + len(gone[0].topic)
+            self.queue_bytes -= gone[0].size
             self._dropped(1)
         key = 0
         if qos and self.journal is not None:
@@ -369,8 +369,7 @@ class Session:
 
     def count_queue_bytes(self) -> None:
         """``queue_bytes`` from the queue itself (after it was filled or rebuilt whole)."""
-        self.queue_bytes = sum(len(item[0].payload) + len(item[0].topic)
-                               for item in self.queue)
+        self.queue_bytes = sum(item[0].size for item in self.queue)
 
     def _dropped(self, n: int) -> None:
         self.counters.dropped_messages += n
@@ -395,7 +394,7 @@ class Session:
             if qos and len(inflight) >= self.window:
                 break
             queue.popleft()
-            self.queue_bytes -= len(msg.payload) + len(msg.topic)
+            self.queue_bytes -= msg.size
             if qos == 0:
                 self.queued_qos0 -= 1
             if msg.expires_at is not None and now >= msg.expires_at:
