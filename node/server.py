@@ -167,18 +167,16 @@ class MqttProtocol(asyncio.Protocol):
     def _process(self) -> None:
         """Handle every complete packet in the receive buffer."""
         conn = self.conn
-        handlers = self.handlers
         broker = self.broker
         try:
             while True:
                 pkt = conn.next_packet()
                 if pkt is NEED_DATA:
                     return
-                handlers[pkt.__class__](broker, self, pkt)
+                # (the table is read per packet: a CONNECT may switch it, enhanced_auth)
+                self.handlers[pkt.__class__](broker, self, pkt)
                 if self.closing or self.waiting:
                     return
-                if handlers is not self.handlers:
-                    handlers = self.handlers
         except RemoteMqttError as err:
             self._protocol_error(err)
         except ConnectRefused as err:
