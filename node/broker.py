@@ -67,12 +67,16 @@ class Broker:
         self._timers: list = []
         self._seq = itertools.count()
         self._housekeeping: asyncio.Task | None = None
+        # a topic shorter than this has neither max_topic_levels levels nor
+        # max_topic_length bytes (UTF-8: at most 4 per character): on_publish's one test
+        self.topic_check_len = min(config.max_topic_levels, config.max_topic_length // 4 + 1)
+        self.acl = None
         self._apply_acl()
 
     # -- who may do what (node/auth.py, node/acl.py) ---------------------------------------
 
     def _apply_acl(self) -> None:
-        acl = self.auth.acl
+        acl = self.acl = self.auth.acl  # (the publish path reads it here: one attribute)
         self.limits.read_check = self._may_read if acl is not None and acl.has_deny else None
 
     def _may_read(self, session: Session, topic: str) -> bool:

@@ -26,19 +26,20 @@ def on_publish(broker, client, pkt) -> None:
         raise ProtocolViolation("Subscription Identifier in a client PUBLISH")  # [MQTT-3.3.4-6]
     session = client.session
     broker.counters.messages_in += 1
-    if pkt.topic.startswith("$"):
-        _refuse_server_topic(broker, client, pkt)
-        return
     topic = pkt.topic
-    if topic.count("/") >= config.max_topic_levels or (
-            len(topic) * 4 > config.max_topic_length and topic_too_big(config, topic)):
+    # one length test for the usual topic: shorter than broker.topic_check_len, it can
+    # have neither max_topic_levels levels nor max_topic_length bytes
+    if len(topic) >= broker.topic_check_len and topic_too_big(config, topic):
         _refuse_server_topic(broker, client, pkt, ReasonCode.TOPIC_NAME_INVALID)
+        return
+    if topic.startswith("$"):
+        _refuse_server_topic(broker, client, pkt)
         return
     if pkt.retain and pkt.payload and _retained_full(broker, config, topic, pkt.payload):
         broker.counters.retained_refused += 1
         _refuse_server_topic(broker, client, pkt, ReasonCode.QUOTA_EXCEEDED)
         return
-    acl = broker.auth.acl
+    acl = broker.acl
     if acl is not None:
         rights = session.rights
         if rights is None or rights.acl is not acl:

@@ -331,11 +331,11 @@ class Session:
         queue = self.queue
         limits = self.limits
         size = msg.size
-        if size > limits.queue_bytes_cap:
-            self._dropped(1)  # (alone larger than the whole queue may be)
-            return 0
-        while len(queue) >= limits.max_queue or (
-                self.queue_bytes + size > limits.queue_bytes_cap and queue):
+        cap = limits.queue_bytes_cap
+        while len(queue) >= limits.max_queue or self.queue_bytes + size > cap:
+            if size > cap:
+                self._dropped(1)  # (alone larger than the whole queue may be)
+                return 0
             # Drop policy: the oldest QoS 0 message (the new one counts as the newest),
             # else the oldest message. A new QoS 0 message with no older QoS 0 queued is
             # itself the oldest QoS 0, so it is the one dropped.
