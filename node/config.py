@@ -256,7 +256,7 @@ class Config:
     max_client_id_length: int = _opt(
         256, "Longest ClientID in characters: a longer one gets CONNACK 0x85 / 2 (identifier "
         "rejected).", _int_range(23, 65535))
-    receive_maximum: int = _opt(256, "Inbound QoS 2 messages an MQTT 5.0 client may leave "
+    receive_maximum: int = _opt(65535, "Inbound QoS 2 messages an MQTT 5.0 client may leave "
                                 "unreleased (Receive Maximum, told in CONNACK; more: "
                                 "DISCONNECT 0x93; 3.1.1 clients are not told, they may use "
                                 "every packet id).", _int_range(1, 65535))

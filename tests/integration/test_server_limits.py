@@ -326,8 +326,3 @@ def test_a_flapping_client_id_is_refused_for_a_while(start_node):
     let_time_pass(2.1)  # the ban runs out (elapsed time is the behaviour)
     assert node.raw(5).connect("flapper").reason_code == 0
 
-
-@pytest.mark.shoal_only("Shoal's default Receive Maximum")
-def test_the_default_receive_maximum_is_in_the_hundreds(node):
-    ack = node.raw(5).connect("rm-default")
-    assert ack.properties.get(Prop.RECEIVE_MAXIMUM) == 256, ack
